@@ -1,0 +1,265 @@
+"""Download the challenge's tokenized FineWeb shards and tokenizer from the Hugging Face hub.
+
+    python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
+
+fills data/datasets/fineweb10B_sp8192/ (every val shard, the first N train shards) and
+data/tokenizers/ (the tokenizer's .model and .vocab). The variant picks the dataset repo
+(sp8192: kevclark/parameter-golf, everything else: willdepueoai/parameter-golf);
+MATCHED_FINEWEB_REPO_ID overrides it and MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default
+"datasets") names the repo folder that holds manifest.json, datasets/ and tokenizers/.
+
+The manifest says how many shards each split has and which tokenizer files belong to the
+variant. Accepted schema (the published one first; the alternatives are also read):
+
+    {"datasets": [{"name": "fineweb10B_sp8192",
+                   "tokenizer_name": "fineweb_8192_bpe",
+                   "stats": {"files_train": 128, "files_val": 1}}],
+     "tokenizers": [{"name": "fineweb_8192_bpe",
+                     "model_path": "tokenizers/fineweb_8192_bpe.model",
+                     "vocab_path": "tokenizers/fineweb_8192_bpe.vocab"}]}
+
+  - "datasets" may also be a dict keyed by dataset name;
+  - shard counts may also be flat "train_shards" / "val_shards" keys of the entry;
+  - "tokenizer" may stand for "tokenizer_name"; a tokenizer with no "tokenizers" entry
+    (or an entry without paths) means tokenizers/<name>.model and tokenizers/<name>.vocab;
+    an entry may list a single "path" instead (byte260's .json tokenizer).
+
+Manifests are cached per repository and prefix, at data/manifests/<owner>__<name>/<prefix>/
+manifest.json, and refreshed on every run unless --skip-manifest is given. A bare
+data/manifest.json (written by the public downloader) is never read: it does not record
+which repository it came from, which is what broke switching from sp1024 to sp8192.
+
+Files are fetched into the HF cache and hard-linked (copied where linking fails) into data/.
+Local files are kept when valid: shards must have a good header and exactly 1024 + 2n bytes,
+other files must be non-empty. Invalid shards are fetched again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+DATA_DIR = Path(__file__).resolve().parent
+DEFAULT_REPO = "willdepueoai/parameter-golf"
+VARIANT_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf"}
+DEFAULT_TRAIN_SHARDS = 80
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+OFFLINE_HINT = ("check your network connection and HF_HUB_OFFLINE (offline, only files already in the "
+                "HF cache can be used), and HF_TOKEN for gated repos; --skip-manifest reuses a manifest "
+                "cached earlier for this same repo")
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one readable line instead of a traceback."""
+    raise SystemExit(f"cached_challenge_fineweb: error: {message}")
+
+
+def hf_download(**kwargs) -> str:
+    # Imported here so the module (and its tests) work without huggingface_hub installed.
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        fail("huggingface_hub is not installed: pip install huggingface_hub")
+    return hf_hub_download(**kwargs)
+
+
+def download_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this file could not be fetched" (offline, 404, gated, bad repo id)."""
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return (OSError,)
+    return (OSError, errors.EntryNotFoundError, errors.HfHubHTTPError, errors.HFValidationError)
+
+
+def variant_name(text: str) -> str:
+    if not re.fullmatch(r"sp\d+|byte260", text):
+        raise argparse.ArgumentTypeError(f"unknown variant {text!r}: expected sp<vocab size> "
+                                         "(e.g. sp1024, sp8192) or byte260")
+    return text
+
+
+def shard_count_arg(text: str) -> int:
+    if not text.isdecimal():
+        raise argparse.ArgumentTypeError(f"train shard count must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Download the challenge's tokenized FineWeb shards and tokenizer.")
+    p.add_argument("train_shards_positional", nargs="?", type=shard_count_arg, metavar="N",
+                   help="same as --train-shards N")
+    p.add_argument("--train-shards", type=shard_count_arg, metavar="N",
+                   help=f"number of train shards to fetch, from the first (default {DEFAULT_TRAIN_SHARDS}, "
+                        "or all the repo has if fewer)")
+    p.add_argument("--variant", type=variant_name, default="sp1024", help="sp<vocab size> or byte260 (default sp1024)")
+    p.add_argument("--skip-manifest", action="store_true",
+                   help="do not fetch manifest.json; use the one cached earlier for the same repo")
+    p.add_argument("--out", type=Path, default=DATA_DIR, help="local data folder (default: this script's folder)")
+    return p
+
+
+def is_valid_shard(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            magic, version, count = struct.unpack("<3i", f.read(12))
+        return magic == SHARD_MAGIC and version == SHARD_VERSION and path.stat().st_size == SHARD_HEADER_BYTES + 2 * count
+    except (OSError, struct.error):
+        return False
+
+
+def is_nonempty_file(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def place(cached: Path, dest: Path) -> None:
+    """Put the HF-cache file at dest without touching whatever dest pointed to before."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(cached.resolve(), tmp)  # cache entries are symlinks to blobs; link the blob, costs no space
+    except OSError:
+        shutil.copyfile(cached, tmp)  # other filesystem, or no hard links there
+    # Replacing (not writing into) dest matters: an old dest may be a hard link to a cache blob.
+    os.replace(tmp, dest)
+
+
+def human(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} B"
+
+
+class Fetcher:
+    """Fetches files of one dataset repo into the local layout, and counts what it did."""
+
+    def __init__(self, repo_id: str, prefix: str, out: Path, download):
+        self.repo_id, self.prefix, self.out, self.download = repo_id, prefix.strip("/"), out, download
+        self.fetched = self.skipped = self.fetched_bytes = self.skipped_bytes = 0
+
+    def remote(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def fetch(self, rel: str, dest: Path) -> None:
+        filename = self.remote(rel)
+        try:
+            cached = self.download(repo_id=self.repo_id, repo_type="dataset", filename=filename)
+        except download_errors() as exc:
+            fail(f"could not download {filename!r} from dataset repo {self.repo_id}: "
+                 f"{type(exc).__name__}: {exc}\n  {OFFLINE_HINT}")
+        place(Path(cached), dest)
+        self.fetched += 1
+        self.fetched_bytes += dest.stat().st_size
+        print(f"fetched {dest} ({human(dest.stat().st_size)})", flush=True)
+
+    def ensure(self, rel: str, valid) -> Path:
+        """Fetch rel to out/rel unless a valid copy is already there; check what arrives."""
+        dest = self.out / rel
+        if valid(dest):
+            self.skipped += 1
+            self.skipped_bytes += dest.stat().st_size
+            print(f"present {dest}", flush=True)
+            return dest
+        if dest.exists():
+            print(f"invalid {dest}: fetching it again", flush=True)
+        self.fetch(rel, dest)
+        if not valid(dest):
+            fail(f"{self.remote(rel)!r} from {self.repo_id} arrived invalid at {dest} "
+                 "(bad shard header or size); delete it from the HF cache and retry")
+        return dest
+
+
+def manifest_path(out: Path, repo_id: str, prefix: str) -> Path:
+    return out / "manifests" / repo_id.replace("/", "__") / prefix / "manifest.json"
+
+
+def load_manifest(fetcher: Fetcher, skip: bool) -> tuple[dict, Path]:
+    local = manifest_path(fetcher.out, fetcher.repo_id, fetcher.prefix)
+    if skip and not local.is_file():
+        fail(f"--skip-manifest: no manifest cached for repo {fetcher.repo_id} (prefix {fetcher.prefix!r}) "
+             f"at {local}; run once without --skip-manifest (manifests of other repos, and a bare "
+             "data/manifest.json, are never used)")
+    if not skip:
+        fetcher.fetch("manifest.json", local)  # always refresh: the hub may have published more shards
+    try:
+        return json.loads(local.read_text(encoding="utf-8")), local
+    except (OSError, ValueError) as exc:
+        fail(f"manifest {local} from {fetcher.repo_id} is unreadable ({exc}); run without --skip-manifest")
+
+
+def by_name(items) -> dict:
+    """A manifest section as {name: entry}, whether it is a list of named entries or a dict."""
+    if isinstance(items, dict):
+        return items
+    return {e.get("name"): e for e in items or [] if isinstance(e, dict)}
+
+
+def shard_count(entry: dict, split: str, where: str) -> int:
+    count = (entry.get("stats") or {}).get(f"files_{split}", entry.get(f"{split}_shards"))
+    if count is None:
+        fail(f"{where}: no {split} shard count (stats.files_{split} or {split}_shards)")
+    return int(count)
+
+
+def tokenizer_files(manifest: dict, entry: dict, where: str) -> list[str]:
+    name = entry.get("tokenizer_name") or entry.get("tokenizer")
+    if not name:
+        fail(f"{where}: no tokenizer_name")
+    tok = by_name(manifest.get("tokenizers")).get(name) or {}
+    paths = [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
+    return paths or [f"tokenizers/{name}.model", f"tokenizers/{name}.vocab"]
+
+
+def plan(manifest: dict, where: str, variant: str, requested: int | None, repo_id: str) -> tuple[int, int, list[str]]:
+    """(val shards, train shards, tokenizer files) to fetch for the variant."""
+    datasets = by_name(manifest.get("datasets"))
+    dataset = f"fineweb10B_{variant}"
+    if dataset not in datasets:
+        fail(f"manifest {where} (repo {repo_id}) has no dataset {dataset} for variant {variant}; it has: "
+             f"{', '.join(sorted(map(str, datasets))) or 'none'}. Set MATCHED_FINEWEB_REPO_ID to a repo that has it.")
+    entry = datasets[dataset]
+    where = f"manifest {where}, dataset {dataset}"
+    val, available = shard_count(entry, "val", where), shard_count(entry, "train", where)
+    if requested is None:
+        train = min(DEFAULT_TRAIN_SHARDS, available)
+    elif requested > available:
+        fail(f"{variant} on {repo_id} has only {available} train shards ({where}); requested {requested}")
+    else:
+        train = requested
+    return val, train, tokenizer_files(manifest, entry, where)
+
+
+def main(argv=None, download=hf_download) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.train_shards is not None and args.train_shards_positional is not None:
+        parser.error("give the train shard count once (positional N or --train-shards N)")
+    requested = args.train_shards if args.train_shards is not None else args.train_shards_positional
+    repo_id = os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(args.variant, DEFAULT_REPO)
+    prefix = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
+    fetcher = Fetcher(repo_id, prefix, args.out, download)
+    print(f"variant {args.variant} from dataset repo {repo_id} (prefix {fetcher.prefix!r}) into {args.out}", flush=True)
+
+    manifest, where = load_manifest(fetcher, args.skip_manifest)
+    val, train, tokenizer = plan(manifest, str(where), args.variant, requested, repo_id)
+    shard_dir = f"datasets/fineweb10B_{args.variant}"
+    for i in range(val):
+        fetcher.ensure(f"{shard_dir}/fineweb_val_{i:06d}.bin", is_valid_shard)
+    for i in range(train):
+        fetcher.ensure(f"{shard_dir}/fineweb_train_{i:06d}.bin", is_valid_shard)
+    for rel in tokenizer:
+        fetcher.ensure(rel, is_nonempty_file)
+    print(f"done: {val} val + {train} train shards, {len(tokenizer)} tokenizer files; "
+          f"fetched {fetcher.fetched} files ({human(fetcher.fetched_bytes)}), "
+          f"{fetcher.skipped} already present ({human(fetcher.skipped_bytes)})\n"
+          f"  shards:    {args.out / shard_dir}\n  tokenizer: {', '.join(str(args.out / t) for t in tokenizer)}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

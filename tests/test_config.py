@@ -1,0 +1,132 @@
+"""Knobs: parsing, ranges, cross-checks, near-miss warnings, and input checks before any work."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import train_gpt as tg
+from train_gpt import ConfigError, config_from_env
+
+
+def test_defaults_are_the_record_configuration():
+    cfg = config_from_env({})
+    assert (cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.VOCAB_SIZE) == (11, 512, 8, 4, 8192)
+    assert (cfg.LOOP_START, cfg.LOOP_END, cfg.NUM_LOOPS, cfg.ENABLE_LOOPING_AT) == (3, 5, 2, 0.35)
+    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.25, 0.022, 0.095, 0.9965, 0.72)
+    assert cfg.train_budget_seconds == 588.0
+
+
+def test_environment_overrides_preset_and_defaults():
+    cfg = config_from_env({"PRESET": "sample", "NUM_LAYERS": "5", "MATRIX_LR": "1e-2"})
+    assert cfg.NUM_LAYERS == 5 and cfg.MATRIX_LR == 0.01
+    assert cfg.VOCAB_SIZE == 1024  # from the preset
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"NUM_LAYERS": "eleven"}, ["NUM_LAYERS", "not a valid int"]),
+    ({"MATRIX_LR": "fast"}, ["MATRIX_LR", "not a valid float"]),
+    ({"MATRIX_LR": "nan"}, ["MATRIX_LR", "not a valid float"]),
+    ({"EMA_DECAY": "1.5"}, ["EMA_DECAY", "out of range", "0.0 <= EMA_DECAY <= 1.0"]),
+    ({"NUM_LAYERS": "0"}, ["NUM_LAYERS", "1 <= NUM_LAYERS"]),
+    ({"MUON_ROW_NORMALIZE": "2"}, ["MUON_ROW_NORMALIZE", "0 <= MUON_ROW_NORMALIZE <= 1"]),
+    ({"MUON_NS_COEFFS": "cubic"}, ["MUON_NS_COEFFS", "quintic, polar_express"]),
+    ({"PRESET": "tiny"}, ["PRESET", "record, sample"]),
+    ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS=3", "NUM_HEADS=8"]),
+    ({"MODEL_DIM": "500"}, ["MODEL_DIM=500", "NUM_HEADS=8"]),
+    ({"ROPE_DIMS": "15"}, ["ROPE_DIMS=15", "even"]),
+    ({"ROPE_DIMS": "128"}, ["ROPE_DIMS=128", "head dim 64"]),
+    ({"LOOP_END": "11"}, ["LOOP_END=11", "NUM_LAYERS=11"]),
+    ({"LOOP_START": "6"}, ["LOOP_START=6", "LOOP_START <= LOOP_END"]),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "8*TRAIN_SEQ_LEN"]),
+    ({"GPTQ_RESERVE_SECONDS": "600"}, ["GPTQ_RESERVE_SECONDS", "no training time"]),
+    ({"VAL_BATCH_TOKENS": "100"}, ["VAL_BATCH_TOKENS=100", "TRAIN_SEQ_LEN=2048"]),
+])
+def test_bad_knobs_name_the_knob_and_the_accepted_range(env, words):
+    with pytest.raises(ConfigError) as err:
+        config_from_env(env)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_recurrence_knobs_are_free_when_recurrence_is_off():
+    assert config_from_env({"NUM_LOOPS": "0", "LOOP_END": "40"}).NUM_LOOPS == 0
+
+
+def test_world_size_must_divide_eight():
+    with pytest.raises(ConfigError, match="WORLD_SIZE=3 must divide 8"):
+        tg.init_runtime({"WORLD_SIZE": "3"})
+
+
+def test_near_misses_warn_with_the_intended_knob():
+    env = {"QK_GAIN": "5", "MUON_WEIGHT_DECAY": "0.1", "MATRIX_LRR": "0.02", "WARMDOWN_ITERS": "3500", "EMA": "0.99"}
+    warnings = "\n".join(tg.near_miss_warnings(env))
+    for wrong, right in [("QK_GAIN", "QK_GAIN_INIT"), ("MUON_WEIGHT_DECAY", "MUON_WD"), ("MATRIX_LRR", "MATRIX_LR"),
+                         ("WARMDOWN_ITERS", "WARMDOWN_FRAC")]:
+        assert f"{wrong} is not a knob and is ignored; did you mean {right}?" in warnings
+
+
+def test_no_warnings_for_knobs_launchers_and_ordinary_environment():
+    env = {"PATH": "/bin", "HOME": "/root", "LANG": "C", "USER": "me", "SHELL": "bash", "TERM": "xterm",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "0", "NCCL_DEBUG": "INFO", "HOSTNAME": "h", "PWD": "/", "SEED": "1",
+           "MATRIX_LR": "0.1", "QK_GAIN_INIT": "5", "LOGNAME": "me", "SHLVL": "1", "DATA": "x"}
+    assert tg.near_miss_warnings(env) == []
+
+
+def test_every_knob_is_printed(tmp_path):
+    text = tg.format_config(config_from_env({}))
+    for name in tg.knob_fields():
+        assert f"  {name} = " in text
+
+
+# ---------------------------------------------------------------------------- tokenizer checks
+
+
+def test_tokenizer_that_disagrees_with_vocab_size(sample):
+    with pytest.raises(ConfigError, match="has 1024 pieces but VOCAB_SIZE=8192; set VOCAB_SIZE=1024"):
+        tg.load_tokenizer(sample["tokenizer_model"], 8192)
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(ConfigError, match="nothing.model not found"):
+        tg.load_tokenizer(tmp_path / "nothing.model", 1024)
+
+
+def test_tokenizer_without_a_bare_space_piece(tmp_path):
+    text = ["".join(f"word{i}x{j}" for j in range(50)) for i in range(200)]  # no spaces at all
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "nospace"),
+                                   model_type="bpe", vocab_size=300, byte_fallback=True, add_dummy_prefix=False,
+                                   hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "nospace.model"))
+    assert sp.piece_to_id("\u2581") == sp.unk_id()
+    with pytest.raises(ConfigError, match="no bare '\u2581' piece"):
+        tg.load_tokenizer(tmp_path / "nospace.model", sp.vocab_size())
+
+
+def test_validation_token_beyond_vocab_is_refused_before_training(sample, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    tg.write_shard(data / "fineweb_train_000000.bin", np.arange(5000) % 1024)
+    tg.write_shard(data / "fineweb_val_000000.bin", np.array([1, 5, 1500, 7]))
+    env = {"PRESET": "sample", "DATA_PATH": str(data), "TOKENIZER_PATH": str(sample["tokenizer_model"]),
+           "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "bad"}
+    with pytest.raises(ConfigError, match="token id 1500 >= VOCAB_SIZE=1024"):
+        tg.main(env)
+    assert "token id 1500" in (tmp_path / "logs" / "bad.txt").read_text()
+
+
+def test_import_has_no_side_effects(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import train_gpt"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(tg.__file__).parent), "NUM_LAYERS": "bad"})
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_knob_table_is_current():
+    script = Path(tg.__file__).parent / "tools" / "knob_table.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

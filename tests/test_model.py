@@ -1,0 +1,111 @@
+"""Model: causality with every option, recurrence without new weights, XSA, seams."""
+import pytest
+import torch
+
+import train_gpt as tg
+from train_gpt import config_from_env
+
+FULL_OPTIONS = dict(VOCAB_SIZE="97", NUM_LAYERS="5", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+                    XSA_LAST_N="5", NUM_LOOPS="2", LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_START="3",
+                    LOGIT_SOFTCAP="30", MLP_MULT="2")
+
+
+def randomized_model(**overrides) -> tg.GPT:
+    """A model whose zero-initialized and unit-initialized parts are randomized, so every path
+    (projections, gains, skips, mixes) actually carries signal."""
+    torch.manual_seed(0)
+    model = tg.GPT(config_from_env({**FULL_OPTIONS, **overrides})).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("looping", [False, True])
+@pytest.mark.parametrize("overrides", [{}, {"PARALLEL_RESIDUAL_START": "0"}, {"XSA_LAST_N": "0", "ROPE_DIMS": "16"}])
+def test_changing_token_j_changes_no_logit_before_j(looping, overrides):
+    model = randomized_model(**overrides)
+    model.looping = looping
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 97, (2, 48))
+    with torch.no_grad():
+        reference = model.compute_logits(model.forward_hidden(tokens))
+        for j in (0, 1, 17, 47):
+            changed = tokens.clone()
+            changed[:, j] = (changed[:, j] + 1 + torch.arange(2)) % 97
+            logits = model.compute_logits(model.forward_hidden(changed))
+            assert torch.equal(logits[:, :j], reference[:, :j]), f"position < {j} saw token {j}"
+            assert not torch.allclose(logits[:, j], reference[:, j])  # the probe is real
+
+
+def test_recurrence_adds_no_block_weights():
+    with torch.device("meta"):
+        plain = tg.GPT(config_from_env({**FULL_OPTIONS, "NUM_LOOPS": "0"}))
+        looped = tg.GPT(config_from_env(FULL_OPTIONS))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    extra_skip_slots = looped.skip_weights.size(0) - plain.skip_weights.size(0)
+    assert looped.loop_order == [0, 1, 2, 1, 2, 1, 2, 3, 4] and len(looped.blocks) == len(plain.blocks) == 5
+    # The only growth is the U-Net gates of the longer schedule: 2 vectors of MODEL_DIM per slot.
+    assert count(looped) - count(plain) == 2 * 64 * extra_skip_slots
+    names = lambda m: {n for n, _ in m.named_parameters()}
+    assert names(looped) == names(plain)
+
+
+def test_looping_changes_the_computation_with_the_same_parameters():
+    model = randomized_model()
+    tokens = torch.randint(0, 97, (1, 16))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        plain = model(tokens, tokens)
+        model.looping = True
+        looped = model(tokens, tokens)
+    assert not torch.allclose(plain, looped)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_xsa_output_has_no_component_along_the_own_value():
+    torch.manual_seed(0)
+    y, v = torch.randn(2, 7, 6, 16, dtype=torch.float64), torch.randn(2, 7, 3, 16, dtype=torch.float64)
+    out = tg.exclusive_self_attention(y, v)
+    for head in range(6):
+        own_value = v[:, :, head // 2]  # query heads 2g and 2g+1 share KV head g
+        assert torch.allclose((out[:, :, head] * own_value).sum(-1), torch.zeros(2, 7, dtype=torch.float64), atol=1e-12)
+    # Only that one component is removed: what is left of y is orthogonal to the removed part.
+    assert torch.allclose(((y - out) * out).sum(-1), torch.zeros(2, 7, 6, dtype=torch.float64), atol=1e-12)
+
+
+def test_partial_rope_rotates_only_the_first_dims_and_keeps_norms():
+    x = torch.randn(1, 10, 2, 32, dtype=torch.float64)
+    cos, sin = tg.rotary_tables(10, 8, 10000.0, "cpu", torch.float64)
+    out = tg.apply_partial_rope(x, cos, sin)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    assert torch.allclose(out[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1))
+    assert torch.equal(out[:, 0], x[:, 0])  # position 0 is not rotated
+
+
+def test_forward_is_hidden_then_logits_with_softcap():
+    model = randomized_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        logits = model.compute_logits(model.forward_hidden(tokens))
+        nll = model(tokens[:, :-1], tokens[:, 1:])
+    assert logits.abs().max() <= 30.0
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1), reduction="none")
+    assert torch.allclose(nll.flatten().double(), expected.double(), atol=1e-6)
+
+
+def test_zero_init_and_orthogonal_init():
+    torch.manual_seed(0)
+    model = tg.GPT(config_from_env(FULL_OPTIONS))
+    block = model.blocks[0]
+    assert torch.count_nonzero(block.attn.proj.weight) == 0 and torch.count_nonzero(block.mlp.proj.weight) == 0
+    w = block.attn.c_q.weight
+    assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
+    assert torch.allclose(block.attn.q_gain, torch.full((4,), 5.25))
+    assert model.blocks[2].norm_scale == pytest.approx(1 / 3 ** 0.5)
+    assert [b.parallel for b in model.blocks] == [False, False, False, True, True]
+    assert [b.attn.xsa for b in tg.GPT(config_from_env({**FULL_OPTIONS, "XSA_LAST_N": "2"})).blocks] == [False] * 3 + [True] * 2
+
+
+def test_attention_backend_is_sdpa_without_cuda():
+    assert tg.pick_attention_backend(torch.device("cpu")) == "sdpa"

@@ -1,0 +1,139 @@
+"""Muon (Newton-Schulz band, MuonEq-R, shape scale, decay), schedules and EMA."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from train_gpt import config_from_env
+
+
+def apply_polynomial(coeffs, s):
+    for a, b, c in coeffs:
+        s = a * s + b * s ** 3 + c * s ** 5
+    return s
+
+
+def matrix_with_singular_values(rows: int, cols: int, singular_values: torch.Tensor):
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(rows, len(singular_values), dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, len(singular_values), dtype=torch.float64))
+    return u, v, u @ torch.diag(singular_values) @ v.T
+
+
+@pytest.mark.parametrize("kind", ["quintic", "polar_express"])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (96, 96)])
+def test_newton_schulz_singular_values_lie_in_the_polynomial_band(kind, shape):
+    """The output keeps the input's singular vectors and maps each normalized singular value
+    through the iteration's scalar polynomial, so all of them land in its band near 1."""
+    n = min(shape)
+    s = torch.logspace(0, 1, n, dtype=torch.float64)  # condition number 10
+    u, v, g = matrix_with_singular_values(*shape, s)
+    coeffs = tg.newton_schulz_coeffs(kind, 5)
+    grid = np.linspace(float(s.min() / s.norm()), 1.0, 200001)
+    band = apply_polynomial(coeffs, grid)
+    out = tg.newton_schulz(g.float(), coeffs).double()
+    s_out = torch.linalg.svdvals(out)
+    assert band.min() - 1e-4 <= s_out.min() and s_out.max() <= band.max() + 1e-4
+    assert 0.6 < band.min() and band.max() < 1.25  # nearly orthogonal
+    expected = u @ torch.diag(apply_polynomial(coeffs, s / s.norm())) @ v.T
+    assert torch.allclose(out, expected, atol=2e-4)
+
+
+def test_quintic_is_repeated_and_polar_express_extends_its_last_step():
+    assert tg.newton_schulz_coeffs("quintic", 3) == [tg.QUINTIC_COEFFS] * 3
+    pe = tg.newton_schulz_coeffs("polar_express", 7)
+    assert pe[:5] == list(tg.POLAR_EXPRESS_COEFFS) and pe[5] == pe[6] == tg.POLAR_EXPRESS_COEFFS[-1]
+
+
+def test_row_normalization_gives_unit_rows():
+    g = torch.randn(8, 32) * torch.logspace(-3, 3, 8)[:, None]
+    assert torch.allclose(tg.normalize_rows(g).norm(dim=1), torch.ones(8), atol=1e-6)
+
+
+def test_muoneq_r_makes_the_update_blind_to_row_scale():
+    torch.manual_seed(0)
+    g = torch.randn(32, 64)
+    scaled = g.clone()
+    scaled[3] *= 100.0
+    coeffs = tg.newton_schulz_coeffs("quintic", 5)
+    on = lambda x: tg.muon_direction(x, True, coeffs)
+    off = lambda x: tg.muon_direction(x, False, coeffs)
+    assert torch.allclose(on(g), on(scaled), atol=1e-5)
+    assert not torch.allclose(off(g), off(scaled), atol=1e-2)
+
+
+def test_shape_scale_for_tall_matrices():
+    torch.manual_seed(0)
+    coeffs = tg.newton_schulz_coeffs("quintic", 5)
+    tall = torch.randn(256, 64)
+    ratio = tg.muon_direction(tall, False, coeffs).norm() / tg.newton_schulz(tall, coeffs).norm()
+    assert ratio == pytest.approx(2.0, rel=1e-5)
+
+
+def test_muon_step_is_nesterov_then_decay_then_update():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(16, 32))
+    start = p.detach().clone()
+    opt = tg.Muon([p], lr=0.1, momentum=0.9, weight_decay=0.5, row_normalize=True, coeffs=tg.newton_schulz_coeffs("quintic", 5))
+    grads = [torch.randn(16, 32) for _ in range(2)]
+    expected, buf = start.clone(), torch.zeros(16, 32)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + g
+        expected = expected * (1 - 0.1 * 0.5) - 0.1 * tg.muon_direction(g + 0.9 * buf, True, opt.coeffs)
+    assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+
+def test_parameter_groups_cover_every_parameter_once():
+    model = tg.GPT(config_from_env(dict(NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+                                        VOCAB_SIZE="50", LOOP_START="0", LOOP_END="1")))
+    adam, muon = tg.build_optimizers(config_from_env({}), model)
+    groups = [g["params"] for g in adam.param_groups] + [g["params"] for g in muon.param_groups]
+    ids = [id(p) for group in groups for p in group]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert adam.param_groups[0]["params"] == [model.tok_emb.weight]
+    assert all(p.ndim == 2 for p in muon.param_groups[0]["params"]) and len(muon.param_groups[0]["params"]) == 3 * 6
+    assert any(p is model.blocks[0].resid_mix for p in adam.param_groups[1]["params"])  # 2-D but a control
+
+
+def test_lr_schedule_is_flat_then_linear_warmdown_with_floor():
+    cfg = config_from_env({"WARMDOWN_FRAC": "0.5", "MIN_LR": "0.1"})
+    assert tg.lr_multiplier(cfg, 0.0) == tg.lr_multiplier(cfg, 0.49) == 1.0
+    assert tg.lr_multiplier(cfg, 0.75) == pytest.approx(0.5)
+    assert tg.lr_multiplier(cfg, 0.99) == pytest.approx(0.1)
+
+
+def test_momentum_warmup_and_training_fraction():
+    cfg = config_from_env({"MUON_MOMENTUM_WARMUP_STEPS": "100", "ITERATIONS": "1000"})
+    assert tg.muon_momentum(cfg, 0) == pytest.approx(0.92)
+    assert tg.muon_momentum(cfg, 50) == pytest.approx(0.955)
+    assert tg.muon_momentum(cfg, 100) == tg.muon_momentum(cfg, 5000) == 0.99
+    assert tg.training_fraction(cfg, 10, 294.0) == pytest.approx(0.5)  # time dominates: 294 of 588 s
+    assert tg.training_fraction(cfg, 900, 1.0) == pytest.approx(0.9)  # the step cap dominates
+    steps_only = config_from_env({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "200"})
+    assert tg.training_fraction(steps_only, 50, 1e9) == pytest.approx(0.25)
+
+
+def test_schedule_sets_every_group():
+    model = tg.GPT(config_from_env(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+                                        ROPE_DIMS="8", VOCAB_SIZE="50", NUM_LOOPS="0")))
+    cfg = config_from_env({"WARMDOWN_FRAC": "1.0"})
+    optimizers = tg.build_optimizers(cfg, model)
+    tg.set_schedule(cfg, optimizers, step=0, frac=0.75)
+    lrs = [g["lr"] for opt in optimizers for g in opt.param_groups]
+    assert lrs == pytest.approx([0.25 * cfg.TIED_EMBED_LR, 0.25 * cfg.SCALAR_LR, 0.25 * cfg.MATRIX_LR])
+    assert optimizers[1].param_groups[0]["momentum"] == pytest.approx(0.92)
+
+
+def test_ema_tracks_the_weights():
+    model = torch.nn.Linear(4, 4)
+    ema = tg.EMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    ema.copy_to(model)
+    assert torch.allclose(model.weight, start + 0.1)

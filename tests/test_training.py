@@ -1,0 +1,138 @@
+"""End-to-end runs on a small sample: outputs, determinism, warm-up rollback, ranks, failures."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_env(sample, tmp_path, **overrides) -> dict:
+    """Every architecture option on, at a size that trains 8 steps in a few seconds."""
+    env = dict(DATA_PATH=sample["dataset_dir"], TOKENIZER_PATH=sample["tokenizer_model"], VOCAB_SIZE=1024,
+               NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, XSA_LAST_N=4,
+               NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=2, ENABLE_LOOPING_AT=0.5,
+               TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
+               GPTQ_RESERVE_SECONDS=0, WARMUP_STEPS=0, VAL_BATCH_TOKENS=4096, VAL_LOSS_EVERY=4,
+               TRAIN_LOG_EVERY=1, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=4, LOG_DIR=tmp_path / "logs",
+               RUN_ID="run", SEED=7)
+    env.update(overrides)
+    return {k: str(v) for k, v in env.items()}
+
+
+def losses(summary) -> list[float]:
+    return [loss for _, _, loss in summary["train_curve"]]
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_sample, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    return tg.main(tiny_env(small_sample, tmp)), tmp
+
+
+def test_run_writes_log_and_summary(reference_run):
+    summary, tmp = reference_run
+    log = (tmp / "logs" / "run.txt").read_text()
+    assert log.startswith(Path(tg.__file__).read_text())  # the log opens with the script itself
+    for line in ("python:3", "attention_backend:sdpa", "  NUM_LAYERS = 4", "model_params:", "layer_loop:enabled step:4",
+                 "pre-quantization post-ema val_loss:", "final_score val_loss:"):
+        assert line in log
+    on_disk = json.loads((tmp / "logs" / "run.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("run_id", "seed", "config", "params", "steps", "train_seconds", "ms_per_step", "tokens_per_second",
+                "pre_quant_val_loss", "pre_quant_val_bpb", "val_bpb", "val_loss", "score_source"):
+        assert key in on_disk, key
+    assert on_disk["status"] == "ok" and on_disk["score_source"] == "pre_quant" and on_disk["steps"] == 8
+    assert on_disk["config"]["NUM_LAYERS"] == 4 and on_disk["seed"] == 7
+    assert math.isfinite(on_disk["val_bpb"]) and 0 < on_disk["val_bpb"] < 10
+    assert on_disk["val_bpb"] == on_disk["pre_quant_val_bpb"]
+    assert on_disk["looping_enabled_step"] == 4 and "ms_per_step_after_looping" in on_disk
+    assert [s for s, *_ in on_disk["val_curve"]] == [4, 8]
+    assert losses(on_disk)[-1] < losses(on_disk)[0]  # it learns
+
+
+def test_same_seed_same_curve_other_seed_other_curve(reference_run, small_sample, tmp_path):
+    reference, _ = reference_run
+    again = tg.main(tiny_env(small_sample, tmp_path))
+    assert losses(again) == losses(reference) and again["val_bpb"] == reference["val_bpb"]
+    other = tg.main(tiny_env(small_sample, tmp_path, SEED=8, RUN_ID="other"))
+    assert losses(other)[0] != losses(reference)[0]
+
+
+def test_warmup_is_rolled_back_exactly(reference_run, small_sample, tmp_path):
+    reference, _ = reference_run
+    primed = tg.main(tiny_env(small_sample, tmp_path, WARMUP_STEPS=3))
+    assert losses(primed) == losses(reference) and primed["val_bpb"] == reference["val_bpb"]
+    assert "warmup: primed 3 steps looping=True" in (tmp_path / "logs" / "run.txt").read_text()
+
+
+def test_prime_compilation_restores_model_and_optimizer_state(small_sample, tmp_path):
+    cfg = tg.config_from_env(tiny_env(small_sample, tmp_path, WARMUP_STEPS=2))
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    optimizers = tg.build_optimizers(cfg, model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = tg.Runtime(0, 1, torch.device("cpu"))
+    tg.prime_compilation(cfg, model, model, optimizers, tg.find_shards(small_sample["dataset_dir"], "train"), rt, print)
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    assert all(len(opt.state) == 0 for opt in optimizers) and not model.looping
+    assert [g["lr"] for opt in optimizers for g in opt.param_groups] == [cfg.TIED_EMBED_LR, cfg.SCALAR_LR, cfg.MATRIX_LR]
+
+
+def test_two_ranks_match_one_rank(reference_run, small_sample, tmp_path):
+    reference, _ = reference_run
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID="ddp"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train_gpt.py")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "logs" / "ddp.json").read_text())
+    assert two["versions"]["world_size"] == 2 and two["steps"] == reference["steps"]
+    assert losses(two) == pytest.approx(losses(reference), rel=1e-4)
+    assert two["val_bpb"] == pytest.approx(reference["val_bpb"], rel=1e-4)
+    assert two["val_tokens"] == reference["val_tokens"] and two["val_bytes"] == reference["val_bytes"]
+
+
+def test_wallclock_cap_stops_training(small_sample, tmp_path):
+    summary = tg.main(tiny_env(small_sample, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3,
+                               GPTQ_RESERVE_SECONDS=1, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=50))
+    assert 1 < summary["steps"] < 100000
+    assert summary["train_seconds"] <= 2.0 + summary["ms_per_step"] / 1000
+    assert "stopping_early: wallclock_cap" in (tmp_path / "logs" / "run.txt").read_text()
+
+
+def test_a_run_that_fails_late_still_leaves_its_log_and_summary(small_sample, tmp_path, monkeypatch):
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(tg, "evaluate", broken_evaluate)
+    with pytest.raises(RuntimeError, match="evaluation exploded"):
+        tg.main(tiny_env(small_sample, tmp_path, VAL_LOSS_EVERY=0))
+    summary = json.loads((tmp_path / "logs" / "run.json").read_text())
+    assert summary["status"] == "failed" and "evaluation exploded" in summary["error"]
+    assert summary["steps"] == 8 and len(summary["train_curve"]) == 8  # the training figures survive
+    assert "RuntimeError: evaluation exploded" in (tmp_path / "logs" / "run.txt").read_text()
+
+
+def test_bad_data_fails_before_training_with_a_clear_message(small_sample, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **tiny_env(small_sample, tmp_path, DATA_PATH=empty)})
+    assert done.returncode == 2
+    assert "error: no fineweb_train_*.bin shards in" in done.stderr and "Traceback" not in done.stderr
+    summary = json.loads((tmp_path / "logs" / "run.json").read_text())
+    assert summary["status"] == "failed" and "steps" not in summary
+
+
+def test_cli_rejects_a_bad_knob_before_any_work(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "NUM_HEADS": "three", "LOG_DIR": str(tmp_path)})
+    assert done.returncode == 2 and "error: NUM_HEADS='three' is not a valid int" in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,1017 @@
+"""Parameter Golf trainer: one file, read top to bottom in pipeline order.
+
+config -> data -> model -> optimizer -> training -> evaluation -> main.
+Run with `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or plain `python3 train_gpt.py`
+for one process; every setting is an environment variable (see README.md, "Knobs").
+Importing this module has no side effects, so tests and tools can call its functions.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+def knob(default, lo=None, hi=None, choices=None, doc=""):
+    """A dataclass field that is also an environment knob with an accepted range."""
+    return dataclasses.field(default=default, metadata=dict(lo=lo, hi=hi, choices=choices, doc=doc))
+
+
+INF = float("inf")
+
+
+@dataclasses.dataclass
+class Config:
+    # Run and data
+    PRESET: str = knob("record", choices=("record", "sample"), doc="default set: 'record' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
+    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt and .json; random when empty")
+    SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
+    DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
+    DATA_PATH: str = knob("", doc="shard folder; default DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}")
+    TOKENIZER_PATH: str = knob("", doc="SentencePiece model; default DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
+    LOG_DIR: str = knob("logs", doc="where the log and the JSON summary go")
+    VOCAB_SIZE: int = knob(8192, 2, 65536, doc="must equal the tokenizer's vocabulary")
+    # Model
+    NUM_LAYERS: int = knob(11, 1, 256)
+    MODEL_DIM: int = knob(512, 8, 65536)
+    NUM_HEADS: int = knob(8, 1, 1024)
+    NUM_KV_HEADS: int = knob(4, 1, 1024, doc="GQA: must divide NUM_HEADS")
+    MLP_MULT: float = knob(4.0, 0.0625, 64.0, doc="MLP hidden = MLP_MULT * MODEL_DIM")
+    TIED_EMBED_INIT_STD: float = knob(0.005, 0.0, 1.0)
+    QK_GAIN_INIT: float = knob(5.25, 0.0, 100.0, doc="initial learned per-head query gain")
+    ROPE_DIMS: int = knob(16, 0, 65536, doc="rotated dims per head (even, <= head dim)")
+    ROPE_BASE: float = knob(10000.0, 1.0, 1e9)
+    XSA_LAST_N: int = knob(11, 0, 256, doc="exclusive self-attention on the last N physical layers (N >= NUM_LAYERS: all)")
+    LOGIT_SOFTCAP: float = knob(30.0, 0.0, 1e4, doc="tanh cap on logits; 0 turns it off")
+    NUM_LOOPS: int = knob(2, 0, 16, doc="extra passes over layers LOOP_START..LOOP_END; 0 = no recurrence")
+    LOOP_START: int = knob(3, 0, 255)
+    LOOP_END: int = knob(5, 0, 255)
+    ENABLE_LOOPING_AT: float = knob(0.35, 0.0, 1.0, doc="training fraction at which recurrence switches on")
+    PARALLEL_RESIDUAL_START: int = knob(7, 0, 256, doc="first physical layer with parallel attention+MLP; >= NUM_LAYERS = none")
+    # Training length and batch
+    TRAIN_SEQ_LEN: int = knob(2048, 2, 1 << 20)
+    TRAIN_BATCH_TOKENS: int = knob(786432, 2, 1 << 30, doc="global tokens per optimizer step")
+    ITERATIONS: int = knob(20000, 1, 10**9, doc="step cap")
+    MAX_WALLCLOCK_SECONDS: float = knob(600.0, 0.0, INF, doc="training time cap; 0 = steps only")
+    GPTQ_RESERVE_SECONDS: float = knob(12.0, 0.0, INF, doc="cut from the training cap for calibration")
+    WARMUP_STEPS: int = knob(20, 0, 10**6, doc="compile-priming steps, rolled back afterwards")
+    WARMDOWN_FRAC: float = knob(0.72, 0.0, 1.0, doc="final fraction of training with decaying LR")
+    MIN_LR: float = knob(0.0, 0.0, 1.0, doc="LR multiplier floor during warmdown")
+    # Optimizer
+    MATRIX_LR: float = knob(0.022, 0.0, 10.0, doc="Muon LR for block matrices")
+    SCALAR_LR: float = knob(0.02, 0.0, 10.0, doc="AdamW LR for gains, mixes and gates")
+    TIED_EMBED_LR: float = knob(0.03, 0.0, 10.0, doc="AdamW LR for the tied embedding")
+    MUON_MOMENTUM: float = knob(0.99, 0.0, 0.99999)
+    MUON_MOMENTUM_WARMUP_START: float = knob(0.92, 0.0, 0.99999)
+    MUON_MOMENTUM_WARMUP_STEPS: int = knob(1500, 0, 10**9)
+    MUON_BACKEND_STEPS: int = knob(5, 1, 100, doc="Newton-Schulz iterations")
+    MUON_NS_COEFFS: str = knob("quintic", choices=("quintic", "polar_express"))
+    MUON_ROW_NORMALIZE: int = knob(1, 0, 1, doc="MuonEq-R: unit rows before Newton-Schulz")
+    MUON_WD: float = knob(0.095, 0.0, 10.0)
+    ADAM_WD: float = knob(0.02, 0.0, 10.0)
+    EMBED_WD: float = knob(0.085, 0.0, 10.0)
+    BETA1: float = knob(0.9, 0.0, 0.99999)
+    BETA2: float = knob(0.95, 0.0, 0.99999)
+    ADAM_EPS: float = knob(1e-8, 0.0, 1.0)
+    GRAD_CLIP_NORM: float = knob(0.3, 0.0, INF, doc="global gradient norm clip; 0 = off")
+    EMA_DECAY: float = knob(0.9965, 0.0, 1.0, doc="0 = no EMA")
+    # Evaluation and logging
+    VAL_BATCH_TOKENS: int = knob(524288, 2, 1 << 30, doc="global tokens per validation batch")
+    VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
+    TRAIN_LOG_EVERY: int = knob(500, 1, 10**9)
+    COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.MODEL_DIM // self.NUM_HEADS
+
+    @property
+    def train_budget_seconds(self) -> float:
+        """Training wall-clock cap after the GPTQ reserve; infinite when only steps bound the run."""
+        if self.MAX_WALLCLOCK_SECONDS <= 0:
+            return INF
+        return self.MAX_WALLCLOCK_SECONDS - self.GPTQ_RESERVE_SECONDS
+
+
+# Defaults swapped in by PRESET=sample: a small model that exercises every architecture option
+# and trains in about two minutes on two CPU cores. Explicit environment knobs still win.
+SAMPLE_PRESET = dict(
+    DATA_PATH="./data/datasets/sample_sp1024",
+    TOKENIZER_PATH="./data/tokenizers/sample_1024_bpe.model",
+    VOCAB_SIZE=1024, NUM_LAYERS=6, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8,
+    XSA_LAST_N=6, LOOP_START=2, LOOP_END=3, PARALLEL_RESIDUAL_START=4,
+    TRAIN_SEQ_LEN=256, TRAIN_BATCH_TOKENS=4096, ITERATIONS=150, MAX_WALLCLOCK_SECONDS=0.0,
+    GPTQ_RESERVE_SECONDS=0.0, WARMUP_STEPS=0, MUON_MOMENTUM_WARMUP_STEPS=50,
+    MATRIX_LR=0.03, TIED_EMBED_LR=0.05, EMA_DECAY=0.97,
+    VAL_BATCH_TOKENS=16384, VAL_LOSS_EVERY=75, TRAIN_LOG_EVERY=25,
+)
+
+# Variables set by launchers and libraries: never knobs, never near-misses.
+FOREIGN_ENV_PREFIXES = ("TORCH", "CUDA", "NCCL", "OMP_", "MKL_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TRITON", "HF_", "PYTEST")
+LAUNCHER_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OUT", "CI"}
+# Common spellings that plain similarity misses.
+KNOB_ALIASES = {"WEIGHT_DECAY": "WD", "LEARNING_RATE": "LR", "WARMUP_ITERS": "WARMUP_STEPS", "WARMDOWN_ITERS": "WARMDOWN_FRAC"}
+
+
+class ConfigError(ValueError):
+    """A knob or input that cannot work; the message names it and the fix."""
+
+
+def knob_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def parse_knob(name: str, raw: str, field: dataclasses.Field):
+    meta, kind = field.metadata, field.type
+    try:
+        if kind == "int":
+            value = int(raw.strip().replace("_", ""), 0)
+        elif kind == "float":
+            value = float(raw)
+            if math.isnan(value):
+                raise ValueError
+        else:
+            value = raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{name}={raw!r}: accepted values are {', '.join(meta['choices'])}")
+    lo, hi = meta["lo"], meta["hi"]
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name}={raw!r} is out of range: accepted {lo} <= {name} <= {hi}")
+    return value
+
+
+def config_from_env(env) -> Config:
+    """Resolve every knob: PRESET defaults, then explicit environment values, then cross-checks."""
+    fields = knob_fields()
+    preset = parse_knob("PRESET", env.get("PRESET", "record"), fields["PRESET"])
+    values = dict(SAMPLE_PRESET) if preset == "sample" else {}
+    for name, field in fields.items():
+        if name in env:
+            values[name] = parse_knob(name, env[name], field)
+    cfg = Config(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.MODEL_DIM % cfg.NUM_HEADS == 0, f"MODEL_DIM={cfg.MODEL_DIM} must be divisible by NUM_HEADS={cfg.NUM_HEADS}")
+    need(cfg.NUM_HEADS % cfg.NUM_KV_HEADS == 0, f"NUM_KV_HEADS={cfg.NUM_KV_HEADS} must divide NUM_HEADS={cfg.NUM_HEADS}")
+    need(cfg.ROPE_DIMS % 2 == 0 and cfg.ROPE_DIMS <= cfg.head_dim,
+         f"ROPE_DIMS={cfg.ROPE_DIMS} must be even and at most the head dim {cfg.head_dim}")
+    if cfg.NUM_LOOPS > 0:
+        need(cfg.LOOP_START <= cfg.LOOP_END < cfg.NUM_LAYERS,
+             f"LOOP_START={cfg.LOOP_START}, LOOP_END={cfg.LOOP_END}: need LOOP_START <= LOOP_END < NUM_LAYERS={cfg.NUM_LAYERS}")
+    seqs = cfg.TRAIN_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN
+    need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0 and seqs % 8 == 0,
+         f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of 8*TRAIN_SEQ_LEN={8 * cfg.TRAIN_SEQ_LEN} "
+         "(8 micro-batches per step on any number of GPUs)")
+    need(cfg.VAL_BATCH_TOKENS >= cfg.TRAIN_SEQ_LEN, f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
+    need(cfg.train_budget_seconds > 0, f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
+
+
+def resolve_paths(cfg: Config) -> tuple[Path, Path]:
+    data = cfg.DATA_PATH or os.path.join(cfg.DATA_DIR, "datasets", f"fineweb10B_sp{cfg.VOCAB_SIZE}")
+    tok = cfg.TOKENIZER_PATH or os.path.join(cfg.DATA_DIR, "tokenizers", f"fineweb_{cfg.VOCAB_SIZE}_bpe.model")
+    return Path(data), Path(tok)
+
+
+def near_miss_warnings(env) -> list[str]:
+    """Warn about variables that look like misspelled knobs (QK_GAIN, MUON_WEIGHT_DECAY, ...)."""
+    names = list(knob_fields())
+    warnings = []
+    for var in sorted(env):
+        if var in names or var in LAUNCHER_ENV or var.startswith(FOREIGN_ENV_PREFIXES) or not var.isupper():
+            continue
+        canonical = var
+        for long, short in KNOB_ALIASES.items():
+            canonical = canonical.replace(long, short)
+        if canonical in names:
+            best = [canonical]
+        else:
+            best = difflib.get_close_matches(canonical, names, n=1, cutoff=0.75)
+            best = best or [n for n in names if len(var) >= 5 and n.startswith(var + "_")][:1]
+        if best:
+            warnings.append(f"WARNING: environment variable {var} is not a knob and is ignored; did you mean {best[0]}?")
+    return warnings
+
+
+def format_config(cfg: Config) -> str:
+    return "\n".join(f"  {k} = {v!r}" for k, v in sorted(dataclasses.asdict(cfg).items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: challenge shard format, training and validation loaders, byte accounting
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def write_shard(path, tokens) -> None:
+    """Write tokens as a challenge shard (1024-byte int32 header, then uint16 ids), atomically."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def shard_token_count(path) -> int:
+    """Validate a shard's header and size; return its token count. Errors name the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header (truncated or not a shard)")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ConfigError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        raise ConfigError(f"{path}: file is {size} bytes but its header promises {count} tokens "
+                          f"({SHARD_HEADER_BYTES + 2 * count} bytes); re-download or rebuild it")
+    return count
+
+
+def read_shard(path) -> np.ndarray:
+    """Memory-map a validated shard as a uint16 array."""
+    count = shard_token_count(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+def find_shards(data_path: Path, split: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(str(data_path / f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_path}: download FineWeb with "
+                          "`python3 data/cached_challenge_fineweb.py --variant sp8192`, build the sample with "
+                          "`python3 data/make_sample.py`, or point DATA_PATH at a shard folder")
+    return files
+
+
+def load_validation_tokens(data_path: Path) -> Tensor:
+    """Every validation token, in order, as one int32 tensor (documents start with BOS)."""
+    tokens = np.concatenate([read_shard(f) for f in find_shards(data_path, "val")])
+    if tokens.size < 2:
+        raise ConfigError(f"validation shards in {data_path} hold {tokens.size} tokens; need at least 2")
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+class TrainLoader:
+    """Random (seq_len+1)-token windows over all training shards, in an order seeded by SEED.
+
+    Each epoch draws a random phase per shard and shuffles every full window of every shard
+    into one global order. A step takes the next `global_seqs` windows of that order and rank r
+    reads its contiguous slice, so ranks never share a window and the global batch is the same
+    for any world size (one GPU with accumulation reproduces eight)."""
+
+    def __init__(self, files: list[Path], seq_len: int, seed: int):
+        self.shards = [read_shard(f) for f in files]
+        self.seq_len, self.seed = seq_len, seed
+        self.epoch, self.cursor = 0, 0
+        self._plan_epoch()
+
+    def _plan_epoch(self) -> None:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shard_ids, starts = [], []
+        for i, shard in enumerate(self.shards):
+            span = self.seq_len + 1
+            phase = int(rng.integers(self.seq_len)) if len(shard) >= 2 * span else 0
+            count = max(0, (len(shard) - phase) // span)
+            shard_ids.append(np.full(count, i, dtype=np.int32))
+            starts.append(phase + span * np.arange(count, dtype=np.int64))
+        shard_ids, starts = np.concatenate(shard_ids), np.concatenate(starts)
+        if shard_ids.size == 0:
+            raise ConfigError(f"training shards hold no window of TRAIN_SEQ_LEN+1={self.seq_len + 1} tokens")
+        order = rng.permutation(shard_ids.size)
+        self.window_shard, self.window_start = shard_ids[order], starts[order]
+
+    def _take(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Advance the global order by `count` windows, wrapping into new epochs."""
+        shards, starts = [], []
+        while count > 0:
+            n = min(count, self.window_shard.size - self.cursor)
+            shards.append(self.window_shard[self.cursor:self.cursor + n])
+            starts.append(self.window_start[self.cursor:self.cursor + n])
+            self.cursor, count = self.cursor + n, count - n
+            if self.cursor == self.window_shard.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._plan_epoch()
+        return np.concatenate(shards), np.concatenate(starts)
+
+    def next_batch(self, global_seqs: int, rank: int, world_size: int) -> Tensor:
+        """This rank's share of the next global batch: (global_seqs/world_size, seq_len+1) int64."""
+        shards, starts = self._take(global_seqs)
+        per_rank = global_seqs // world_size
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        span = self.seq_len + 1
+        rows = [self.shards[s][o:o + span] for s, o in zip(shards[mine], starts[mine])]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def load_tokenizer(path: Path, vocab_size: int):
+    """Load the SentencePiece model and check it against VOCAB_SIZE before any work starts."""
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise ConfigError(f"tokenizer {path} not found: set TOKENIZER_PATH, or fetch it with data/cached_challenge_fineweb.py")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; set VOCAB_SIZE={sp.vocab_size()}")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise ConfigError(f"tokenizer {path} has no bare '\u2581' piece, so leading-space bytes cannot be counted exactly")
+    return sp
+
+
+def byte_tables(sp) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token-id tables for exact byte accounting: UTF-8 bytes of the piece without its leading
+    space marker, whether it carries that marker, and whether it is a control/unknown token."""
+    n = sp.vocab_size()
+    base = torch.zeros(n, dtype=torch.int64)
+    leading_space = torch.zeros(n, dtype=torch.bool)
+    boundary = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                leading_space[i], piece = True, piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+    return base, leading_space, boundary
+
+
+def target_bytes(tables, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Bytes each target token stands for; its space counts unless it follows a control token."""
+    base, leading_space, boundary = tables
+    return base[targets] + (leading_space[targets] & ~boundary[inputs]).long()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def pick_attention_backend(device: torch.device) -> str:
+    """FlashAttention 3 on Hopper when importable, else FlashAttention 2 on CUDA, else SDPA."""
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] == 9:
+            try:
+                import flash_attn_interface  # noqa: F401
+                return "fa3"
+            except ImportError:
+                pass
+        try:
+            import flash_attn  # noqa: F401
+            return "fa2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors."""
+    if backend == "fa3":
+        from flash_attn_interface import flash_attn_func
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    if backend == "fa2":
+        from flash_attn import flash_attn_func
+        return flash_attn_func(q, k, v, causal=True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
+    inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos()[None, :, None, :].to(dtype), angles.sin()[None, :, None, :].to(dtype)
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first rope_dims of each head, half-split layout (dim j pairs with j + rope_dims/2)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, xsa: bool, backend: str):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.head_dim
+        self.rope_dims, self.rope_base = cfg.ROPE_DIMS, cfg.ROPE_BASE
+        self.xsa, self.backend = xsa, backend
+        kv_dim = cfg.NUM_KV_HEADS * cfg.head_dim
+        self.c_q = nn.Linear(cfg.MODEL_DIM, cfg.MODEL_DIM, bias=False)
+        self.c_k = nn.Linear(cfg.MODEL_DIM, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.MODEL_DIM, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.MODEL_DIM, cfg.MODEL_DIM, bias=False)
+        self.proj.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((cfg.NUM_HEADS,), cfg.QK_GAIN_INIT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = rms_norm(self.c_q(x).view(B, T, self.heads, self.head_dim))
+        k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
+        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
+        if self.rope_dims:
+            cos, sin = rotary_tables(T, self.rope_dims, self.rope_base, x.device, q.dtype)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        q = (q * self.q_gain[:, None]).to(v.dtype)  # QK-norm makes the gain the logit temperature
+        y = causal_attention(q, k.to(v.dtype), v, self.backend)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        return self.proj(y.reshape(B, T, -1))
+
+
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """Remove from each head's output its component along the token's own value vector.
+    Query heads are grouped onto their KV head by a view, so no value is copied."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden = int(cfg.MLP_MULT * cfg.MODEL_DIM)
+        self.fc = nn.Linear(cfg.MODEL_DIM, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.MODEL_DIM, bias=False)
+        self.proj.zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int, backend: str):
+        super().__init__()
+        self.norm_scale = 1.0 / math.sqrt(layer + 1)
+        self.parallel = layer >= cfg.PARALLEL_RESIDUAL_START
+        self.attn = Attention(cfg, xsa=layer >= cfg.NUM_LAYERS - cfg.XSA_LAST_N, backend=backend)
+        self.mlp = MLP(cfg)
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.MODEL_DIM), torch.zeros(cfg.MODEL_DIM))))
+        self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        attn_out = self.attn_scale * self.attn(rms_norm(x) * self.norm_scale)
+        if self.parallel:  # GPT-J style: attention and MLP both read the block input
+            return x + attn_out + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+        x = x + attn_out
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+def looped_layer_order(cfg: Config) -> list[int]:
+    """Physical layer per virtual position: LOOP_START..LOOP_END run 1 + NUM_LOOPS times."""
+    layers = list(range(cfg.NUM_LAYERS))
+    if cfg.NUM_LOOPS == 0:
+        return layers
+    loop = layers[cfg.LOOP_START:cfg.LOOP_END + 1]
+    return layers[:cfg.LOOP_START] + loop * (cfg.NUM_LOOPS + 1) + layers[cfg.LOOP_END + 1:]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.softcap = cfg.LOGIT_SOFTCAP
+        self.tok_emb = nn.Embedding(cfg.VOCAB_SIZE, cfg.MODEL_DIM)
+        self.blocks = nn.ModuleList(Block(cfg, i, attention_backend) for i in range(cfg.NUM_LAYERS))
+        self.plain_order, self.loop_order = list(range(cfg.NUM_LAYERS)), looped_layer_order(cfg)
+        self.looping = False
+        # U-Net skip slots are sized for the looped schedule, which has the most encoder layers.
+        num_skips = len(self.loop_order) // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.MODEL_DIM))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.MODEL_DIM))
+        self._init_weights(cfg.TIED_EMBED_INIT_STD)
+
+    def _init_weights(self, embed_std: float) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if getattr(m, "zero_init", False):
+                    nn.init.zeros_(m.weight)
+                elif min(m.weight.shape) >= 64:
+                    nn.init.orthogonal_(m.weight)
+
+    def layer_order(self) -> list[int]:
+        return self.loop_order if self.looping else self.plain_order
+
+    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+        """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam."""
+        x = x0 = rms_norm(self.tok_emb(input_ids))
+        order = self.layer_order()
+        n_encoder = len(order) // 2
+        skips = []
+        for layer in order[:n_encoder]:
+            x = self.blocks[layer](x, x0)
+            skips.append(x)
+        for slot, layer in enumerate(order[n_encoder:]):
+            if skips:
+                gate = torch.sigmoid(self.skip_gates[slot])
+                x = gate * x + (1 - gate) * self.skip_weights[slot] * skips.pop()
+            x = self.blocks[layer](x, x0)
+        return rms_norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        logits = F.linear(hidden, self.tok_emb.weight).float()
+        if self.softcap > 0:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Per-token negative log-likelihood in nats, shape (batch, time), float32."""
+        logits = self.compute_logits(self.forward_hidden(input_ids))
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: Muon (MuonEq-R) for block matrices, AdamW for the embedding and control parameters
+# ----------------------------------------------------------------------------------------------
+
+QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS_COEFFS = ((8.157, -22.483, 15.879), (4.043, -2.809, 0.500), (3.892, -2.772, 0.506),
+                        (3.286, -2.368, 0.464), (2.347, -1.710, 0.423))
+
+
+def newton_schulz_coeffs(kind: str, steps: int) -> list[tuple[float, float, float]]:
+    """(a, b, c) per iteration; Polar Express repeats its last tuple beyond its five."""
+    if kind == "quintic":
+        return [QUINTIC_COEFFS] * steps
+    return [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
+
+
+def newton_schulz(g: Tensor, coeffs, eps: float = 1e-7) -> Tensor:
+    """Approximate the orthogonal polar factor of g: X <- aX + (bA + cA^2)X with A = XX^T.
+    bf16 on CUDA as in the records; float32 elsewhere, where bf16 matmuls are slow."""
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    wide = x.size(-2) > x.size(-1)
+    if wide:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b, c in coeffs:
+        A = x @ x.mT
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.mT if wide else x
+
+
+def normalize_rows(g: Tensor) -> Tensor:
+    """MuonEq-R: give every row unit L2 norm (computed in float32) before orthogonalization."""
+    return g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+
+
+def muon_direction(g: Tensor, row_normalize: bool, coeffs) -> Tensor:
+    """Muon's update direction for a gradient already combined with momentum."""
+    if row_normalize:
+        g = normalize_rows(g)
+    return newton_schulz(g, coeffs) * math.sqrt(max(1.0, g.size(-2) / g.size(-1)))
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, MuonEq-R, Newton-Schulz, shape scale and decoupled weight decay.
+    Every rank runs the same step on gradients that are already averaged."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, row_normalize: bool, coeffs):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.row_normalize, self.coeffs = row_normalize, coeffs
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(mu).add_(p.grad)
+                update = muon_direction(p.grad.add(buf, alpha=mu), self.row_normalize, self.coeffs)
+                p.mul_(1 - lr * wd).add_(update.to(p.dtype), alpha=-lr)
+
+
+def build_optimizers(cfg: Config, model: GPT) -> list[torch.optim.Optimizer]:
+    """Muon for the Linear weights inside blocks; AdamW for the embedding and everything else."""
+    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
+    matrix_ids = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
+    controls = [p for p in model.parameters() if id(p) not in matrix_ids]
+    fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
+    adam = torch.optim.AdamW(
+        [dict(params=[model.tok_emb.weight], lr=cfg.TIED_EMBED_LR, weight_decay=cfg.EMBED_WD),
+         dict(params=controls, lr=cfg.SCALAR_LR, weight_decay=cfg.ADAM_WD)],
+        betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS, **fused)
+    muon = Muon(matrices, lr=cfg.MATRIX_LR, momentum=cfg.MUON_MOMENTUM, weight_decay=cfg.MUON_WD,
+                row_normalize=bool(cfg.MUON_ROW_NORMALIZE),
+                coeffs=newton_schulz_coeffs(cfg.MUON_NS_COEFFS, cfg.MUON_BACKEND_STEPS))
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [adam, muon]
+
+
+def lr_multiplier(cfg: Config, frac: float) -> float:
+    """1 until the warmdown starts, then linear to 0 at the end of training, floored at MIN_LR."""
+    if cfg.WARMDOWN_FRAC <= 0 or frac < 1 - cfg.WARMDOWN_FRAC:
+        return 1.0
+    return max((1 - frac) / cfg.WARMDOWN_FRAC, cfg.MIN_LR)
+
+
+def muon_momentum(cfg: Config, step: int) -> float:
+    if step >= cfg.MUON_MOMENTUM_WARMUP_STEPS:
+        return cfg.MUON_MOMENTUM
+    t = step / cfg.MUON_MOMENTUM_WARMUP_STEPS
+    return (1 - t) * cfg.MUON_MOMENTUM_WARMUP_START + t * cfg.MUON_MOMENTUM
+
+
+def set_schedule(cfg: Config, optimizers, step: int, frac: float) -> None:
+    """LR and momentum live outside the compiled graph, in the optimizers' param groups."""
+    scale = lr_multiplier(cfg, frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(cfg, step)
+
+
+class EMA:
+    """Float32 exponential moving average of every floating-point tensor of the model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+        self.shadow = [model.state_dict()[k].detach().float().clone() for k in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        torch._foreach_lerp_(self.shadow, [state[k].float() for k in self.names], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        for k, v in zip(self.names, self.shadow):
+            state[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per rank, so that world_size * accum_steps = 8 on any number of GPUs."""
+        return 8 // self.world_size
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def init_runtime(env) -> Runtime:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    world_size, rank, local_rank = (int(env.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if 8 % world_size:
+        raise ConfigError(f"WORLD_SIZE={world_size} must divide 8 (the global batch is 8 micro-batches)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Runtime(rank, world_size, device)
+
+
+def all_reduce_(t: Tensor, rt: Runtime, op=None) -> Tensor:
+    if rt.world_size > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def average_gradients(params: list[nn.Parameter], rt: Runtime) -> None:
+    """One flat all-reduce of every gradient (a parameter without one counts as zero)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if rt.world_size == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = all_reduce_(torch.cat([g.flatten() for g in grads]), rt).div_(rt.world_size)
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def train_step(cfg: Config, model_fn, model: GPT, optimizers, batch: Tensor, rt: Runtime) -> Tensor:
+    """Forward/backward over this rank's micro-batches, average gradients, clip, step.
+    Returns this rank's mean training loss (a 0-dim tensor, not yet synchronized)."""
+    total = torch.zeros((), device=rt.device)
+    for micro in batch.chunk(rt.accum_steps):
+        micro = micro.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            loss = model_fn(micro[:, :-1], micro[:, 1:]).mean()
+        (loss / rt.accum_steps).backward()
+        total += loss.detach()
+    params = list(model.parameters())
+    average_gradients(params, rt)
+    if cfg.GRAD_CLIP_NORM > 0:  # gradients are identical on every rank, so this is the global norm
+        torch.nn.utils.clip_grad_norm_(params, cfg.GRAD_CLIP_NORM)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return total / rt.accum_steps
+
+
+def global_seqs(cfg: Config) -> int:
+    return cfg.TRAIN_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN
+
+
+def prime_compilation(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: Runtime, log) -> None:
+    """Run WARMUP_STEPS real steps (and as many with recurrence on, if any) so every graph is
+    compiled before the clock starts, then restore the model and optimizers exactly. The caller
+    builds a fresh loader afterwards, so the data order is unaffected too."""
+    if cfg.WARMUP_STEPS == 0:
+        return
+    initial_model = copy.deepcopy(model.state_dict())
+    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
+        model.looping = looping
+        for i in range(cfg.WARMUP_STEPS):
+            set_schedule(cfg, optimizers, i, 0.0)
+            train_step(cfg, model_fn, model, optimizers, loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size), rt)
+        log(f"warmup: primed {cfg.WARMUP_STEPS} steps looping={looping}")
+    model.looping = False
+    model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_opts):
+        opt.load_state_dict(state)
+    log("warmup: model and optimizer state restored")
+
+
+def training_fraction(cfg: Config, step: int, train_seconds: float) -> float:
+    """Progress through training: whichever of the time budget and the step cap is nearer its end."""
+    return min(1.0, max(train_seconds / cfg.train_budget_seconds, step / cfg.ITERATIONS))
+
+
+def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: Runtime, log, validate, summary) -> EMA | None:
+    """The timed loop. Returns the EMA (or None when EMA_DECAY=0); figures go into `summary`."""
+    prime_compilation(cfg, model_fn, model, optimizers, train_files, rt, log)
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    ema = EMA(model, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
+    budget = cfg.train_budget_seconds
+    step, train_seconds, last_dt, loop_step, loop_seconds = 0, 0.0, 0.0, None, 0.0
+    train_curve, val_curve = [], []
+    summary.update(train_curve=train_curve, val_curve=val_curve)
+    while True:
+        frac = training_fraction(cfg, step, train_seconds)
+        if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
+            model.looping, loop_step, loop_seconds = True, step, train_seconds
+            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
+        set_schedule(cfg, optimizers, step, frac)
+        rt.sync()
+        t0 = time.perf_counter()
+        loss = train_step(cfg, model_fn, model, optimizers, loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size), rt)
+        if ema is not None:
+            ema.update(model)
+        rt.sync()
+        # All ranks agree on the clock (slowest rank), so they switch looping and stop together.
+        last_dt = all_reduce_(torch.tensor([time.perf_counter() - t0]), rt, dist.ReduceOp.MAX).item()
+        train_seconds += last_dt
+        step += 1
+        done = step >= cfg.ITERATIONS or train_seconds + last_dt > budget
+        if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done:
+            mean_loss = all_reduce_(loss.detach().float().reshape(1), rt).item() / rt.world_size
+            remaining = min(budget - train_seconds, (cfg.ITERATIONS - step) * train_seconds / step)
+            train_curve.append([step, round(train_seconds, 4), mean_loss])
+            log(f"step:{step}/{cfg.ITERATIONS} train_loss:{mean_loss:.4f} train_time:{train_seconds:.1f}s "
+                f"tok/s:{step * cfg.TRAIN_BATCH_TOKENS / train_seconds:.0f} eta:{max(0.0, remaining):.0f}s")
+        if cfg.VAL_LOSS_EVERY > 0 and (step % cfg.VAL_LOSS_EVERY == 0 or done):
+            result = validate()
+            val_curve.append([step, round(train_seconds, 4), result["val_loss"], result["val_bpb"]])
+            log(f"step:{step}/{cfg.ITERATIONS} val_loss:{result['val_loss']:.4f} val_bpb:{result['val_bpb']:.4f} (live weights)")
+        if done:
+            break
+    if step < cfg.ITERATIONS:
+        log(f"stopping_early: wallclock_cap train_time:{train_seconds:.1f}s step:{step}/{cfg.ITERATIONS}")
+    summary.update(steps=step, train_seconds=train_seconds, ms_per_step=1000 * train_seconds / step,
+                   tokens_per_second=step * cfg.TRAIN_BATCH_TOKENS / train_seconds, looping_enabled_step=loop_step)
+    if loop_step is not None and 0 < loop_step < step:
+        summary.update(ms_per_step_before_looping=1000 * loop_seconds / loop_step,
+                       ms_per_step_after_looping=1000 * (train_seconds - loop_seconds) / (step - loop_step))
+    return ema
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model_fn, val_tokens: Tensor, tables, seq_len: int, batch_seqs: int, rt: Runtime) -> dict:
+    """Exact val_loss and val_bpb over every target of the validation stream.
+
+    The stream is cut into consecutive seq_len sequences; the last one is padded at its end and
+    the padding is masked out, so every target token 1..N-1 is scored once and batch shapes stay
+    fixed. Sequences are split contiguously across ranks; sums are float64/int64, all-reduced."""
+    n_targets = val_tokens.numel() - 1
+    n_seqs = -(-n_targets // seq_len)
+    padded = torch.zeros(n_seqs * seq_len + 1, dtype=torch.int64)
+    padded[:val_tokens.numel()] = val_tokens
+    lo, hi = rt.rank * n_seqs // rt.world_size, (rt.rank + 1) * n_seqs // rt.world_size
+    offsets = torch.arange(seq_len + 1)
+    tables = [t.to(rt.device) for t in tables]
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, bytes, tokens
+    for start in range(lo, hi, batch_seqs):
+        seq_ids = torch.arange(start, start + batch_seqs)
+        rows = padded[seq_ids.clamp(max=n_seqs - 1)[:, None] * seq_len + offsets].to(rt.device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        positions = seq_ids[:, None] * seq_len + offsets[1:]  # global index of each target token
+        mask = ((positions <= n_targets) & (seq_ids < hi)[:, None]).to(rt.device)
+        with rt.autocast():
+            nll = model_fn(x, y)
+        sums[0] += (nll.double() * mask).sum()
+        sums[1] += (target_bytes(tables, x, y) * mask).sum()
+        sums[2] += mask.sum()
+    nll_sum, byte_count, token_count = all_reduce_(sums, rt).tolist()
+    return dict(val_loss=nll_sum / token_count, val_bpb=nll_sum / (math.log(2) * byte_count),
+                val_tokens=int(token_count), val_bytes=int(byte_count))
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Prints on the main rank and appends to logs/<RUN_ID>.txt, flushing every line so a
+    run that dies still leaves everything it said."""
+
+    def __init__(self, path: Path | None):
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", encoding="utf-8")
+
+    def __call__(self, message: str) -> None:
+        if self.file is not None:
+            print(message, flush=True)
+            self.write(message + "\n")
+
+    def write(self, text: str) -> None:
+        if self.file is not None:
+            self.file.write(text)
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def versions(rt: Runtime, backend: str) -> dict:
+    gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
+    return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda or "none",
+                gpu=gpu, attention_backend=backend, world_size=rt.world_size, device=str(rt.device))
+
+
+def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str]) -> None:
+    log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
+    for w in warnings:
+        log(w)
+    backend = pick_attention_backend(rt.device)
+    summary["versions"] = versions(rt, backend)
+    log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
+    log("config:\n" + format_config(cfg))
+
+    # Check every input before spending any time.
+    data_path, tokenizer_path = resolve_paths(cfg)
+    tables = byte_tables(load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
+    train_files = find_shards(data_path, "train")
+    val_tokens = load_validation_tokens(data_path)
+    if int(val_tokens.max()) >= cfg.VOCAB_SIZE:
+        raise ConfigError(f"validation shards in {data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE={cfg.VOCAB_SIZE}")
+    log(f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel()} data:{data_path} tokenizer:{tokenizer_path}")
+
+    torch.manual_seed(cfg.SEED)
+    model = GPT(cfg, backend).to(rt.device)
+    summary["params"] = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{summary['params']} layer_order_looped:{model.loop_order}")
+    compiled = rt.device.type == "cuda" and cfg.COMPILE == 1
+    model_fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    log(f"compile:{'on' if compiled else 'off'} accum_steps:{rt.accum_steps} world_size:{rt.world_size}")
+    optimizers = build_optimizers(cfg, model)
+    val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
+
+    def validate() -> dict:
+        return evaluate(model_fn, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
+
+    ema = train_model(cfg, model_fn, model, optimizers, train_files, rt, log, validate, summary)
+    if rt.device.type == "cuda":
+        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated(rt.device) // 2**20
+        log(f"peak memory allocated: {summary['peak_memory_mib']} MiB")
+    if ema is not None:
+        ema.copy_to(model)
+        log("ema: applied EMA weights")
+    model.looping = cfg.NUM_LOOPS > 0  # recurrence stays on for everything after training
+    t0 = time.perf_counter()
+    result = validate()
+    summary.update(pre_quant_val_loss=result["val_loss"], pre_quant_val_bpb=result["val_bpb"],
+                   val_tokens=result["val_tokens"], val_bytes=result["val_bytes"],
+                   pre_quant_eval_seconds=time.perf_counter() - t0)
+    log(f"pre-quantization post-ema val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
+        f"eval_time:{1000 * summary['pre_quant_eval_seconds']:.0f}ms tokens:{result['val_tokens']} bytes:{result['val_bytes']}")
+    summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="pre_quant")
+    log(f"final_score val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} source:pre_quant")
+
+
+def main(env=None) -> dict:
+    """Resolve knobs, set up ranks, train and evaluate; always leaves the log and the JSON summary."""
+    env = dict(os.environ) if env is None else env
+    cfg = config_from_env(env)
+    warnings = near_miss_warnings(env)
+    rt = init_runtime(env)
+    cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or uuid.uuid4().hex[:12])
+    run_id = cfg.RUN_ID
+    log_dir = Path(cfg.LOG_DIR)
+    log = RunLog(log_dir / f"{run_id}.txt" if rt.is_main else None)
+    summary = dict(run_id=run_id, seed=cfg.SEED, status="running", config=dataclasses.asdict(cfg), warnings=warnings)
+    try:
+        run(cfg, rt, log, summary, warnings)
+        summary["status"] = "ok"
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        log(f"error: {e}" if isinstance(e, ConfigError) else traceback.format_exc())
+        raise
+    finally:
+        if rt.is_main:
+            write_json_atomic(log_dir / f"{run_id}.json", summary)
+            log(f"log:{log_dir / f'{run_id}.txt'} summary:{log_dir / f'{run_id}.json'}")
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
