@@ -402,18 +402,25 @@ def pick_attention_backend(device: torch.device) -> str:
     return "sdpa"
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """Causal GQA attention on (batch, time, heads, head_dim) tensors."""
+def attention_function(backend: str):
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors, for the chosen backend.
+    Resolved once per model, so the compiled forward never imports anything."""
     if backend == "fa3":
-        from flash_attn_interface import flash_attn_func
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+        from flash_attn_interface import flash_attn_func as fa3
+
+        def attend(q, k, v):
+            out = fa3(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        return attend
     if backend == "fa2":
-        from flash_attn import flash_attn_func
-        return flash_attn_func(q, k, v, causal=True)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=True)
-    return out.transpose(1, 2)
+        from flash_attn import flash_attn_func as fa2
+        return lambda q, k, v: fa2(q, k, v, causal=True)
+
+    def sdpa(q, k, v):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+    return sdpa
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -438,7 +445,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.head_dim
         self.rope_dims, self.rope_base = cfg.ROPE_DIMS, cfg.ROPE_BASE
-        self.xsa, self.backend = xsa, backend
+        self.xsa, self.attend = xsa, attention_function(backend)
         kv_dim = cfg.NUM_KV_HEADS * cfg.head_dim
         self.c_q = nn.Linear(cfg.MODEL_DIM, cfg.MODEL_DIM, bias=False)
         self.c_k = nn.Linear(cfg.MODEL_DIM, kv_dim, bias=False)
@@ -456,7 +463,7 @@ class Attention(nn.Module):
             cos, sin = rotary_tables(T, self.rope_dims, self.rope_base, x.device, q.dtype)
             q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         q = (q * self.q_gain[:, None]).to(v.dtype)  # QK-norm makes the gain the logit temperature
-        y = causal_attention(q, k.to(v.dtype), v, self.backend)
+        y = self.attend(q, k.to(v.dtype), v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         return self.proj(y.reshape(B, T, -1))
@@ -827,7 +834,7 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
             ema.update(model)
         rt.sync()
         # All ranks agree on the clock (slowest rank), so they switch looping and stop together.
-        last_dt = all_reduce_(torch.tensor([time.perf_counter() - t0]), rt, dist.ReduceOp.MAX).item()
+        last_dt = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt, dist.ReduceOp.MAX).item()
         train_seconds += last_dt
         step += 1
         done = step >= cfg.ITERATIONS or train_seconds + last_dt > budget
