@@ -7,18 +7,23 @@ Importing this module has no side effects, so tests and tools can call its funct
 """
 from __future__ import annotations
 
+import ast
+import base64
 import copy
 import dataclasses
 import difflib
 import glob
 import json
+import lzma
 import math
 import os
 import platform
+import struct
 import sys
 import time
 import traceback
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +100,20 @@ class Config:
     ADAM_EPS: float = knob(1e-8, 0.0, 1.0)
     GRAD_CLIP_NORM: float = knob(0.3, 0.0, INF, doc="global gradient norm clip; 0 = off")
     EMA_DECAY: float = knob(0.9965, 0.0, 1.0, doc="0 = no EMA")
+    # Quantization and artifact
+    QUANT_METHOD: str = knob("gptq", choices=("gptq", "rtn"), doc="gptq, or round-to-nearest (no calibration)")
+    MATRIX_BITS: int = knob(6, 2, 8, doc="bits per attention/MLP weight")
+    EMBED_BITS: int = knob(8, 2, 8, doc="bits per tied-embedding weight")
+    MATRIX_CLIP_SIGMAS: float = knob(12.85, 0.1, 1000.0, doc="row scale = k*std(row)/(2^(bits-1)-1) for matrices")
+    ATTN_CLIP_SIGMAS: float = knob(0.0, 0.0, 1000.0, doc="attention matrices only; 0 = MATRIX_CLIP_SIGMAS")
+    MLP_CLIP_SIGMAS: float = knob(0.0, 0.0, 1000.0, doc="MLP matrices only; 0 = MATRIX_CLIP_SIGMAS")
+    EMBED_CLIP_SIGMAS: float = knob(20.0, 0.1, 1000.0, doc="k for the tied embedding")
+    QUANT_PASSTHROUGH_NUMEL: int = knob(65536, 0, 1 << 40, doc="tensors with at most this many elements are stored as fp16")
+    GPTQ_CALIBRATION_BATCHES: int = knob(64, 1, 10**6, doc="global training batches whose activations build the Hessians")
+    GPTQ_DAMP: float = knob(0.01, 0.0, 10.0, doc="Hessian damping, as a fraction of its mean diagonal")
+    GPTQ_BLOCK_SIZE: int = knob(128, 1, 1 << 20, doc="columns per lazy-update block")
+    COMPRESSOR: str = knob("brotli", choices=("brotli", "lzma"), doc="brotli quality 11, or raw LZMA2 preset 9|extreme")
+    ARTIFACT_TARGET_BYTES: int = knob(0, 0, 16_000_000, doc="auto-fit code+model to this size by raising the clip sigmas; 0 = off (over 16,000,000 fails)")
     # Evaluation and logging
     VAL_BATCH_TOKENS: int = knob(524288, 2, 1 << 30, doc="global tokens per validation batch")
     VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
@@ -123,6 +142,7 @@ SAMPLE_PRESET = dict(
     TRAIN_SEQ_LEN=256, TRAIN_BATCH_TOKENS=4096, ITERATIONS=150, MAX_WALLCLOCK_SECONDS=0.0,
     GPTQ_RESERVE_SECONDS=0.0, WARMUP_STEPS=0, MUON_MOMENTUM_WARMUP_STEPS=50,
     MATRIX_LR=0.03, TIED_EMBED_LR=0.05, EMA_DECAY=0.97,
+    QUANT_PASSTHROUGH_NUMEL=4096, GPTQ_CALIBRATION_BATCHES=16,
     VAL_BATCH_TOKENS=16384, VAL_LOSS_EVERY=75, TRAIN_LOG_EVERY=25,
 )
 
@@ -861,6 +881,520 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
 
 
 # ----------------------------------------------------------------------------------------------
+# Quantization and packing: Hessians, GPTQ with std-based clipping, the artifact container
+# ----------------------------------------------------------------------------------------------
+
+ARTIFACT_LIMIT_BYTES = 16_000_000
+ARTIFACT_MAGIC = b"PGQ1"
+COMPRESSORS = ("brotli", "lzma")
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+# The knobs that shape the network: stored in the artifact so it rebuilds its own model.
+MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "ROPE_DIMS",
+               "ROPE_BASE", "XSA_LAST_N", "LOGIT_SOFTCAP", "NUM_LOOPS", "LOOP_START", "LOOP_END",
+               "PARALLEL_RESIDUAL_START")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be read back, or a run whose artifact does not fit."""
+
+
+@dataclasses.dataclass
+class QuantGroup:
+    """Weights that read one input, so they share one Hessian and are quantized together."""
+    hessian: str            # name of the input activation
+    names: list[str]        # state-dict keys, stacked row-wise for GPTQ
+    group: str              # attention | mlp | embedding
+    module: nn.Module | None  # the Linear whose input is that activation (None: final hidden)
+
+
+def quantization_plan(model: GPT, cfg: Config) -> list[QuantGroup]:
+    """Every matrix above QUANT_PASSTHROUGH_NUMEL, grouped by its input. Q, K and V read the
+    same normed stream; the tied embedding, as the output layer, reads the final hidden state."""
+    plan = []
+    for i, block in enumerate(model.blocks):
+        a, m = f"blocks.{i}.attn.", f"blocks.{i}.mlp."
+        plan += [QuantGroup(a + "qkv", [a + "c_q.weight", a + "c_k.weight", a + "c_v.weight"], "attention", block.attn.c_q),
+                 QuantGroup(a + "proj", [a + "proj.weight"], "attention", block.attn.proj),
+                 QuantGroup(m + "fc", [m + "fc.weight"], "mlp", block.mlp.fc),
+                 QuantGroup(m + "proj", [m + "proj.weight"], "mlp", block.mlp.proj)]
+    plan.append(QuantGroup("final_hidden", ["tok_emb.weight"], "embedding", None))
+    state = model.state_dict()
+    for g in plan:
+        g.names = [n for n in g.names if state[n].numel() > cfg.QUANT_PASSTHROUGH_NUMEL]
+    return [g for g in plan if g.names]
+
+
+def clip_sigmas(cfg: Config, group: str) -> float:
+    if group == "embedding":
+        return cfg.EMBED_CLIP_SIGMAS
+    own = cfg.ATTN_CLIP_SIGMAS if group == "attention" else cfg.MLP_CLIP_SIGMAS
+    return own or cfg.MATRIX_CLIP_SIGMAS
+
+
+def group_bits(cfg: Config, group: str) -> int:
+    return cfg.EMBED_BITS if group == "embedding" else cfg.MATRIX_BITS
+
+
+@torch.no_grad()
+def collect_hessians(cfg: Config, model: GPT, plan: list[QuantGroup], train_files, rt: Runtime) -> tuple[dict, int]:
+    """H = sum of x x^T over the input of every planned group, from GPTQ_CALIBRATION_BATCHES global
+    batches of *training* windows (ranks split each batch, then sum). A looped layer adds one term
+    per pass. Returns the Hessians divided by the token count, identical on every rank."""
+    hessians: dict[str, Tensor] = {}
+
+    def accumulate(key: str, x: Tensor) -> None:
+        x = x.detach().flatten(0, -2).float()
+        if key not in hessians:
+            hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hessians[key].addmm_(x.T, x)
+
+    hooks = [g.module.register_forward_pre_hook(lambda _m, args, key=g.hessian: accumulate(key, args[0]))
+             for g in plan if g.module is not None]
+    wants_hidden = any(g.module is None for g in plan)
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    tokens = 0
+    try:
+        for _ in range(cfg.GPTQ_CALIBRATION_BATCHES):
+            batch = loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size)
+            for micro in batch.chunk(rt.accum_steps):
+                inputs = micro[:, :-1].to(rt.device)
+                with rt.autocast():
+                    hidden = model.forward_hidden(inputs)
+                if wants_hidden:
+                    accumulate("final_hidden", hidden)
+                tokens += inputs.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    total = int(all_reduce_(torch.tensor([tokens], device=rt.device, dtype=torch.float64), rt).item())
+    for g in plan:  # plan order is the same on every rank, so the collectives line up
+        hessians[g.hessian] = all_reduce_(hessians[g.hessian], rt).div_(total)
+    return hessians, total
+
+
+@dataclasses.dataclass
+class GPTQFactor:
+    """What GPTQ needs from a Hessian, computed once and reused at every clip setting."""
+    perm: Tensor   # act-order: columns by descending diag(H)
+    upper: Tensor  # upper Cholesky factor of the permuted, damped inverse Hessian
+    dead: Tensor   # columns whose input is always zero
+
+
+def gptq_factor(H: Tensor, damp: float) -> GPTQFactor:
+    H = H.float().clone()
+    dead = H.diagonal() <= 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True)
+    H = H[perm][:, perm]
+    mean_diag = H.diagonal().mean()
+    for attempt in range(6):  # raise the damping until the factorization succeeds
+        L, info = torch.linalg.cholesky_ex(H + torch.eye(H.size(0), device=H.device) * (damp * 10**attempt) * mean_diag)
+        if info == 0:
+            break
+    else:
+        raise ArtifactError(f"GPTQ: Hessian is not positive definite even with damping {damp * 1e5}; raise GPTQ_DAMP")
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return GPTQFactor(perm, upper, dead)
+
+
+def row_scales(W: Tensor, bits: int, sigmas: float) -> Tensor:
+    """Per-row step k*std(row)/qmax, rounded to its stored fp16 value (the smallest normal fp16
+    for a constant row) so quantizing and dequantizing use the same number."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (sigmas * W.float().std(dim=1) / qmax).to(torch.float16)
+    return scale.clamp_min(torch.finfo(torch.float16).tiny).float()
+
+
+def quantize_rtn(W: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
+    """Round to nearest on the std-based grid: (int8 values, float32 per-row scales)."""
+    qmax, scale = 2 ** (bits - 1) - 1, row_scales(W, bits, sigmas)
+    return torch.clamp(torch.round(W.float() / scale[:, None]), -qmax, qmax).to(torch.int8), scale
+
+
+def quantize_gptq(W: Tensor, factor: GPTQFactor, bits: int, sigmas: float, block: int) -> tuple[Tensor, Tensor]:
+    """GPTQ on the std-based grid: quantize columns in act-order, spreading each column's
+    error over the columns not yet quantized (within a block now, beyond it lazily)."""
+    qmax, scale = 2 ** (bits - 1) - 1, row_scales(W, bits, sigmas)
+    W = W.float().clone()
+    W[:, factor.dead] = 0
+    W = W[:, factor.perm]
+    U, cols = factor.upper, W.size(1)
+    Q = torch.zeros_like(W, dtype=torch.int8)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        Wb, Ub = W[:, i1:i2], U[i1:i2, i1:i2]
+        err = torch.zeros_like(Wb)
+        for j in range(i2 - i1):
+            q = torch.clamp(torch.round(Wb[:, j] / scale), -qmax, qmax)
+            Q[:, i1 + j] = q.to(torch.int8)
+            err[:, j] = (Wb[:, j] - q * scale) / Ub[j, j]
+            Wb[:, j:].sub_(err[:, j:j + 1] * Ub[j:j + 1, j:])
+        W[:, i2:].sub_(err @ U[i1:i2, i2:])
+    return Q[:, torch.argsort(factor.perm)], scale
+
+
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """Everything the artifact holds: per quantized tensor int values, fp16 scales, bits and
+    group; fp16 pass-through tensors; the model knobs."""
+    quantized: dict[str, dict]       # name -> dict(q=int8, scale=fp16, bits, group)
+    passthrough: dict[str, Tensor]   # name -> fp16
+    model_config: dict
+
+    def state_dict(self, template: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Dequantized weights in the template's dtypes: exactly what the artifact decodes to."""
+        out = {}
+        for name, t in template.items():
+            if name in self.quantized:
+                e = self.quantized[name]
+                out[name] = dequantize(e["q"], e["scale"]).to(t.dtype)
+            else:
+                out[name] = self.passthrough[name].to(t.dtype)
+        return out
+
+
+def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dict[str, GPTQFactor] | None,
+                   sigma_scale: float = 1.0) -> QuantizedModel:
+    """GPTQ (or RTN without factors) for every planned group at its clip sigmas times
+    sigma_scale; every other tensor passes through as fp16. Runs on the model's device."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    quantized = {}
+    for g in plan:
+        bits, sigmas = group_bits(cfg, g.group), clip_sigmas(cfg, g.group) * sigma_scale
+        W = torch.cat([state[n] for n in g.names])
+        if factors is None:
+            q, scale = quantize_rtn(W, bits, sigmas)
+        else:
+            q, scale = quantize_gptq(W, factors[g.hessian], bits, sigmas, cfg.GPTQ_BLOCK_SIZE)
+        rows = [state[n].size(0) for n in g.names]
+        for n, qn, sn in zip(g.names, q.split(rows), scale.split(rows)):
+            quantized[n] = dict(q=qn.cpu(), scale=sn.to(torch.float16).cpu(), bits=bits, group=g.group)
+    passthrough = {k: v.to(torch.float16).cpu() for k, v in state.items() if k not in quantized}
+    return QuantizedModel(quantized, passthrough, {k: getattr(cfg, k) for k in MODEL_KNOBS})
+
+
+# Container: magic, compressor id, u32 header length, compressed JSON header, then compressed
+# streams (one per quantized tensor, one for all scales, one for all pass-through tensors).
+# Per-tensor streams give exact bytes per group and compress in parallel threads; each stream
+# costs a few bytes. Every stream's CRC32 is checked on load.
+
+
+def byte_shuffle(data: bytes, stride: int) -> bytes:
+    """Byte k of every stride-byte element together (fp16: all low bytes, then all high bytes)."""
+    return np.frombuffer(data, np.uint8).reshape(-1, stride).T.tobytes()
+
+
+def byte_unshuffle(data: bytes, stride: int) -> bytes:
+    return np.frombuffer(data, np.uint8).reshape(stride, -1).T.tobytes()
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned values < 2**bits, `bits` bits each, little-endian bit order."""
+    planes = np.unpackbits(values.astype(np.uint8).reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:count * bits].reshape(count, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(count)
+
+
+def compress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+        return brotli.compress(data, quality=11)
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
+def decompress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli
+        return brotli.decompress(data)
+    return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
+def value_encodings(q: Tensor, bits: int) -> dict[str, bytes]:
+    """The two ways to lay out signed values: one byte each, or bit-packed (offset to unsigned)."""
+    raw = q.numpy().astype(np.int8).reshape(-1)
+    encodings = {"bytes": raw.tobytes()}
+    if bits < 8:
+        encodings["bits"] = pack_bits((raw.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8), bits)
+    return encodings
+
+
+def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict]:
+    """Serialize and compress; for each quantized tensor keep the smaller of its byte-per-value
+    and bit-packed streams. Returns the blob and its accounting (bytes per group, both packings)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    qnames, pnames = sorted(qm.quantized), sorted(qm.passthrough)
+    jobs = {(n, how): data for n in qnames for how, data in value_encodings(qm.quantized[n]["q"], qm.quantized[n]["bits"]).items()}
+    jobs[("scales", "fp16")] = byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes() for n in qnames), 2)
+    jobs[("passthrough", "fp16")] = byte_shuffle(b"".join(qm.passthrough[n].numpy().tobytes() for n in pnames), 2)
+    # brotli and lzma release the GIL, so threads compress the streams in parallel.
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        done = dict(zip(jobs, pool.map(lambda d: compress(d, compressor), jobs.values())))
+    packing_totals = {"bytes": 0, "bits": 0}
+    streams, tensors, chosen = [], [], []
+    for n in qnames:
+        e = qm.quantized[n]
+        options = {how: len(done[(n, how)]) for how in ("bytes", "bits") if (n, how) in done}
+        for how in packing_totals:
+            packing_totals[how] += options.get(how, options["bytes"])
+        how = min(options, key=lambda h: (options[h], h != "bytes"))
+        chosen.append((n, how, e["group"]))
+        tensors.append([n, "q", list(e["q"].shape), e["bits"], how])
+    for n in pnames:
+        tensors.append([n, "fp16", list(qm.passthrough[n].shape), 16, "bytes"])
+    by_group = dict(embedding=0, attention=0, mlp=0, scales=0, passthrough=0)
+    for n, how, group in chosen:
+        streams.append((done[(n, how)], jobs[(n, how)]))
+        by_group[group] += len(done[(n, how)])
+    for key in ("scales", "passthrough"):
+        streams.append((done[(key, "fp16")], jobs[(key, "fp16")]))
+        by_group[key] += len(done[(key, "fp16")])
+    header = dict(format=1, model_config=qm.model_config, tensors=tensors,
+                  streams=[[len(c), len(r), zlib.crc32(r)] for c, r in streams])
+    header_blob = compress(json.dumps(header, separators=(",", ":")).encode(), compressor)
+    blob = b"".join([ARTIFACT_MAGIC, bytes([COMPRESSORS.index(compressor)]), struct.pack("<I", len(header_blob)),
+                     header_blob] + [c for c, _ in streams])
+    by_group["header"] = len(blob) - sum(by_group.values())
+    return blob, dict(by_group=by_group, packing_totals=packing_totals,
+                      packing_kept={h: sum(1 for _, how, _ in chosen if how == h) for h in ("bytes", "bits")})
+
+
+def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
+    """Inverse of encode_artifact; every inconsistency is an ArtifactError naming `origin`."""
+    def fail(why: str):
+        raise ArtifactError(f"{origin}: {why}; the artifact is truncated or corrupt, write it again")
+
+    if len(blob) < 9 or blob[:4] != ARTIFACT_MAGIC:
+        fail(f"does not start with {ARTIFACT_MAGIC!r}")
+    if blob[4] >= len(COMPRESSORS):
+        fail(f"unknown compressor id {blob[4]}")
+    compressor = COMPRESSORS[blob[4]]
+    (header_len,) = struct.unpack("<I", blob[5:9])
+    try:
+        header = json.loads(decompress(blob[9:9 + header_len], compressor))
+    except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing here
+        fail(f"header does not decode ({type(e).__name__}: {e})")
+    offset, streams = 9 + header_len, []
+    expected = offset + sum(c for c, _, _ in header["streams"])
+    if expected != len(blob):
+        fail(f"file is {len(blob)} bytes but its header promises {expected}")
+    for i, (clen, rlen, crc) in enumerate(header["streams"]):
+        try:
+            raw = decompress(blob[offset:offset + clen], compressor)
+        except Exception as e:  # noqa: BLE001
+            fail(f"stream {i} does not decompress ({type(e).__name__}: {e})")
+        if len(raw) != rlen or zlib.crc32(raw) != crc:
+            fail(f"stream {i} fails its length/CRC32 check")
+        streams.append(raw)
+        offset += clen
+    quantized, passthrough = {}, {}
+    qentries = [t for t in header["tensors"] if t[1] == "q"]
+    scales = np.frombuffer(byte_unshuffle(streams[len(qentries)], 2), np.float16)
+    flat = np.frombuffer(byte_unshuffle(streams[len(qentries) + 1], 2), np.float16)
+    s_at = p_at = 0
+    for i, (name, kind, shape, bits, how) in enumerate(header["tensors"]):
+        count = math.prod(shape)
+        if kind == "fp16":
+            passthrough[name] = torch.from_numpy(flat[p_at:p_at + count].copy()).view(shape)
+            p_at += count
+            continue
+        raw = streams[i]
+        values = (np.frombuffer(raw, np.int8) if how == "bytes"
+                  else unpack_bits(raw, bits, count).astype(np.int16) - (1 << (bits - 1)))
+        scale = torch.from_numpy(scales[s_at:s_at + shape[0]].copy())
+        s_at += shape[0]
+        quantized[name] = dict(q=torch.from_numpy(values.astype(np.int8).copy()).view(shape), scale=scale,
+                               bits=bits, group=None)
+    return QuantizedModel(quantized, passthrough, header["model_config"])
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load_artifact(path: Path) -> QuantizedModel:
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} not found")
+    return decode_artifact(path.read_bytes(), str(path))
+
+
+def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device) -> GPT:
+    """A fresh model built from the artifact's own knobs and weights (recurrence on, as in eval)."""
+    model_cfg = dataclasses.replace(cfg, **qm.model_config)
+    with torch.device("meta"):
+        model = GPT(model_cfg, backend)
+    model = model.to_empty(device=device)
+    template = model.state_dict()
+    missing = set(template) - set(qm.quantized) - set(qm.passthrough)
+    if missing:
+        raise ArtifactError(f"artifact lacks {sorted(missing)[:3]}... for this model")
+    model.load_state_dict(qm.state_dict(template))
+    model.looping = model_cfg.NUM_LOOPS > 0
+    return model
+
+
+# Shipped code: the submitted train_gpt.py may be a two-line self-extracting wrapper around the
+# minified source. The artifact counts the bytes of the file that will be submitted.
+PACKED_PREFIX = "import lzma,base64\nexec(lzma.decompress(base64.b85decode("
+
+
+def minify_source(source: str) -> str:
+    """Docstrings and comments dropped, layout normalized; the syntax tree is otherwise unchanged."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
+def pack_source(source: str) -> str:
+    payload = lzma.compress(minify_source(source).encode(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    return (PACKED_PREFIX + '"' + base64.b85encode(payload).decode() + '"),'
+            'format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n')
+
+
+def shipped_code_bytes() -> tuple[int, int, str]:
+    """(bytes counted, raw source bytes, which): the file itself when it is the packed wrapper,
+    else the size its packed form would have."""
+    text = Path(__file__).read_text(encoding="utf-8")
+    if text.startswith(PACKED_PREFIX):
+        inner = lzma.decompress(base64.b85decode(text.split('"')[1]), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+        return len(text.encode()), len(inner), "packed file"
+    return len(pack_source(text).encode()), len(text.encode()), "packed size computed from the source"
+
+
+@dataclasses.dataclass
+class PackedArtifact:
+    qm: QuantizedModel
+    blob: bytes
+    accounting: dict
+    sigma_scale: float
+    gptq_seconds: float
+    compress_seconds: float
+
+
+def fit_artifact(cfg: Config, pack, code_bytes: int, log) -> tuple[PackedArtifact, PackedArtifact, list]:
+    """Pack at the configured sigmas; with ARTIFACT_TARGET_BYTES set and the total over it, raise
+    every clip sigma by one common factor until code + model fit. Compressed size falls as k
+    grows (about one bit per weight per doubling), so each probe interpolates in log k inside a
+    bracket [over, fits]; the answer is always a probe that was measured to fit.
+    Returns (the pack at the configured sigmas, the chosen pack, [(sigma_scale, total)])."""
+    target = cfg.ARTIFACT_TARGET_BYTES
+    first = pack(1.0)
+    probes = [(1.0, code_bytes + len(first.blob))]
+    if not target or probes[0][1] <= target:
+        return first, first, probes
+    over, fits, best = (1.0, probes[0][1]), None, None
+    while len(probes) < 24:
+        if fits is None:
+            scale = over[0] * 2
+        else:  # log-linear interpolation, kept away from the bracket's ends
+            t = (over[1] - target) / max(1, over[1] - fits[1])
+            t = min(0.9, max(0.1, t))
+            scale = over[0] * (fits[0] / over[0]) ** t
+        packed = pack(scale)
+        total = code_bytes + len(packed.blob)
+        probes.append((scale, total))
+        log(f"autofit: sigma_scale:{scale:.4f} total:{total} {'fits' if total <= target else 'over'} target:{target}")
+        if total <= target:
+            fits, best = (scale, total), packed
+            if target - total <= 0.002 * target or fits[0] / over[0] < 1.002:
+                break
+        else:
+            over = (scale, total)
+        if fits is None and scale > 64:
+            raise ArtifactError(f"ARTIFACT_TARGET_BYTES={target}: still {total} bytes with the clip sigmas x{scale:g}; "
+                                "shrink the model or lower MATRIX_BITS/EMBED_BITS")
+    if best is None:
+        raise ArtifactError(f"ARTIFACT_TARGET_BYTES={target}: no setting fitted after {len(probes)} probes")
+    return first, best, probes
+
+
+def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, summary: dict, path: Path):
+    """Hessians (all ranks, training data, inside the training budget), then on rank 0: GPTQ,
+    packing, auto-fit, the budget guard and an atomic write. Returns (the packed model, the
+    model at the configured sigmas when auto-fit raised them), both None off rank 0."""
+    plan = quantization_plan(model, cfg)
+    factors = None
+    if cfg.QUANT_METHOD == "gptq" and plan:
+        t0 = time.perf_counter()
+        hessians, tokens = collect_hessians(cfg, model, plan, train_files, rt)
+        factors = {k: gptq_factor(H, cfg.GPTQ_DAMP) for k, H in hessians.items()}
+        rt.sync()
+        summary["hessian_seconds"] = time.perf_counter() - t0
+        used = summary["train_seconds"] + summary["hessian_seconds"]
+        log(f"gptq: collected {len(hessians)} Hessians from {tokens} training tokens in {summary['hessian_seconds']:.1f}s; "
+            f"training + calibration {used:.1f}s" + (f" of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS:g}" if cfg.MAX_WALLCLOCK_SECONDS else ""))
+        if cfg.MAX_WALLCLOCK_SECONDS and used > cfg.MAX_WALLCLOCK_SECONDS:
+            log(f"WARNING: calibration ended {used - cfg.MAX_WALLCLOCK_SECONDS:.1f}s past the training cap; raise GPTQ_RESERVE_SECONDS")
+    packed_qm = unfitted = None
+    if rt.is_main:
+        code_bytes, code_raw, code_source = shipped_code_bytes()
+
+        def pack(sigma_scale: float) -> PackedArtifact:
+            t0 = time.perf_counter()
+            qm = quantize_model(cfg, model, plan, factors, sigma_scale)
+            rt.sync()
+            t1 = time.perf_counter()
+            blob, accounting = encode_artifact(qm, cfg.COMPRESSOR)
+            return PackedArtifact(qm, blob, accounting, sigma_scale, t1 - t0, time.perf_counter() - t1)
+
+        first, chosen, probes = fit_artifact(cfg, pack, code_bytes, log)
+        packed_qm, unfitted = chosen.qm, (first.qm if chosen is not first else None)
+        write_bytes_atomic(path, chosen.blob)
+        report_artifact(cfg, chosen, probes, (code_bytes, code_raw, code_source), path, log, summary)
+    if rt.world_size > 1:
+        dist.barrier()
+    return packed_qm, unfitted
+
+
+def report_artifact(cfg: Config, packed: PackedArtifact, probes, code, path: Path, log, summary: dict) -> None:
+    """Log and record every byte count, then apply the 16,000,000-byte guard (after the write,
+    so an oversized artifact is still there to inspect)."""
+    code_bytes, code_raw, code_source = code
+    acct, model_bytes = packed.accounting, len(packed.blob)
+    total = code_bytes + model_bytes
+    sigmas = {g: clip_sigmas(cfg, g) * packed.sigma_scale for g in ("attention", "mlp", "embedding")}
+    summary.update(gptq_seconds=packed.gptq_seconds, compress_seconds=packed.compress_seconds,
+                   model_bytes=model_bytes, code_bytes=code_bytes, code_bytes_raw=code_raw, code_bytes_counted=code_source,
+                   artifact_bytes_total=total, artifact_bytes_by_group=acct["by_group"],
+                   packing_bytes_per_value_total=acct["packing_totals"]["bytes"],
+                   packing_bitpacked_total=acct["packing_totals"]["bits"], packing_kept=acct["packing_kept"],
+                   clip_sigmas=sigmas, autofit_sigma_scale=packed.sigma_scale, autofit_probes=probes,
+                   artifact_path=str(path))
+    summary["artifact_production_seconds"] = (summary["train_seconds"] + summary.get("hessian_seconds", 0.0)
+                                              + packed.gptq_seconds + packed.compress_seconds)
+    log(f"quantize: {cfg.QUANT_METHOD} int{cfg.MATRIX_BITS} matrices (k attention {sigmas['attention']:.4g}, "
+        f"mlp {sigmas['mlp']:.4g}), int{cfg.EMBED_BITS} embedding (k {sigmas['embedding']:.4g}), "
+        f"{len(packed.qm.quantized)} tensors in {packed.gptq_seconds:.1f}s")
+    log(f"packing: one byte per value {acct['packing_totals']['bytes']} B, bit-packed {acct['packing_totals']['bits']} B "
+        f"(values only); kept bytes for {acct['packing_kept']['bytes']} tensors, bits for {acct['packing_kept']['bits']}")
+    log(f"artifact: {cfg.COMPRESSOR} in {packed.compress_seconds:.1f}s -> {path} "
+        + " ".join(f"{k}:{v}" for k, v in acct["by_group"].items()))
+    log(f"artifact_production_seconds:{summary['artifact_production_seconds']:.1f} (train + calibration + quantization + compression)")
+    log(f"code_bytes:{code_bytes} ({code_source}; raw source {code_raw}) model_bytes:{model_bytes} "
+        f"total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
+    if total > ARTIFACT_LIMIT_BYTES:
+        raise ArtifactError(
+            f"ARTIFACT OVER BUDGET: {total} bytes (code {code_bytes} + model {model_bytes}) > {ARTIFACT_LIMIT_BYTES}; "
+            f"raise MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS, shrink the model, or set ARTIFACT_TARGET_BYTES=16000000 to auto-fit")
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
@@ -977,6 +1511,10 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
         ema.copy_to(model)
         log("ema: applied EMA weights")
     model.looping = cfg.NUM_LOOPS > 0  # recurrence stays on for everything after training
+    artifact_path = Path(cfg.LOG_DIR) / f"{cfg.RUN_ID}.ptz"
+    # The artifact is finished before any diagnostic evaluation, as the organizers' re-runs require.
+    packed_qm, unfitted = build_artifact(cfg, model, train_files, rt, log, summary, artifact_path)
+
     t0 = time.perf_counter()
     result = validate()
     summary.update(pre_quant_val_loss=result["val_loss"], pre_quant_val_bpb=result["val_bpb"],
@@ -984,8 +1522,46 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
                    pre_quant_eval_seconds=time.perf_counter() - t0)
     log(f"pre-quantization post-ema val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
         f"eval_time:{1000 * summary['pre_quant_eval_seconds']:.0f}ms tokens:{result['val_tokens']} bytes:{result['val_bytes']}")
-    summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="pre_quant")
-    log(f"final_score val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} source:pre_quant")
+
+    quant_model, quant_fn = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
+    if packed_qm is not None:
+        check_round_trip(packed_qm, quant_model, log)
+    t0 = time.perf_counter()
+    result = evaluate(quant_fn, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
+    summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"],
+                   quant_gap_bpb=result["val_bpb"] - summary["pre_quant_val_bpb"],
+                   quantized_eval_seconds=time.perf_counter() - t0)
+    log(f"quantized val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
+        f"gap:{summary['quant_gap_bpb']:+.6f} eval_time:{1000 * summary['quantized_eval_seconds']:.0f}ms")
+    if unfitted is not None:  # what auto-fit's larger sigmas cost, against the configured ones
+        plain = model_from_artifact(unfitted, cfg, backend, rt.device)
+        bpb = evaluate(plain, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)["val_bpb"]
+        summary["autofit_bpb_cost"] = result["val_bpb"] - bpb
+        log(f"autofit: val_bpb {bpb:.6f} at the configured sigmas (over budget) -> {result['val_bpb']:.6f} fitted, "
+            f"cost {summary['autofit_bpb_cost']:+.6f}")
+    summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="quantized")
+    log(f"final_score val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} source:quantized")
+
+
+def load_quantized_model(cfg: Config, path: Path, backend: str, rt: Runtime, summary: dict, log):
+    """Rebuild the model from the artifact file alone; returns it and its (compiled) forward."""
+    t0 = time.perf_counter()
+    qm = load_artifact(path)
+    summary["decompress_seconds"] = time.perf_counter() - t0
+    model = model_from_artifact(qm, cfg, backend, rt.device)
+    log(f"artifact: decoded {path} in {summary['decompress_seconds']:.2f}s into a fresh model")
+    compiled = rt.device.type == "cuda" and cfg.COMPILE == 1
+    return model, (torch.compile(model, fullgraph=True, dynamic=False) if compiled else model)
+
+
+def check_round_trip(packed: QuantizedModel, model: GPT, log) -> None:
+    """The weights decoded from the file must equal the packer's dequantized weights bit for bit."""
+    state = model.state_dict()
+    expected = packed.state_dict(state)
+    differ = [k for k, v in state.items() if not torch.equal(v.cpu(), expected[k].cpu())]
+    if differ:
+        raise ArtifactError(f"round trip: {len(differ)} tensors decode differently from what was packed, e.g. {differ[0]}")
+    log(f"round trip: {len(state)} tensors decoded from the artifact equal the packed weights bit for bit")
 
 
 def main(env=None) -> dict:
@@ -1004,7 +1580,7 @@ def main(env=None) -> dict:
         summary["status"] = "ok"
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        log(f"error: {e}" if isinstance(e, ConfigError) else traceback.format_exc())
+        log(f"error: {e}" if isinstance(e, (ConfigError, ArtifactError)) else traceback.format_exc())
         raise
     finally:
         if rt.is_main:
@@ -1019,6 +1595,6 @@ def main(env=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

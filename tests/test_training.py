@@ -21,8 +21,8 @@ def tiny_env(sample, tmp_path, **overrides) -> dict:
                NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=2, ENABLE_LOOPING_AT=0.5,
                TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
                GPTQ_RESERVE_SECONDS=0, WARMUP_STEPS=0, VAL_BATCH_TOKENS=4096, VAL_LOSS_EVERY=4,
-               TRAIN_LOG_EVERY=1, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=4, LOG_DIR=tmp_path / "logs",
-               RUN_ID="run", SEED=7)
+               TRAIN_LOG_EVERY=1, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=4, QUANT_PASSTHROUGH_NUMEL=1024,
+               GPTQ_CALIBRATION_BATCHES=4, LOG_DIR=tmp_path / "logs", RUN_ID="run", SEED=7)
     env.update(overrides)
     return {k: str(v) for k, v in env.items()}
 
@@ -42,17 +42,20 @@ def test_run_writes_log_and_summary(reference_run):
     log = (tmp / "logs" / "run.txt").read_text()
     assert log.startswith(Path(tg.__file__).read_text())  # the log opens with the script itself
     for line in ("python:3", "attention_backend:sdpa", "  NUM_LAYERS = 4", "model_params:", "layer_loop:enabled step:4",
-                 "pre-quantization post-ema val_loss:", "final_score val_loss:"):
+                 "pre-quantization post-ema val_loss:", "gptq: collected 17 Hessians", "round trip: ",
+                 "quantized val_loss:", "final_score val_loss:"):
         assert line in log
     on_disk = json.loads((tmp / "logs" / "run.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     for key in ("run_id", "seed", "config", "params", "steps", "train_seconds", "ms_per_step", "tokens_per_second",
-                "pre_quant_val_loss", "pre_quant_val_bpb", "val_bpb", "val_loss", "score_source"):
+                "pre_quant_val_loss", "pre_quant_val_bpb", "quantized_val_loss", "quantized_val_bpb", "quant_gap_bpb",
+                "model_bytes", "code_bytes", "code_bytes_raw", "artifact_bytes_total", "artifact_bytes_by_group",
+                "val_bpb", "val_loss", "score_source"):
         assert key in on_disk, key
-    assert on_disk["status"] == "ok" and on_disk["score_source"] == "pre_quant" and on_disk["steps"] == 8
+    assert on_disk["status"] == "ok" and on_disk["score_source"] == "quantized" and on_disk["steps"] == 8
     assert on_disk["config"]["NUM_LAYERS"] == 4 and on_disk["seed"] == 7
     assert math.isfinite(on_disk["val_bpb"]) and 0 < on_disk["val_bpb"] < 10
-    assert on_disk["val_bpb"] == on_disk["pre_quant_val_bpb"]
+    assert on_disk["val_bpb"] == on_disk["quantized_val_bpb"] and on_disk["val_loss"] == on_disk["quantized_val_loss"]
     assert on_disk["looping_enabled_step"] == 4 and "ms_per_step_after_looping" in on_disk
     assert [s for s, *_ in on_disk["val_curve"]] == [4, 8]
     assert losses(on_disk)[-1] < losses(on_disk)[0]  # it learns
@@ -136,3 +139,24 @@ def test_cli_rejects_a_bad_knob_before_any_work(tmp_path):
                           env={**os.environ, "NUM_HEADS": "three", "LOG_DIR": str(tmp_path)})
     assert done.returncode == 2 and "error: NUM_HEADS='three' is not a valid int" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_script_gives_the_same_results_as_the_source(reference_run, small_sample, tmp_path):
+    """The self-extracting file a record ships runs the same program, and counts itself exactly
+    as the source run predicted."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import pack_code
+
+    packed = tmp_path / "train_gpt.py"
+    sizes = pack_code.pack_file(REPO_ROOT / "train_gpt.py", packed)
+    assert packed.read_text().count("\n") == 2 and sizes["packed"] == packed.stat().st_size
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID="packed")}
+    done = subprocess.run([sys.executable, str(packed)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((tmp_path / "logs" / "packed.json").read_text())
+    reference, _ = reference_run
+    assert losses(run) == losses(reference)
+    for key in ("pre_quant_val_bpb", "quantized_val_bpb", "model_bytes", "code_bytes", "artifact_bytes_total"):
+        assert run[key] == reference[key], key
+    assert run["code_bytes_counted"] == "packed file" and reference["code_bytes_counted"].startswith("packed size computed")
+    assert run["code_bytes_raw"] == sizes["minified"] and reference["code_bytes_raw"] == sizes["raw"]

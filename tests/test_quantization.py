@@ -1,0 +1,213 @@
+"""Quantization and the artifact: bit packing, shuffling, GPTQ, the container, auto-fit, the guard."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from test_training import tiny_env
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("count", [1, 7, 13 * 5, 1001])
+def test_bit_packing_round_trips_exactly(bits, count):
+    values = np.random.default_rng(bits * count).integers(0, 2**bits, count).astype(np.uint8)
+    packed = tg.pack_bits(values, bits)
+    assert len(packed) == -(-count * bits // 8)  # really `bits` bits per value
+    assert np.array_equal(tg.unpack_bits(packed, bits, count), values)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_byte_shuffle_is_inverted_and_groups_bytes(stride):
+    data = np.random.default_rng(stride).integers(0, 256, 24 * stride).astype(np.uint8).tobytes()
+    shuffled = tg.byte_shuffle(data, stride)
+    assert tg.byte_unshuffle(shuffled, stride) == data
+    assert shuffled[:24] == data[::stride]  # first byte of every element, then the second, ...
+
+
+def correlated_layer(seed=0, rows=48, cols=96, samples=4096):
+    """A weight matrix and the Hessian of strongly correlated inputs (a low-rank mix plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, 8, generator=g)
+    x = torch.randn(samples, 8, generator=g) @ mix.T + 0.1 * torch.randn(samples, cols, generator=g)
+    return torch.randn(rows, cols, generator=g), x.T @ x / samples
+
+
+def hessian_error(W, q, scale, H) -> float:
+    delta = W - tg.dequantize(q, scale)
+    return float(torch.trace(delta @ H @ delta.T))
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits):
+    W, H = correlated_layer()
+    factor = tg.gptq_factor(H, 0.01)
+    q_gptq, s_gptq = tg.quantize_gptq(W, factor, bits, 12.85, block=32)
+    q_rtn, s_rtn = tg.quantize_rtn(W, bits, 12.85)
+    assert torch.equal(s_gptq, s_rtn)  # same std-based grid; only the rounding decisions differ
+    assert q_gptq.abs().max() <= 2 ** (bits - 1) - 1
+    assert hessian_error(W, q_gptq, s_gptq, H) < 0.8 * hessian_error(W, q_rtn, s_rtn, H)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    W, _ = correlated_layer()
+    H = torch.diag(torch.rand(W.size(1)) + 0.5)
+    H[5, 5] = 0.0  # a dead column: its weights are dropped, and it disturbs nothing else
+    q, scale = tg.quantize_gptq(W, tg.gptq_factor(H, 0.01), 6, 12.85, block=16)
+    q_rtn, _ = tg.quantize_rtn(W, 6, 12.85)
+    assert torch.equal(q[:, 5], torch.zeros_like(q[:, 5]))
+    keep = [c for c in range(W.size(1)) if c != 5]
+    assert torch.equal(q[:, keep], q_rtn[:, keep])
+
+
+def test_row_scale_is_k_std_over_qmax_in_fp16():
+    W = torch.randn(6, 200) * torch.arange(1, 7)[:, None]
+    W[2] = 0.0
+    scale = tg.row_scales(W, 6, 10.0)
+    expected = (10.0 * W.std(dim=1) / 31).half().float()
+    assert torch.equal(scale[[0, 1, 3, 4, 5]], expected[[0, 1, 3, 4, 5]])
+    assert scale[2] > 0 and tg.quantize_rtn(W, 6, 10.0)[0][2].abs().max() == 0  # a zero row stays zero
+
+
+def synthetic_quantized(bits_list, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    quantized = {}
+    for bits in bits_list:
+        qmax = 2 ** (bits - 1) - 1
+        q = torch.randint(-qmax, qmax + 1, (37, 53), generator=g).to(torch.int8)
+        quantized[f"w{bits}"] = dict(q=q, scale=torch.rand(37, generator=g).half(), bits=bits, group="mlp")
+    passthrough = {"gain": torch.randn(5, generator=g).half(), "mix": torch.randn(2, 3, generator=g).half()}
+    return tg.QuantizedModel(quantized, passthrough, dict(NUM_LAYERS=3, MLP_MULT=4.0))
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+def test_container_round_trip_is_exact_with_both_packings(compressor):
+    qm = synthetic_quantized(range(2, 9))
+    blob, accounting = tg.encode_artifact(qm, compressor)
+    back = tg.decode_artifact(blob)
+    for name, e in qm.quantized.items():
+        assert torch.equal(back.quantized[name]["q"], e["q"]) and torch.equal(back.quantized[name]["scale"], e["scale"])
+    assert all(torch.equal(back.passthrough[k], v) for k, v in qm.passthrough.items())
+    assert back.model_config == qm.model_config
+    # uniform values: some widths are smaller bit-packed, others as bytes; both decode paths ran
+    assert accounting["packing_kept"]["bits"] > 0 and accounting["packing_kept"]["bytes"] > 0
+    assert sum(accounting["by_group"].values()) == len(blob)
+
+
+def test_compressed_size_does_not_grow_with_clip_sigmas():
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(3))
+    sizes = []
+    for k in (3.0, 6.0, 12.85, 20.0, 40.0):
+        q, scale = tg.quantize_rtn(W, 6, k)
+        qm = tg.QuantizedModel({"w": dict(q=q, scale=scale.half(), bits=6, group="mlp")}, {}, {})
+        sizes.append(len(tg.encode_artifact(qm, "brotli")[0]))
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.7 * sizes[0]
+
+
+@pytest.fixture(scope="module")
+def artifact_run(small_sample, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("artifact")
+    summary = tg.main(tiny_env(small_sample, tmp))
+    return summary, tmp / "logs" / "run.ptz"
+
+
+def test_run_reports_every_byte(artifact_run):
+    summary, path = artifact_run
+    assert summary["model_bytes"] == path.stat().st_size
+    assert summary["artifact_bytes_total"] == summary["model_bytes"] + summary["code_bytes"]
+    assert sum(summary["artifact_bytes_by_group"].values()) == summary["model_bytes"]
+    source = (tg.Path(tg.__file__)).read_text()
+    assert summary["code_bytes"] == len(tg.pack_source(source).encode()) and summary["code_bytes_raw"] == len(source.encode())
+    assert summary["code_bytes"] < summary["code_bytes_raw"] / 2
+    assert summary["quant_gap_bpb"] == summary["quantized_val_bpb"] - summary["pre_quant_val_bpb"]
+    assert abs(summary["quant_gap_bpb"]) < 0.05
+    assert summary["packing_bytes_per_value_total"] < summary["packing_bitpacked_total"]
+    for key in ("hessian_seconds", "gptq_seconds", "compress_seconds", "decompress_seconds", "artifact_production_seconds"):
+        assert summary[key] >= 0, key
+
+
+def test_artifact_alone_rebuilds_the_quantized_model(artifact_run, small_sample, tmp_path):
+    summary, path = artifact_run
+    cfg = tg.config_from_env(tiny_env(small_sample, tmp_path, NUM_LAYERS=9, MODEL_DIM=32))  # knobs come from the file
+    model = tg.model_from_artifact(tg.load_artifact(path), cfg, "sdpa", torch.device("cpu"))
+    assert len(model.blocks) == 4 and model.tok_emb.weight.shape == (1024, 64) and model.looping
+    data = tg.Path(small_sample["dataset_dir"])
+    tables = tg.byte_tables(tg.load_tokenizer(tg.Path(small_sample["tokenizer_model"]), 1024))
+    result = tg.evaluate(model, tg.load_validation_tokens(data), tables, 64, 64, tg.Runtime(0, 1, torch.device("cpu")))
+    assert result["val_bpb"] == summary["quantized_val_bpb"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "extend"])
+def test_damaged_artifact_gives_a_clear_error(artifact_run, tmp_path, damage):
+    blob = bytearray(artifact_run[1].read_bytes())
+    if damage == "truncate":
+        blob = blob[:-100]
+    elif damage == "flip":
+        blob[-500] ^= 0x10
+    elif damage == "magic":
+        blob[:4] = b"PK\x03\x04"
+    else:
+        blob += b"\0"
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(tg.ArtifactError, match=f"{bad}: .*truncated or corrupt"):
+        tg.load_artifact(bad)
+    with pytest.raises(tg.ArtifactError, match="not found"):
+        tg.load_artifact(tmp_path / "missing.ptz")
+
+
+def test_calibration_reads_training_shards_only(small_sample, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(small_sample["dataset_dir"], data)
+    for val in data.glob("fineweb_val_*.bin"):
+        val.write_bytes(b"poison")  # any read of a validation shard would now fail
+    opened = []
+    real_read_shard = tg.read_shard
+    monkeypatch.setattr(tg, "read_shard", lambda path: opened.append(tg.Path(path).name) or real_read_shard(path))
+    cfg = tg.config_from_env(tiny_env(small_sample, tmp_path, DATA_PATH=data, GPTQ_CALIBRATION_BATCHES=2))
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    model.looping = True
+    plan = tg.quantization_plan(model, cfg)
+    rt = tg.Runtime(0, 1, torch.device("cpu"))
+    hessians, tokens = tg.collect_hessians(cfg, model, plan, tg.find_shards(data, "train"), rt)
+    assert opened and all(name.startswith("fineweb_train_") for name in opened)
+    assert tokens == 2 * cfg.TRAIN_BATCH_TOKENS and set(hessians) == {g.hessian for g in plan}
+
+    # Same Hessians by hand: the final hidden state and every pass through a looped layer.
+    seen = {"final_hidden": [], "blocks.1.attn.qkv": []}
+    hook = model.blocks[1].attn.c_q.register_forward_pre_hook(lambda _m, args: seen["blocks.1.attn.qkv"].append(args[0]))
+    loader = tg.TrainLoader(tg.find_shards(data, "train"), cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    with torch.no_grad():
+        for _ in range(2):
+            batch = loader.next_batch(tg.global_seqs(cfg), 0, 1)
+            for micro in batch.chunk(8):
+                seen["final_hidden"].append(model.forward_hidden(micro[:, :-1]))
+    hook.remove()
+    assert len(seen["blocks.1.attn.qkv"]) == 2 * len(seen["final_hidden"])  # layer 1 runs twice per forward
+    for key, xs in seen.items():
+        x = torch.cat([t.flatten(0, 1) for t in xs])
+        torch.testing.assert_close(hessians[key], x.T @ x / tokens, rtol=1e-4, atol=1e-6)
+
+
+def test_autofit_lands_under_the_target_and_reports_its_cost(artifact_run, small_sample, tmp_path):
+    reference, _ = artifact_run
+    target = int(reference["artifact_bytes_total"] * 0.85)
+    summary = tg.main(tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=target))
+    assert summary["artifact_bytes_total"] <= target < reference["artifact_bytes_total"]
+    assert summary["autofit_sigma_scale"] > 1 and summary["autofit_probes"][0][1] == reference["artifact_bytes_total"]
+    assert summary["clip_sigmas"]["mlp"] == pytest.approx(12.85 * summary["autofit_sigma_scale"])
+    assert "autofit_bpb_cost" in summary and "autofit: sigma_scale:" in (tmp_path / "logs" / "run.txt").read_text()
+
+
+def test_over_budget_fails_loudly_but_keeps_log_and_artifact(artifact_run, small_sample, tmp_path, monkeypatch):
+    reference, _ = artifact_run
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", reference["artifact_bytes_total"] // 2)
+    with pytest.raises(tg.ArtifactError, match="ARTIFACT OVER BUDGET"):
+        tg.main(tiny_env(small_sample, tmp_path, QUANT_METHOD="rtn"))
+    summary = json.loads((tmp_path / "logs" / "run.json").read_text())
+    assert summary["status"] == "failed" and "OVER BUDGET" in summary["error"]
+    assert (tmp_path / "logs" / "run.ptz").stat().st_size == summary["model_bytes"]
+    assert "error: ARTIFACT OVER BUDGET" in (tmp_path / "logs" / "run.txt").read_text()

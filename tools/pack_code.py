@@ -1,0 +1,68 @@
+"""Write the self-extracting train_gpt.py that a record folder ships.
+
+The packed file is two lines: import lzma and base64, then exec the raw-LZMA2 decompression of
+a base85 string holding the minified source (docstrings and comments dropped, layout normalized
+by the syntax tree, names kept). Its length is what the trainer counts as code bytes.
+
+    python3 tools/pack_code.py                          # train_gpt.py -> build/train_gpt.py
+    python3 tools/pack_code.py --src X.py --out Y.py
+
+Before writing, it proves the packed file is the same program: the payload decodes to the
+minified source, and that source parses to exactly the syntax tree of the original with its
+docstrings removed.
+"""
+import argparse
+import ast
+import base64
+import lzma
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+import train_gpt  # noqa: E402
+
+
+def unpack(packed: str) -> str:
+    """The source a packed file executes."""
+    if not packed.startswith(train_gpt.PACKED_PREFIX):
+        raise ValueError("not a packed train_gpt.py")
+    payload = base64.b85decode(packed.split('"')[1])
+    return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=train_gpt.LZMA_FILTERS).decode()
+
+
+def without_docstrings(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def pack_file(src: Path, out: Path) -> dict:
+    source = src.read_text(encoding="utf-8")
+    packed = train_gpt.pack_source(source)
+    inner = unpack(packed)
+    if inner != train_gpt.minify_source(source):
+        raise SystemExit(f"error: the packed payload of {src} does not decode to its minified source")
+    if ast.dump(ast.parse(inner)) != without_docstrings(source):
+        raise SystemExit(f"error: minifying {src} changed its syntax tree; ship the raw source instead")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(packed, encoding="utf-8")
+    return dict(raw=len(source.encode()), minified=len(inner.encode()), packed=len(packed.encode()))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, default=REPO_ROOT / "train_gpt.py")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "train_gpt.py")
+    args = parser.parse_args(argv)
+    sizes = pack_file(args.src, args.out)
+    print(f"{args.src}: {sizes['raw']} bytes raw, {sizes['minified']} minified -> {args.out}: {sizes['packed']} bytes packed")
+
+
+if __name__ == "__main__":
+    main()
