@@ -119,6 +119,26 @@ class Config:
     VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
     TRAIN_LOG_EVERY: int = knob(500, 1, 10**9)
     COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
+    # Evaluation of the artifact: sliding window, score-first TTT, context-only SLOT
+    EVAL_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="sliding-window length")
+    EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
+    EVAL_BATCH_WINDOWS: int = knob(32, 1, 1 << 16, doc="windows per forward on each rank")
+    EVAL_TIME_BUDGET: float = knob(600.0, 0.0, INF, doc="seconds for all evaluation of the artifact; TTT/SLOT stop adapting when they would overrun; 0 = no limit")
+    TTT_ENABLED: int = knob(1, 0, 1, doc="score-first test-time training over chunks of the validation stream")
+    TTT_CHUNK_TOKENS: int = knob(32768, 1, 1 << 30, doc="tokens per TTT chunk (a multiple of EVAL_STRIDE keeps windows inside chunks)")
+    TTT_LR: float = knob(0.005, 0.0, 10.0, doc="SGD LR, cosine-decayed across chunks")
+    TTT_MOMENTUM: float = knob(0.9, 0.0, 0.99999)
+    TTT_EPOCHS: int = knob(3, 1, 1000, doc="passes over each chunk after it is scored")
+    TTT_GRAD_CLIP: float = knob(1.0, 0.0, INF, doc="0 = off")
+    TTT_FREEZE_BLOCKS: int = knob(0, 0, 256, doc="first N blocks stay fixed during TTT")
+    SLOT_ENABLED: int = knob(0, 0, 1, doc="fit a per-window hidden delta (and optional logit bias) before scoring")
+    SLOT_STEPS: int = knob(8, 0, 1000, doc="optimizer steps per window batch")
+    SLOT_LR: float = knob(0.005, 0.0, 100.0)
+    SLOT_OPTIMIZER: str = knob("adamw", choices=("adamw", "lbfgs"), doc="AdamW, or L-BFGS with a strong-Wolfe line search per window")
+    SLOT_LOGIT_BIAS: int = knob(0, 0, 1, doc="also fit a per-window bias over the vocabulary")
+    SLOT_WARM_START: int = knob(0, 0, 1, doc="start each batch from the mean fitted delta of this rank's previous batch")
+    SLOT_MODE: str = knob("context", choices=("context", "full"), doc="context = fit on already-scored positions only; full = also on the scored ones (NON-COMPLIANT, research)")
+    SLOT_DELTA_SCOPE: str = knob("window", choices=("window", "batch"), doc="window = one delta per window; batch = one shared by the batch (NON-COMPLIANT, research)")
 
     @property
     def head_dim(self) -> int:
@@ -144,6 +164,7 @@ SAMPLE_PRESET = dict(
     MATRIX_LR=0.03, TIED_EMBED_LR=0.05, EMA_DECAY=0.97,
     QUANT_PASSTHROUGH_NUMEL=4096, GPTQ_CALIBRATION_BATCHES=16,
     VAL_BATCH_TOKENS=16384, VAL_LOSS_EVERY=75, TRAIN_LOG_EVERY=25,
+    EVAL_SEQ_LEN=256, EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, SLOT_ENABLED=1, SLOT_STEPS=4,
 )
 
 # Variables set by launchers and libraries: never knobs, never near-misses.
@@ -212,6 +233,7 @@ def validate_config(cfg: Config) -> None:
          f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of 8*TRAIN_SEQ_LEN={8 * cfg.TRAIN_SEQ_LEN} "
          "(8 micro-batches per step on any number of GPUs)")
     need(cfg.VAL_BATCH_TOKENS >= cfg.TRAIN_SEQ_LEN, f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
+    need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN, f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
     need(cfg.train_budget_seconds > 0, f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
 
 
@@ -589,8 +611,11 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Per-token negative log-likelihood in nats, shape (batch, time), float32."""
-        logits = self.compute_logits(self.forward_hidden(input_ids))
-        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids).float()
+        return token_nll(self.compute_logits(self.forward_hidden(input_ids)), target_ids)
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,15 +793,16 @@ def all_reduce_(t: Tensor, rt: Runtime, op=None) -> Tensor:
     return t
 
 
-def average_gradients(params: list[nn.Parameter], rt: Runtime) -> None:
-    """One flat all-reduce of every gradient (a parameter without one counts as zero)."""
+def reduce_gradients(params: list[nn.Parameter], rt: Runtime, divisor: int | None = None) -> None:
+    """One flat all-reduce of every gradient (a parameter without one counts as zero), divided
+    by `divisor` (default: the world size, i.e. the mean over ranks)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if rt.world_size == 1:
         return
     grads = [p.grad for p in params]
-    flat = all_reduce_(torch.cat([g.flatten() for g in grads]), rt).div_(rt.world_size)
+    flat = all_reduce_(torch.cat([g.flatten() for g in grads]), rt).div_(divisor or rt.world_size)
     for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(averaged.view_as(g))
 
@@ -792,7 +818,7 @@ def train_step(cfg: Config, model_fn, model: GPT, optimizers, batch: Tensor, rt:
         (loss / rt.accum_steps).backward()
         total += loss.detach()
     params = list(model.parameters())
-    average_gradients(params, rt)
+    reduce_gradients(params, rt)
     if cfg.GRAD_CLIP_NORM > 0:  # gradients are identical on every rank, so this is the global norm
         torch.nn.utils.clip_grad_norm_(params, cfg.GRAD_CLIP_NORM)
     for opt in optimizers:
@@ -1244,6 +1270,26 @@ def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device) -
     return model
 
 
+def load_quantized_model(cfg: Config, path: Path, backend: str, rt: Runtime, summary: dict, log) -> GPT:
+    """Rebuild the model from the artifact file alone."""
+    t0 = time.perf_counter()
+    qm = load_artifact(path)
+    summary["decompress_seconds"] = time.perf_counter() - t0
+    model = model_from_artifact(qm, cfg, backend, rt.device)
+    log(f"artifact: decoded {path} in {summary['decompress_seconds']:.2f}s into a fresh model")
+    return model
+
+
+def check_round_trip(packed: QuantizedModel, model: GPT, log) -> None:
+    """The weights decoded from the file must equal the packer's dequantized weights bit for bit."""
+    state = model.state_dict()
+    expected = packed.state_dict(state)
+    differ = [k for k, v in state.items() if not torch.equal(v.cpu(), expected[k].cpu())]
+    if differ:
+        raise ArtifactError(f"round trip: {len(differ)} tensors decode differently from what was packed, e.g. {differ[0]}")
+    log(f"round trip: {len(state)} tensors decoded from the artifact equal the packed weights bit for bit")
+
+
 # Shipped code: the submitted train_gpt.py may be a two-line self-extracting wrapper around the
 # minified source. The artifact counts the bytes of the file that will be submitted.
 PACKED_PREFIX = "import lzma,base64\nexec(lzma.decompress(base64.b85decode("
@@ -1342,24 +1388,38 @@ def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, summa
         if cfg.MAX_WALLCLOCK_SECONDS and used > cfg.MAX_WALLCLOCK_SECONDS:
             log(f"WARNING: calibration ended {used - cfg.MAX_WALLCLOCK_SECONDS:.1f}s past the training cap; raise GPTQ_RESERVE_SECONDS")
     packed_qm = unfitted = None
+    failure = None
     if rt.is_main:
-        code_bytes, code_raw, code_source = shipped_code_bytes()
-
-        def pack(sigma_scale: float) -> PackedArtifact:
-            t0 = time.perf_counter()
-            qm = quantize_model(cfg, model, plan, factors, sigma_scale)
-            rt.sync()
-            t1 = time.perf_counter()
-            blob, accounting = encode_artifact(qm, cfg.COMPRESSOR)
-            return PackedArtifact(qm, blob, accounting, sigma_scale, t1 - t0, time.perf_counter() - t1)
-
-        first, chosen, probes = fit_artifact(cfg, pack, code_bytes, log)
-        packed_qm, unfitted = chosen.qm, (first.qm if chosen is not first else None)
-        write_bytes_atomic(path, chosen.blob)
-        report_artifact(cfg, chosen, probes, (code_bytes, code_raw, code_source), path, log, summary)
-    if rt.world_size > 1:
-        dist.barrier()
+        try:
+            packed_qm, unfitted = pack_on_main_rank(cfg, model, plan, factors, rt, log, summary, path)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks hear of it
+            failure = e
+    if rt.world_size > 1:  # the other ranks wait here; they must fail with rank 0, not hang
+        failed = torch.tensor([failure is not None], dtype=torch.int32, device=rt.device)
+        dist.broadcast(failed, 0)
+        if failed.item() and failure is None:
+            raise ArtifactError("rank 0 could not build the artifact; its log says why")
+    if failure is not None:
+        raise failure
     return packed_qm, unfitted
+
+
+def pack_on_main_rank(cfg: Config, model: GPT, plan, factors, rt: Runtime, log, summary: dict, path: Path):
+    """GPTQ and packing at the configured sigmas (auto-fitted if asked), then the atomic write."""
+    code_bytes, code_raw, code_source = shipped_code_bytes()
+
+    def pack(sigma_scale: float) -> PackedArtifact:
+        t0 = time.perf_counter()
+        qm = quantize_model(cfg, model, plan, factors, sigma_scale)
+        rt.sync()
+        t1 = time.perf_counter()
+        blob, accounting = encode_artifact(qm, cfg.COMPRESSOR)
+        return PackedArtifact(qm, blob, accounting, sigma_scale, t1 - t0, time.perf_counter() - t1)
+
+    first, chosen, probes = fit_artifact(cfg, pack, code_bytes, log)
+    write_bytes_atomic(path, chosen.blob)
+    report_artifact(cfg, chosen, probes, (code_bytes, code_raw, code_source), path, log, summary)
+    return chosen.qm, (first.qm if chosen is not first else None)
 
 
 def report_artifact(cfg: Config, packed: PackedArtifact, probes, code, path: Path, log, summary: dict) -> None:
@@ -1430,6 +1490,415 @@ def evaluate(model_fn, val_tokens: Tensor, tables, seq_len: int, batch_seqs: int
                 val_tokens=int(token_count), val_bytes=int(byte_count))
 
 
+# Sliding-window scoring. Window k runs the model on tokens [s_k, s_k + L) and predicts targets
+# s_k+1 .. s_k+L. Window 0 scores all of its targets; window k >= 1 starts at k*stride and scores
+# its last `stride` targets, so every target 1..T is scored exactly once (the last window is
+# padded past the end of the stream and its padding masked). Targets a window does not score
+# are its context: all of them were scored by earlier windows.
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor]:
+    """(start token, index of the first scored target inside the window) per window."""
+    count = 1 + max(0, -(-(n_targets - seq_len) // stride))
+    starts = torch.arange(count) * stride
+    first = torch.full((count,), seq_len - stride)
+    first[0] = 0
+    return starts, first
+
+
+def window_rows(tokens: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs, targets and target positions (1-based, beyond the stream = padding) per window."""
+    offsets = torch.arange(seq_len + 1)
+    index = starts[:, None] + offsets
+    rows = tokens[index.clamp(max=tokens.numel() - 1)].long()
+    return rows[:, :-1], rows[:, 1:], index[:, 1:]
+
+
+@dataclasses.dataclass
+class EvalClock:
+    """Wall clock of the evaluation; adaptation stops when it is projected to overrun."""
+    budget: float
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    adapting: bool = True
+    note: str = ""
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def stop_adapting_if(self, projected: float, what: str, log) -> None:
+        if self.adapting and self.budget > 0 and projected > self.budget:
+            self.adapting = False
+            self.note = f"{what}: projected {projected:.0f}s > EVAL_TIME_BUDGET={self.budget:g}s at {self.elapsed():.0f}s; scoring on without adapting"
+            log(self.note)
+
+
+def slot_compliant(cfg: Config) -> bool:
+    return cfg.SLOT_MODE == "context" and cfg.SLOT_DELTA_SCOPE == "window"
+
+
+def slot_parameters(cfg: Config, hidden: Tensor, vocab: int, warm: Tensor | None) -> list[Tensor]:
+    """Delta (windows or 1, 1, dim), zero or warm-started, and optionally a logit bias."""
+    windows = hidden.size(0) if cfg.SLOT_DELTA_SCOPE == "window" else 1
+    delta = torch.zeros(windows, 1, hidden.size(-1), device=hidden.device)
+    if warm is not None:
+        delta += warm
+    params = [delta.requires_grad_()]
+    if cfg.SLOT_LOGIT_BIAS:
+        params.append(torch.zeros(windows, 1, vocab, device=hidden.device, requires_grad=True))
+    return params
+
+
+def slot_logits(model: GPT, hidden: Tensor, params: list[Tensor]) -> Tensor:
+    logits = model.compute_logits(hidden + params[0])
+    return logits + params[1] if len(params) > 1 else logits
+
+
+def slot_window_losses(model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Tensor, params) -> Tensor:
+    """Mean NLL over each window's fitting positions, one value per window (0 without any).
+    Summing these keeps every window's gradient its own: nothing is normalized across windows."""
+    nll = F.cross_entropy(slot_logits(model, hidden, params).flatten(0, 1), targets.flatten(), reduction="none")
+    nll = nll.view_as(targets) * fit_mask
+    return nll.sum(1) / fit_mask.sum(1).clamp_min(1)
+
+
+def fit_slot(cfg: Config, model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Tensor, warm) -> list[Tensor]:
+    """Optimize the SLOT parameters for a batch of windows; the model's weights stay fixed."""
+    params = slot_parameters(cfg, hidden, model.tok_emb.weight.size(0), warm)
+    if cfg.SLOT_STEPS == 0:
+        return [p.detach() for p in params]
+    if cfg.SLOT_OPTIMIZER == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.SLOT_LR, weight_decay=1e-8, eps=1e-5)
+        for _ in range(cfg.SLOT_STEPS):
+            opt.zero_grad(set_to_none=True)
+            slot_window_losses(model, hidden, targets, fit_mask, params).sum().backward()
+            opt.step()
+        return [p.detach() for p in params]
+    sizes = [p[0].numel() for p in params]
+
+    def objective(flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row loss and gradient; a row is one window (or the whole batch when shared)."""
+        flat = flat.detach().requires_grad_()
+        pieces = [x.reshape(p.shape) for x, p in zip(flat.split(sizes, dim=1), params)]
+        losses = slot_window_losses(model, hidden, targets, fit_mask, pieces)
+        losses = losses.sum().reshape(1) if flat.size(0) == 1 else losses
+        (grad,) = torch.autograd.grad(losses.sum(), flat)
+        return losses.detach(), grad
+
+    flat = lbfgs_rows(objective, torch.cat([p.detach().flatten(1) for p in params], 1), cfg.SLOT_STEPS, cfg.SLOT_LR)
+    return [x.reshape(p.shape) for x, p in zip(flat.split(sizes, dim=1), params)]
+
+
+def lbfgs_rows(objective, x: Tensor, steps: int, first_step: float, history: int = 8) -> Tensor:
+    """L-BFGS on every row of x independently: own curvature pairs, own two-loop recursion, own
+    strong-Wolfe line search. `objective` returns per-row losses and gradients."""
+    loss, grad = objective(x)
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for k in range(steps):
+        direction = -two_loop(grad, pairs)
+        descent = (direction * grad).sum(1) < 0
+        direction = torch.where(descent[:, None], direction, -grad)
+        t0 = torch.full_like(loss, first_step) if k == 0 else torch.ones_like(loss)
+        x_new, loss_new, grad_new = strong_wolfe_rows(objective, x, loss, grad, direction, t0)
+        pairs = (pairs + [(x_new - x, grad_new - grad)])[-history:]
+        x, loss, grad = x_new, loss_new, grad_new
+    return x
+
+
+def two_loop(grad: Tensor, pairs) -> Tensor:
+    """H·grad for each row from its own (s, y) pairs; pairs without positive curvature are skipped."""
+    def dot(a, b):
+        return (a * b).sum(1)
+
+    q, alphas = grad.clone(), []
+    rhos = [torch.where(dot(y, s) > 1e-10, 1 / dot(y, s).clamp_min(1e-10), torch.zeros_like(q[:, 0])) for s, y in pairs]
+    for (s, y), rho in zip(reversed(pairs), reversed(rhos)):
+        alpha = rho * dot(s, q)
+        q -= alpha[:, None] * y
+        alphas.append(alpha)
+    if pairs:
+        s, y = pairs[-1]
+        gamma = torch.where(dot(y, s) > 1e-10, dot(y, s) / dot(y, y).clamp_min(1e-20), torch.ones_like(q[:, 0]))
+        q *= gamma[:, None]
+    for (s, y), rho, alpha in zip(pairs, rhos, reversed(alphas)):
+        q += (alpha - rho * dot(y, q))[:, None] * s
+    return q
+
+
+def strong_wolfe_rows(objective, x, f0, g0, d, t, c1=1e-4, c2=0.9, max_evals=12):
+    """Per-row strong-Wolfe line search (bracket by doubling, then bisection zoom). Each row keeps
+    its own step, bracket and acceptance; a row that never satisfies the conditions takes its
+    best sufficient-decrease point, or stays put."""
+    dphi0 = (g0 * d).sum(1)
+    done = torch.zeros_like(f0, dtype=torch.bool)
+    zooming = torch.zeros_like(done)
+    t_prev, f_prev, dphi_prev = torch.zeros_like(t), f0.clone(), dphi0.clone()
+    lo, hi, f_lo, dphi_lo = torch.zeros_like(t), torch.zeros_like(t), f0.clone(), dphi0.clone()
+    x_best, f_best, g_best = x.clone(), f0.clone(), g0.clone()
+    for i in range(max_evals):
+        x_try = x + t[:, None] * d
+        f, g = objective(x_try)
+        dphi = (g * d).sum(1)
+        armijo = f <= f0 + c1 * t * dphi0
+        curvature = dphi.abs() <= -c2 * dphi0
+        better = ~done & armijo & (f < f_best)
+        accept = ~done & armijo & curvature
+        take = better | accept
+        x_best = torch.where(take[:, None], x_try, x_best)
+        f_best, g_best = torch.where(take, f, f_best), torch.where(take[:, None], g, g_best)
+        # Bracketing rows: find an interval holding a Wolfe point, or keep doubling.
+        rising = ~armijo | ((f >= f_prev) & (i > 0))
+        to_zoom_a = ~done & ~zooming & ~accept & rising
+        to_zoom_b = ~done & ~zooming & ~accept & ~rising & (dphi >= 0)
+        grow = ~done & ~zooming & ~accept & ~rising & (dphi < 0)
+        lo = torch.where(to_zoom_a, t_prev, torch.where(to_zoom_b, t, lo))
+        hi = torch.where(to_zoom_a, t, torch.where(to_zoom_b, t_prev, hi))
+        f_lo = torch.where(to_zoom_a, f_prev, torch.where(to_zoom_b, f, f_lo))
+        dphi_lo = torch.where(to_zoom_a, dphi_prev, torch.where(to_zoom_b, dphi, dphi_lo))
+        # Zooming rows: shrink [lo, hi] around the trial point.
+        in_zoom = ~done & zooming & ~accept
+        high = in_zoom & (~armijo | (f >= f_lo))
+        low = in_zoom & ~high
+        flip = low & (dphi * (hi - lo) >= 0)
+        hi = torch.where(high, t, torch.where(flip, lo, hi))
+        lo, f_lo, dphi_lo = (torch.where(low, t, lo), torch.where(low, f, f_lo), torch.where(low, dphi, dphi_lo))
+        t_prev, f_prev, dphi_prev = (torch.where(grow, t, t_prev), torch.where(grow, f, f_prev), torch.where(grow, dphi, dphi_prev))
+        done |= accept
+        zooming |= to_zoom_a | to_zoom_b
+        t = torch.where(grow, 2 * t, torch.where(zooming, (lo + hi) / 2, t))
+        if bool(done.all()):
+            break
+    return x_best, f_best, g_best
+
+
+@dataclasses.dataclass
+class StreamScores:
+    """Per-target results of one evaluation pass, indexed by target position - 1."""
+    nll: Tensor    # float64
+    count: Tensor  # how many times each target was scored (must be 1)
+    mass: Tensor | None = None  # total probability of each scored distribution (causality check)
+
+
+def score_windows(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, starts: Tensor, first: Tensor,
+                  scores: StreamScores, rt: Runtime, use_slot: bool, slot_state: dict) -> None:
+    """Score one batch of windows into `scores`: hidden states under inference mode, then (with
+    SLOT) fit the per-window parameters on the fitting positions, then log-softmax over the full
+    vocabulary at the scored positions only."""
+    n_targets = tokens.numel() - 1
+    x, y, pos = (t.to(rt.device) for t in window_rows(tokens, starts, cfg.EVAL_SEQ_LEN))
+    offsets = torch.arange(cfg.EVAL_SEQ_LEN, device=rt.device)
+    valid = pos <= n_targets
+    scored = valid & (offsets >= first.to(rt.device)[:, None])
+    with torch.inference_mode(), rt.autocast():  # pad to the one compiled batch shape
+        hidden = hidden_fn(F.pad(x, (0, 0, 0, cfg.EVAL_BATCH_WINDOWS - x.size(0))))[:x.size(0)]
+    hidden = hidden.float().clone()  # a normal tensor, so SLOT can differentiate through the head
+    params = None
+    if use_slot:
+        fit_mask = valid if cfg.SLOT_MODE == "full" else valid & ~scored
+        with rt.autocast():
+            params = fit_slot(cfg, model, hidden, y, fit_mask.float(), slot_state.get("warm"))
+        if cfg.SLOT_DELTA_SCOPE == "window":  # a window without context keeps delta zero
+            has_fit = fit_mask.any(1)[:, None, None]
+            params = [p * has_fit for p in params]
+        if cfg.SLOT_WARM_START:
+            slot_state["warm"] = params[0].mean(0, keepdim=True)
+    rows, cols = scored.nonzero(as_tuple=True)
+    with torch.no_grad(), rt.autocast():
+        h = hidden[rows, cols]
+        if params is None:
+            logits = model.compute_logits(h)
+        else:
+            logits = model.compute_logits(h + params[0][rows if params[0].size(0) > 1 else 0, 0])
+            if len(params) > 1:
+                logits = logits + params[1][rows if params[1].size(0) > 1 else 0, 0]
+        log_probs = logits.float().log_softmax(-1)
+    index = pos[rows, cols] - 1
+    nll = -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1)
+    scores.nll.index_add_(0, index, nll.double())
+    scores.count.index_add_(0, index, torch.ones_like(index, dtype=scores.count.dtype))
+    if scores.mass is not None:
+        scores.mass.index_add_(0, index, log_probs.double().logsumexp(1).exp())
+
+
+def rank_slice(n: int, rt: Runtime) -> range:
+    return range(rt.rank * n // rt.world_size, (rt.rank + 1) * n // rt.world_size)
+
+
+def score_window_range(cfg, model, hidden_fn, tokens, starts, first, scores, rt, use_slot, clock, log, slot_state,
+                       own_budget: bool = True) -> None:
+    """This rank's contiguous share of the given windows, in batches of EVAL_BATCH_WINDOWS.
+    With own_budget, SLOT stops fitting when this rank's remaining batches would overrun."""
+    mine = rank_slice(starts.numel(), rt)
+    batch = cfg.EVAL_BATCH_WINDOWS
+    for b0 in range(mine.start, mine.stop, batch):
+        idx = torch.arange(b0, min(b0 + batch, mine.stop))
+        t0 = time.perf_counter()
+        adapt = use_slot and clock.adapting
+        score_windows(cfg, model, hidden_fn, tokens, starts[idx], first[idx], scores, rt, adapt, slot_state)
+        if adapt and own_budget:
+            left = -(-(mine.stop - b0 - idx.numel()) // batch)
+            clock.stop_adapting_if(clock.elapsed() + left * (time.perf_counter() - t0), "slot", log)
+
+
+def new_scores(n_targets: int, device, with_mass: bool) -> StreamScores:
+    return StreamScores(torch.zeros(n_targets, dtype=torch.float64, device=device),
+                        torch.zeros(n_targets, dtype=torch.int32, device=device),
+                        torch.zeros(n_targets, dtype=torch.float64, device=device) if with_mass else None)
+
+
+def gather_scores(scores: StreamScores, rt: Runtime) -> StreamScores:
+    """Each target was scored on exactly one rank, so summing puts every value in place exactly."""
+    for t in (scores.nll, scores.count, scores.mass):
+        if t is not None:
+            all_reduce_(t, rt)
+    return scores
+
+
+def sliding_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, use_slot: bool, clock: EvalClock,
+                 log, with_mass: bool = False) -> StreamScores:
+    """Sliding-window scoring of the whole stream, optionally with SLOT, no weight updates."""
+    starts, first = sliding_windows(tokens.numel() - 1, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
+    scores = new_scores(tokens.numel() - 1, rt.device, with_mass)
+    score_window_range(cfg, model, hidden_fn, tokens, starts, first, scores, rt, use_slot, clock, log, {})
+    return gather_scores(scores, rt)
+
+
+def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, use_slot: bool, clock: EvalClock,
+             log, with_mass: bool = False) -> tuple[StreamScores, dict]:
+    """Score-first TTT. The targets are cut into chunks of TTT_CHUNK_TOKENS; each window belongs to
+    the chunk of its first scored target. Chunk c is scored (inference mode, SLOT inside if on)
+    by weights trained on chunks 0..c-1 only, then trained on for TTT_EPOCHS; the last chunk is
+    never trained on. Gradients are summed over ranks and divided by the global token count, so
+    every rank holds the same weights and the result does not depend on the world size."""
+    n_targets = tokens.numel() - 1
+    starts, first = sliding_windows(n_targets, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
+    chunk_of = (starts + first) // cfg.TTT_CHUNK_TOKENS
+    n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
+    scores = new_scores(n_targets, rt.device, with_mass)
+    trainable = [p for i, b in enumerate(model.blocks) if i >= cfg.TTT_FREEZE_BLOCKS for p in b.parameters()]
+    trainable += [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
+    score_s = train_s = 0.0
+    trained = 0
+    slot_state: dict = {}
+    for c in range(n_chunks):
+        t0 = time.perf_counter()
+        here = (chunk_of == c).nonzero().flatten()
+        score_window_range(cfg, model, hidden_fn, tokens, starts[here], first[here], scores, rt, use_slot,
+                           clock, log, slot_state, own_budget=False)
+        rt.sync()
+        score_s += time.perf_counter() - t0
+        if c == n_chunks - 1:
+            break
+        estimate = torch.tensor([clock.elapsed(), score_s / (c + 1), train_s / max(1, trained)], device=rt.device)
+        elapsed, per_score, per_train = all_reduce_(estimate, rt, dist.ReduceOp.MAX).tolist()
+        per_train = per_train or per_score  # before the first update, guess it costs one scoring
+        clock.stop_adapting_if(elapsed + (n_chunks - c - 1) * (per_score + per_train), "ttt", log)
+        if not clock.adapting:
+            continue
+        t0 = time.perf_counter()
+        lr = cfg.TTT_LR * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
+        train_on_chunk(cfg, model, tokens, c, trainable, opt, lr, rt)
+        rt.sync()
+        train_s += time.perf_counter() - t0
+        trained += 1
+    info = dict(ttt_chunks=n_chunks, ttt_chunks_trained=trained, ttt_score_seconds=score_s, ttt_train_seconds=train_s)
+    return gather_scores(scores, rt), info
+
+
+def train_on_chunk(cfg: Config, model: GPT, tokens: Tensor, c: int, trainable, opt, lr: float, rt: Runtime) -> None:
+    """TTT_EPOCHS SGD steps on chunk c's targets (already scored), cut into EVAL_SEQ_LEN rows."""
+    lo = c * cfg.TTT_CHUNK_TOKENS
+    hi = min(lo + cfg.TTT_CHUNK_TOKENS, tokens.numel() - 1)
+    n_rows = -(-(hi - lo) // cfg.EVAL_SEQ_LEN)
+    mine = rank_slice(n_rows, rt)
+    starts = lo + torch.arange(mine.start, mine.stop) * cfg.EVAL_SEQ_LEN
+    x, y, pos = (t.to(rt.device) for t in window_rows(tokens, starts, cfg.EVAL_SEQ_LEN))
+    mask = (pos <= hi).float()
+    count = all_reduce_(mask.sum().double(), rt)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    for _ in range(cfg.TTT_EPOCHS):
+        if starts.numel():
+            with rt.autocast():
+                (model(x, y) * mask).sum().div(count).backward()
+        reduce_gradients(trainable, rt, divisor=1)  # the loss is already over the global count
+        if cfg.TTT_GRAD_CLIP > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.TTT_GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def eval_passes(cfg: Config) -> list[tuple[str, bool, bool]]:
+    """(name, TTT on, SLOT on) for each pass, in order: sliding, then the adapted one if any."""
+    passes = [("sliding", False, False)]
+    if cfg.TTT_ENABLED:
+        passes.append(("ttt", True, bool(cfg.SLOT_ENABLED)))
+    elif cfg.SLOT_ENABLED:
+        passes.append(("slot", False, True))
+    return passes
+
+
+def run_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, ttt: bool, slot: bool, clock: EvalClock,
+             log, with_mass: bool = False) -> tuple[StreamScores, dict]:
+    if ttt:
+        return ttt_pass(cfg, model, hidden_fn, tokens, rt, slot, clock, log, with_mass)
+    return sliding_pass(cfg, model, hidden_fn, tokens, rt, slot, clock, log, with_mass), {}
+
+
+def summarize_scores(scores: StreamScores, byte_counts: Tensor) -> dict:
+    nll_sum = float(scores.nll.sum())
+    return dict(val_loss=nll_sum / scores.nll.numel(), val_bpb=nll_sum / (math.log(2) * float(byte_counts.sum())))
+
+
+def stream_byte_counts(tables, tokens: Tensor) -> Tensor:
+    return target_bytes(tables, tokens[:-1].long(), tokens[1:].long()).double()
+
+
+def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes):
+    """forward_hidden, compiled on CUDA and warmed up on random tokens (never validation
+    tokens) at every batch shape evaluation will use, in both grad modes it runs under."""
+    if not (rt.device.type == "cuda" and cfg.COMPILE == 1):
+        return model.forward_hidden
+    fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False)
+    for rows, length in shapes:
+        x = torch.randint(0, cfg.VOCAB_SIZE, (rows, length), device=rt.device)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode(), rt.autocast():
+                fn(x)
+    return fn
+
+
+def nll_function(model: GPT, hidden_fn):
+    """Per-token NLL (the model's own forward) with forward_hidden swapped for hidden_fn."""
+    return lambda x, y: token_nll(model.compute_logits(hidden_fn(x)), y)
+
+
+def evaluate_artifact_model(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, tables, rt: Runtime, clock: EvalClock,
+                            log, summary: dict) -> None:
+    """The sliding-window pass, then the adapted pass the knobs ask for (SLOT, TTT or both);
+    the last pass run is the score. Every figure lands in `summary`."""
+    byte_counts = stream_byte_counts([t.to(rt.device) for t in tables], tokens.to(rt.device))
+    compliant = not cfg.SLOT_ENABLED or slot_compliant(cfg)
+    summary["compliant"] = compliant
+    if not compliant:
+        log(f"WARNING: SLOT_MODE={cfg.SLOT_MODE} SLOT_DELTA_SCOPE={cfg.SLOT_DELTA_SCOPE} is NON-COMPLIANT: its scores "
+            "see the tokens they score; research only, never a record")
+    for name, ttt, slot in eval_passes(cfg):
+        t0 = time.perf_counter()
+        scores, info = run_pass(cfg, model, hidden_fn, tokens, rt, ttt, slot, clock, log)
+        result = summarize_scores(scores, byte_counts)
+        source = name + ("+slot" if ttt and slot else "") + (" (non-compliant)" if slot and not compliant else "")
+        summary.update({f"{name}_val_loss": result["val_loss"], f"{name}_val_bpb": result["val_bpb"],
+                        f"{name}_seconds": time.perf_counter() - t0, **info})
+        summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source=source)
+        log(f"{source} val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
+            f"eval_time:{1000 * summary[f'{name}_seconds']:.0f}ms"
+            + "".join(f" {k}:{v:.1f}" if isinstance(v, float) else f" {k}:{v}" for k, v in info.items()))
+    summary.update(eval_seconds=clock.elapsed(), eval_adaptation_stopped=clock.note or None)
+    log(f"eval_seconds:{summary['eval_seconds']:.1f} of EVAL_TIME_BUDGET={cfg.EVAL_TIME_BUDGET:g}")
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -1461,9 +1930,7 @@ class RunLog:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def versions(rt: Runtime, backend: str) -> dict:
@@ -1523,45 +1990,27 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     log(f"pre-quantization post-ema val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
         f"eval_time:{1000 * summary['pre_quant_eval_seconds']:.0f}ms tokens:{result['val_tokens']} bytes:{result['val_bytes']}")
 
-    quant_model, quant_fn = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
+    quant_model = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
     if packed_qm is not None:
         check_round_trip(packed_qm, quant_model, log)
-    t0 = time.perf_counter()
-    result = evaluate(quant_fn, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
+    if unfitted is not None:  # what auto-fit's larger sigmas cost, against the configured ones (eager, untimed)
+        plain_bpb = evaluate(model_from_artifact(unfitted, cfg, backend, rt.device), val_tokens, tables,
+                             cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)["val_bpb"]
+    hidden_fn = eval_forward(cfg, quant_model, rt, [(val_batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
+    clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
+    result = evaluate(nll_function(quant_model, hidden_fn), val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
     summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"],
-                   quant_gap_bpb=result["val_bpb"] - summary["pre_quant_val_bpb"],
-                   quantized_eval_seconds=time.perf_counter() - t0)
+                   quant_gap_bpb=result["val_bpb"] - summary["pre_quant_val_bpb"], quantized_eval_seconds=clock.elapsed())
     log(f"quantized val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
         f"gap:{summary['quant_gap_bpb']:+.6f} eval_time:{1000 * summary['quantized_eval_seconds']:.0f}ms")
-    if unfitted is not None:  # what auto-fit's larger sigmas cost, against the configured ones
-        plain = model_from_artifact(unfitted, cfg, backend, rt.device)
-        bpb = evaluate(plain, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)["val_bpb"]
-        summary["autofit_bpb_cost"] = result["val_bpb"] - bpb
-        log(f"autofit: val_bpb {bpb:.6f} at the configured sigmas (over budget) -> {result['val_bpb']:.6f} fitted, "
+    if unfitted is not None:
+        summary["autofit_bpb_cost"] = result["val_bpb"] - plain_bpb
+        log(f"autofit: val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> {result['val_bpb']:.6f} fitted, "
             f"cost {summary['autofit_bpb_cost']:+.6f}")
     summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="quantized")
-    log(f"final_score val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} source:quantized")
-
-
-def load_quantized_model(cfg: Config, path: Path, backend: str, rt: Runtime, summary: dict, log):
-    """Rebuild the model from the artifact file alone; returns it and its (compiled) forward."""
-    t0 = time.perf_counter()
-    qm = load_artifact(path)
-    summary["decompress_seconds"] = time.perf_counter() - t0
-    model = model_from_artifact(qm, cfg, backend, rt.device)
-    log(f"artifact: decoded {path} in {summary['decompress_seconds']:.2f}s into a fresh model")
-    compiled = rt.device.type == "cuda" and cfg.COMPILE == 1
-    return model, (torch.compile(model, fullgraph=True, dynamic=False) if compiled else model)
-
-
-def check_round_trip(packed: QuantizedModel, model: GPT, log) -> None:
-    """The weights decoded from the file must equal the packer's dequantized weights bit for bit."""
-    state = model.state_dict()
-    expected = packed.state_dict(state)
-    differ = [k for k, v in state.items() if not torch.equal(v.cpu(), expected[k].cpu())]
-    if differ:
-        raise ArtifactError(f"round trip: {len(differ)} tensors decode differently from what was packed, e.g. {differ[0]}")
-    log(f"round trip: {len(state)} tensors decoded from the artifact equal the packed weights bit for bit")
+    evaluate_artifact_model(cfg, quant_model, hidden_fn, val_tokens, tables, rt, clock, log, summary)
+    log(f"final_score val_loss:{summary['val_loss']:.6f} val_bpb:{summary['val_bpb']:.6f} source:{summary['score_source']}"
+        + ("" if summary["compliant"] else " NON-COMPLIANT"))
 
 
 def main(env=None) -> dict:
@@ -1588,6 +2037,8 @@ def main(env=None) -> dict:
             log(f"log:{log_dir / f'{run_id}.txt'} summary:{log_dir / f'{run_id}.json'}")
         log.close()
         if dist.is_initialized():
+            if summary["status"] == "ok":  # leave together: a rank that exits early can abort gloo
+                dist.barrier()
             dist.destroy_process_group()
     return summary
 

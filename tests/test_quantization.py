@@ -211,3 +211,18 @@ def test_over_budget_fails_loudly_but_keeps_log_and_artifact(artifact_run, small
     assert summary["status"] == "failed" and "OVER BUDGET" in summary["error"]
     assert (tmp_path / "logs" / "run.ptz").stat().st_size == summary["model_bytes"]
     assert "error: ARTIFACT OVER BUDGET" in (tmp_path / "logs" / "run.txt").read_text()
+
+
+def test_artifact_failure_on_rank_zero_stops_every_rank(small_sample, tmp_path):
+    """An impossible target fails on rank 0 while rank 1 waits for the artifact: both must exit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=1000, RUN_ID="ddp"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tg.Path(tg.__file__))]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "ARTIFACT_TARGET_BYTES=1000: still" in done.stderr and "rank 0 could not build the artifact" in done.stderr
+    summary = json.loads((tmp_path / "logs" / "ddp.json").read_text())
+    assert summary["status"] == "failed" and "ARTIFACT_TARGET_BYTES=1000" in summary["error"]

@@ -22,7 +22,8 @@ def tiny_env(sample, tmp_path, **overrides) -> dict:
                TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
                GPTQ_RESERVE_SECONDS=0, WARMUP_STEPS=0, VAL_BATCH_TOKENS=4096, VAL_LOSS_EVERY=4,
                TRAIN_LOG_EVERY=1, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=4, QUANT_PASSTHROUGH_NUMEL=1024,
-               GPTQ_CALIBRATION_BATCHES=4, LOG_DIR=tmp_path / "logs", RUN_ID="run", SEED=7)
+               GPTQ_CALIBRATION_BATCHES=4, EVAL_SEQ_LEN=64, EVAL_STRIDE=32, EVAL_BATCH_WINDOWS=32,
+               TTT_CHUNK_TOKENS=4096, TTT_EPOCHS=1, SLOT_STEPS=2, LOG_DIR=tmp_path / "logs", RUN_ID="run", SEED=7)
     env.update(overrides)
     return {k: str(v) for k, v in env.items()}
 
@@ -52,10 +53,10 @@ def test_run_writes_log_and_summary(reference_run):
                 "model_bytes", "code_bytes", "code_bytes_raw", "artifact_bytes_total", "artifact_bytes_by_group",
                 "val_bpb", "val_loss", "score_source"):
         assert key in on_disk, key
-    assert on_disk["status"] == "ok" and on_disk["score_source"] == "quantized" and on_disk["steps"] == 8
+    assert on_disk["status"] == "ok" and on_disk["score_source"] == "ttt" and on_disk["steps"] == 8
     assert on_disk["config"]["NUM_LAYERS"] == 4 and on_disk["seed"] == 7
     assert math.isfinite(on_disk["val_bpb"]) and 0 < on_disk["val_bpb"] < 10
-    assert on_disk["val_bpb"] == on_disk["quantized_val_bpb"] and on_disk["val_loss"] == on_disk["quantized_val_loss"]
+    assert on_disk["val_bpb"] == on_disk["ttt_val_bpb"] and on_disk["val_loss"] == on_disk["ttt_val_loss"]
     assert on_disk["looping_enabled_step"] == 4 and "ms_per_step_after_looping" in on_disk
     assert [s for s, *_ in on_disk["val_curve"]] == [4, 8]
     assert losses(on_disk)[-1] < losses(on_disk)[0]  # it learns

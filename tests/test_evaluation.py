@@ -1,0 +1,221 @@
+"""Evaluation of the artifact: sliding windows, score-first TTT, SLOT, the causality check, budgets."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+from test_training import tiny_env
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import check_causality  # noqa: E402
+
+CPU = tg.Runtime(0, 1, torch.device("cpu"))
+
+
+def setup(seed=0, n_tokens=check_causality.STREAM_TOKENS, **knobs):
+    """The causality check's random model and stream, with knobs on top of its defaults."""
+    cfg = check_causality.check_config({k: str(v) for k, v in knobs.items()})
+    model = check_causality.random_model(cfg, seed)
+    tokens = torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.int32)
+    return cfg, model, tokens
+
+
+def run(cfg, model, tokens, ttt=False, slot=False, log=print):
+    clock = tg.EvalClock(cfg.EVAL_TIME_BUDGET)
+    return tg.run_pass(cfg, model, model.forward_hidden, tokens, CPU, ttt, slot, clock, log, with_mass=True)
+
+
+@pytest.mark.parametrize("n_tokens,seq_len,stride", [(11, 16, 4), (17, 16, 4), (18, 16, 4), (101, 16, 1),
+                                                     (101, 16, 16), (130, 32, 7), (2, 8, 8)])
+def test_sliding_scores_every_target_exactly_once(n_tokens, seq_len, stride):
+    cfg, model, tokens = setup(n_tokens=n_tokens, EVAL_SEQ_LEN=seq_len, EVAL_STRIDE=stride, EVAL_BATCH_WINDOWS=3)
+    scores, _ = run(cfg, model, tokens)
+    assert scores.count.tolist() == [1] * (n_tokens - 1)
+    assert ((scores.mass - 1).abs() < 1e-5).all() and (scores.nll > 0).all()
+
+
+def test_windows_after_the_first_have_full_context():
+    starts, first = tg.sliding_windows(1000, 64, 16)
+    assert first[0] == 0 and (first[1:] == 48).all() and (starts[1:] - starts[:-1] == 16).all()
+    assert starts[-1] + 64 >= 1000 > starts[-2] + 64  # the tail is covered, by one padded window
+
+
+def test_stride_equal_to_length_reproduces_plain_evaluation(small_sample):
+    sp = tg.load_tokenizer(Path(small_sample["tokenizer_model"]), 1024)
+    tables = tg.byte_tables(sp)
+    tokens = tg.load_validation_tokens(Path(small_sample["dataset_dir"]))
+    cfg, model, _ = setup(VOCAB_SIZE=1024, EVAL_SEQ_LEN=128, EVAL_STRIDE=128, EVAL_BATCH_WINDOWS=8)
+    plain = tg.evaluate(model, tokens, tables, 128, 8, CPU)
+    scores, _ = run(cfg, model, tokens)
+    sliding = tg.summarize_scores(scores, tg.stream_byte_counts(tables, tokens))
+    assert sliding["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-12, abs=0)
+    assert sliding["val_bpb"] == pytest.approx(plain["val_bpb"], rel=1e-12, abs=0)
+    assert float(tg.stream_byte_counts(tables, tokens).sum()) == plain["val_bytes"]
+
+
+def test_ttt_with_zero_lr_equals_sliding_exactly():
+    cfg, model, tokens = setup(TTT_LR=0)
+    sliding, _ = run(cfg, model, tokens)
+    ttt, info = run(cfg, model, tokens, ttt=True)
+    assert torch.equal(ttt.nll, sliding.nll)
+    assert info["ttt_chunks_trained"] == info["ttt_chunks"] - 1  # it did train (at lr 0), never on the last chunk
+
+
+def test_ttt_changes_later_scores_only_after_training():
+    cfg, model, tokens = setup()
+    sliding, _ = run(cfg, model, tokens)
+    ttt, _ = run(cfg, model, tokens, ttt=True)
+    first_chunk = slice(0, cfg.TTT_CHUNK_TOKENS)  # scored before any update
+    assert torch.equal(ttt.nll[first_chunk], sliding.nll[first_chunk])
+    assert not torch.equal(ttt.nll[cfg.TTT_CHUNK_TOKENS:], sliding.nll[cfg.TTT_CHUNK_TOKENS:])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
+def test_slot_with_zero_steps_equals_sliding_exactly(optimizer):
+    cfg, model, tokens = setup(SLOT_STEPS=0, SLOT_OPTIMIZER=optimizer, SLOT_LOGIT_BIAS=1)
+    sliding, _ = run(cfg, model, tokens)
+    slot, _ = run(cfg, model, tokens, slot=True)
+    assert torch.equal(slot.nll, sliding.nll)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
+def test_slot_lowers_context_loss_and_leaves_the_first_window_alone(optimizer):
+    cfg, model, tokens = setup(SLOT_OPTIMIZER=optimizer, SLOT_LR=0.5 if optimizer == "adamw" else 1.0)
+    sliding, _ = run(cfg, model, tokens)
+    slot, _ = run(cfg, model, tokens, slot=True)
+    assert torch.equal(slot.nll[:cfg.EVAL_SEQ_LEN], sliding.nll[:cfg.EVAL_SEQ_LEN])  # window 0 has no context
+    assert not torch.equal(slot.nll, sliding.nll)
+
+
+def test_lbfgs_rows_are_independent_and_reach_the_minimum():
+    """Each row's quadratic is minimized as if it were alone: batching couples nothing."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.rand(4, 6, generator=g) * 10 + 0.5
+    centers = torch.randn(4, 6, generator=g)
+
+    def objective(x, rows=slice(None)):
+        diff = x - centers[rows]
+        return (scales[rows] * diff**2).sum(1), 2 * scales[rows] * diff
+
+    together = tg.lbfgs_rows(objective, torch.zeros(4, 6), steps=25, first_step=0.1)
+    for r in range(4):
+        alone = tg.lbfgs_rows(lambda x, r=r: objective(x, slice(r, r + 1)), torch.zeros(1, 6), steps=25, first_step=0.1)
+        assert torch.equal(together[r], alone[0])
+    torch.testing.assert_close(together, centers, atol=1e-4, rtol=0)
+
+
+COMPLIANT = [dict(TTT_ENABLED=0), dict(TTT_ENABLED=1), dict(TTT_ENABLED=0, SLOT_ENABLED=1),
+             dict(TTT_ENABLED=0, SLOT_ENABLED=1, SLOT_OPTIMIZER="lbfgs", SLOT_LOGIT_BIAS=1, SLOT_WARM_START=1),
+             dict(TTT_ENABLED=1, SLOT_ENABLED=1, SLOT_WARM_START=1)]
+
+
+@pytest.mark.parametrize("knobs", COMPLIANT, ids=lambda k: " ".join(f"{a}={b}" for a, b in k.items()))
+def test_causality_check_passes_compliant_configurations(knobs):
+    verdicts = check_causality.check({k: str(v) for k, v in knobs.items()}, probes=4, n_tokens=160)
+    for name, v in verdicts.items():
+        assert v["C1/C3"] and v["C2"] and v["C4"], (name, v)
+
+
+def leaks(verdicts) -> bool:
+    return not all(v["C1/C3"] for v in verdicts.values())
+
+
+@pytest.mark.parametrize("knobs", [dict(SLOT_MODE="full"), dict(SLOT_DELTA_SCOPE="batch")], ids=["full", "batch"])
+def test_causality_check_catches_non_compliant_slot_modes(knobs):
+    verdicts = check_causality.check({"TTT_ENABLED": "0", "SLOT_ENABLED": "1", **knobs}, probes=4, n_tokens=160)
+    assert leaks(verdicts) and verdicts["sliding"]["C1/C3"]
+
+
+def test_causality_check_catches_a_line_search_shared_across_windows(monkeypatch):
+    """The natural mistake: one L-BFGS over the whole batch (as torch.optim.LBFGS on a batched
+    delta would run), so the step length, its Wolfe tests and the curvature history are shared."""
+    real = tg.lbfgs_rows
+
+    def batch_as_one_problem(objective, x, steps, first_step, history=8):
+        rows = x.size(0)
+
+        def joint(flat):
+            f, g = objective(flat.view(rows, -1))
+            return f.sum().reshape(1), g.reshape(1, -1)
+        return real(joint, x.reshape(1, -1), steps, first_step, history).view(rows, -1)
+
+    monkeypatch.setattr(tg, "lbfgs_rows", batch_as_one_problem)
+    env = {"TTT_ENABLED": "0", "SLOT_ENABLED": "1", "SLOT_OPTIMIZER": "lbfgs"}
+    assert leaks(check_causality.check(env, probes=4, n_tokens=160))
+
+
+def test_causality_check_catches_ttt_that_trains_before_scoring(monkeypatch):
+    real_score = tg.score_window_range
+
+    def train_then_score(cfg, model, hidden_fn, tokens, starts, first, scores, rt, *args, own_budget=True):
+        if not own_budget:  # inside TTT: first train on the chunk about to be scored (the bug)
+            c = int(starts[0] + first[0]) // cfg.TTT_CHUNK_TOKENS
+            params = [p for p in model.parameters()]
+            tg.train_on_chunk(cfg, model, tokens, c, params, torch.optim.SGD(params, lr=cfg.TTT_LR), cfg.TTT_LR, rt)
+        real_score(cfg, model, hidden_fn, tokens, starts, first, scores, rt, *args, own_budget=own_budget)
+
+    monkeypatch.setattr(tg, "score_window_range", train_then_score)
+    verdicts = check_causality.check({"TTT_ENABLED": "1"}, probes=4, n_tokens=160)
+    assert not verdicts["ttt"]["C1/C3"] and verdicts["sliding"]["C1/C3"]
+
+
+def test_causality_tool_exits_non_zero_on_a_leak():
+    env = {**os.environ, "TTT_ENABLED": "0", "SLOT_ENABLED": "1", "SLOT_MODE": "full"}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "check_causality.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "slot     C1/C3 FAIL" in done.stdout and "verdict: VIOLATION" in done.stdout
+
+
+def test_budget_overrun_stops_adapting_and_keeps_scoring():
+    cfg, model, tokens = setup(EVAL_TIME_BUDGET=1e-6, SLOT_ENABLED=1)
+    said = []
+    sliding, _ = run(cfg, model, tokens)
+    ttt, info = run(cfg, model, tokens, ttt=True, slot=True, log=said.append)
+    assert info["ttt_chunks_trained"] == 0 and torch.equal(ttt.nll[cfg.TTT_CHUNK_TOKENS:], sliding.nll[cfg.TTT_CHUNK_TOKENS:])
+    assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
+    assert any("EVAL_TIME_BUDGET" in line and "without adapting" in line for line in said)
+
+
+@pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0), dict(TTT_ENABLED=1, SLOT_ENABLED=1)], ids=["sliding", "ttt+slot"])
+def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
+    env = {**os.environ, **{k: str(v) for k, v in knobs.items()}, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO_ROOT / "tests" / "eval_worker.py"), str(tmp_path / "two.pt")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt")
+    cfg, model, tokens = setup(**knobs)
+    one = check_causality.run_passes(cfg, model, tokens)
+    assert set(two) == set(one)
+    for name in one:
+        if name == "sliding":  # windows are scored independently: the split cannot matter
+            assert torch.equal(two[name], one[name].nll), name
+        else:  # TTT sums gradients over ranks: the same up to float addition order
+            torch.testing.assert_close(two[name], one[name].nll, rtol=1e-4, atol=1e-5)
+
+
+def test_run_reports_every_pass(small_sample, tmp_path):
+    summary = tg.main(tiny_env(small_sample, tmp_path, SLOT_ENABLED=1))
+    log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]  # what the run said, after its source
+    for key in ("sliding_val_bpb", "sliding_val_loss", "ttt_val_bpb", "ttt_val_loss", "sliding_seconds", "ttt_seconds",
+                "eval_seconds", "quantized_eval_seconds", "ttt_chunks_trained"):
+        assert key in summary, key
+    assert summary["compliant"] is True and summary["score_source"] == "ttt+slot"
+    assert summary["val_bpb"] == summary["ttt_val_bpb"] and summary["eval_seconds"] >= summary["ttt_seconds"]
+    assert "final_score" in log and "source:ttt+slot" in log and "NON-COMPLIANT" not in log
+
+
+def test_non_compliant_mode_says_so_everywhere(small_sample, tmp_path):
+    summary = tg.main(tiny_env(small_sample, tmp_path, TTT_ENABLED=0, SLOT_ENABLED=1, SLOT_MODE="full"))
+    on_disk = json.loads((tmp_path / "logs" / "run.json").read_text())
+    assert on_disk["compliant"] is False and on_disk["score_source"] == "slot (non-compliant)"
+    assert "slot_val_bpb" in summary and summary["val_bpb"] == summary["slot_val_bpb"]
+    log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]
+    assert "is NON-COMPLIANT" in log and "slot (non-compliant) val_loss:" in log
+    assert [line for line in log.splitlines() if line.startswith("final_score")][0].endswith("NON-COMPLIANT")
