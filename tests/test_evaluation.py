@@ -172,6 +172,15 @@ def test_causality_tool_exits_non_zero_on_a_leak():
     assert done.returncode == 1 and "slot     C1/C3 FAIL" in done.stdout and "verdict: VIOLATION" in done.stdout
 
 
+def test_ttt_freeze_blocks_keeps_the_first_blocks_fixed():
+    cfg, model, tokens = setup(TTT_FREEZE_BLOCKS=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run(cfg, model, tokens, ttt=True)
+    after = model.state_dict()
+    changed = {k.split(".")[1] if k.startswith("blocks.") else k for k in before if not torch.equal(before[k], after[k])}
+    assert "0" not in changed and "1" not in changed and "2" in changed and "tok_emb.weight" in changed
+
+
 def test_budget_overrun_stops_adapting_and_keeps_scoring():
     cfg, model, tokens = setup(EVAL_TIME_BUDGET=1e-6, SLOT_ENABLED=1)
     said = []
@@ -182,7 +191,8 @@ def test_budget_overrun_stops_adapting_and_keeps_scoring():
     assert any("EVAL_TIME_BUDGET" in line and "without adapting" in line for line in said)
 
 
-@pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0), dict(TTT_ENABLED=1, SLOT_ENABLED=1)], ids=["sliding", "ttt+slot"])
+@pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0, SLOT_ENABLED=1), dict(TTT_ENABLED=1, SLOT_ENABLED=1)],
+                         ids=["sliding and slot", "ttt+slot"])
 def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
     env = {**os.environ, **{k: str(v) for k, v in knobs.items()}, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -194,14 +204,15 @@ def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
     one = check_causality.run_passes(cfg, model, tokens)
     assert set(two) == set(one)
     for name in one:
-        if name == "sliding":  # windows are scored independently: the split cannot matter
+        if name in ("sliding", "slot"):  # windows are scored (and fitted) independently: the split cannot matter
             assert torch.equal(two[name], one[name].nll), name
         else:  # TTT sums gradients over ranks: the same up to float addition order
             torch.testing.assert_close(two[name], one[name].nll, rtol=1e-4, atol=1e-5)
 
 
-def test_run_reports_every_pass(small_sample, tmp_path):
-    summary = tg.main(tiny_env(small_sample, tmp_path, SLOT_ENABLED=1))
+def test_run_reports_every_pass_and_the_artifact_alone_reproduces_them(small_sample, tmp_path):
+    env = tiny_env(small_sample, tmp_path, SLOT_ENABLED=1)
+    summary = tg.main(env)
     log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]  # what the run said, after its source
     for key in ("sliding_val_bpb", "sliding_val_loss", "ttt_val_bpb", "ttt_val_loss", "sliding_seconds", "ttt_seconds",
                 "eval_seconds", "quantized_eval_seconds", "ttt_chunks_trained"):
@@ -209,6 +220,12 @@ def test_run_reports_every_pass(small_sample, tmp_path):
     assert summary["compliant"] is True and summary["score_source"] == "ttt+slot"
     assert summary["val_bpb"] == summary["ttt_val_bpb"] and summary["eval_seconds"] >= summary["ttt_seconds"]
     assert "final_score" in log and "source:ttt+slot" in log and "NON-COMPLIANT" not in log
+    import eval_artifact  # the same passes from the artifact file alone, as a user re-scores one
+
+    again = eval_artifact.evaluate_file(env, tmp_path / "logs" / "run.ptz", log=lambda _: None)
+    assert again["plain_val_bpb"] == summary["quantized_val_bpb"]
+    for key in ("sliding_val_bpb", "ttt_val_bpb", "score_source"):
+        assert again[key] == summary[key], key
 
 
 def test_non_compliant_mode_says_so_everywhere(small_sample, tmp_path):

@@ -1,0 +1,53 @@
+"""One table of every evaluation mode on one artifact, so the size of each gain (and of each
+leak) is visible side by side. CPU is fine for a small model; expect minutes.
+
+    DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=1024 PRESET=sample \\
+        python3 bench/eval_modes.py logs/RUN.ptz --max-tokens 60000
+
+Environment knobs (EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, SLOT_* ...) set the common settings; each row
+overrides only what names it.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import eval_artifact  # noqa: E402
+
+MODES = [
+    ("sliding", dict(TTT_ENABLED="0", SLOT_ENABLED="0")),
+    ("TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0")),
+    ("SLOT AdamW", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
+    ("SLOT L-BFGS", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="lbfgs")),
+    ("TTT + SLOT AdamW", dict(TTT_ENABLED="1", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
+    ("SLOT AdamW, SLOT_MODE=full (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_MODE="full")),
+    ("SLOT AdamW, SLOT_DELTA_SCOPE=batch (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_DELTA_SCOPE="batch")),
+    ("SLOT L-BFGS + logit bias, full (non-compliant, as #675)",
+     dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="lbfgs", SLOT_LOGIT_BIAS="1", SLOT_MODE="full")),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--max-tokens", type=int, default=0)
+    args = parser.parse_args()
+    rows = []
+    for name, knobs in MODES:
+        t0 = time.perf_counter()
+        summary = eval_artifact.evaluate_file({**os.environ, **knobs}, args.artifact, args.max_tokens, log=lambda _: None)
+        rows.append((name, summary, time.perf_counter() - t0))
+        print(f"{name}: {summary['val_bpb']:.4f} ({summary['score_source']})", flush=True)
+    first = rows[0][1]
+    print(f"\n{first['tokens']} validation tokens of {args.artifact}; plain (non-overlapping) val_bpb {first['plain_val_bpb']:.4f}\n")
+    print("| mode | val_bpb | vs sliding | compliant | seconds |\n|---|---|---|---|---|")
+    for name, s, seconds in rows:
+        print(f"| {name} | {s['val_bpb']:.4f} | {s['val_bpb'] - first['sliding_val_bpb']:+.4f} | "
+              f"{'yes' if s['compliant'] else 'NO'} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

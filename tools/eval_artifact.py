@@ -1,0 +1,60 @@
+"""Evaluate a saved artifact with the evaluation knobs in the environment, without training.
+
+    DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=1024 python3 tools/eval_artifact.py logs/RUN.ptz
+    SLOT_ENABLED=1 SLOT_OPTIMIZER=lbfgs TTT_ENABLED=0 python3 tools/eval_artifact.py logs/RUN.ptz --max-tokens 50000
+
+The model is rebuilt from the artifact alone (its own shape knobs); the run's evaluation passes
+(plain, sliding, then TTT and/or SLOT as configured) score the validation stream, or its first
+--max-tokens tokens. Prints one line per pass and the summary as JSON. Works under torchrun.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+import train_gpt as tg  # noqa: E402
+
+
+def evaluate_file(env, path: Path, max_tokens: int = 0, log=print) -> dict:
+    cfg = tg.config_from_env(env)
+    rt = tg.init_runtime(env)
+    data_path, tokenizer_path = tg.resolve_paths(cfg)
+    tables = tg.byte_tables(tg.load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
+    tokens = tg.load_validation_tokens(data_path)
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    backend = tg.pick_attention_backend(rt.device)
+    model = tg.model_from_artifact(tg.load_artifact(path), cfg, backend, rt.device)
+    batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
+    hidden_fn = tg.eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
+    clock = tg.EvalClock(cfg.EVAL_TIME_BUDGET)
+    plain = tg.evaluate(tg.nll_function(model, hidden_fn), tokens, tables, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)
+    summary = dict(artifact=str(path), tokens=tokens.numel(), plain_val_loss=plain["val_loss"], plain_val_bpb=plain["val_bpb"])
+    log(f"plain val_loss:{plain['val_loss']:.6f} val_bpb:{plain['val_bpb']:.6f}")
+    tg.evaluate_artifact_model(cfg, model, hidden_fn, tokens, tables, rt, clock, log if rt.is_main else (lambda _: None), summary)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--max-tokens", type=int, default=0, help="score only the first N validation tokens")
+    args = parser.parse_args()
+    try:
+        summary = evaluate_file(dict(os.environ), args.artifact, args.max_tokens)
+    except (tg.ConfigError, tg.ArtifactError) as e:
+        sys.exit(f"error: {e}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
