@@ -1295,16 +1295,19 @@ def check_round_trip(packed: QuantizedModel, model: GPT, log) -> None:
 PACKED_PREFIX = "import lzma,base64\nexec(lzma.decompress(base64.b85decode("
 
 
-def minify_source(source: str) -> str:
-    """Docstrings and comments dropped, layout normalized; the syntax tree is otherwise unchanged."""
-    tree = ast.parse(source)
+def strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return ast.unparse(tree) + "\n"
+    return tree
+
+
+def minify_source(source: str) -> str:
+    """Docstrings and comments dropped, layout normalized; the syntax tree is otherwise unchanged."""
+    return ast.unparse(strip_docstrings(ast.parse(source))) + "\n"
 
 
 def pack_source(source: str) -> str:

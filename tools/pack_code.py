@@ -8,8 +8,8 @@ by the syntax tree, names kept). Its length is what the trainer counts as code b
     python3 tools/pack_code.py --src X.py --out Y.py
 
 Before writing, it proves the packed file is the same program: the payload decodes to the
-minified source, and that source parses to exactly the syntax tree of the original with its
-docstrings removed.
+minified source, and that source parses back to exactly the syntax tree of the original with its
+docstrings removed (ast.unparse is checked, not trusted).
 """
 import argparse
 import ast
@@ -31,24 +31,13 @@ def unpack(packed: str) -> str:
     return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=train_gpt.LZMA_FILTERS).decode()
 
 
-def without_docstrings(source: str) -> str:
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
 def pack_file(src: Path, out: Path) -> dict:
     source = src.read_text(encoding="utf-8")
     packed = train_gpt.pack_source(source)
     inner = unpack(packed)
     if inner != train_gpt.minify_source(source):
         raise SystemExit(f"error: the packed payload of {src} does not decode to its minified source")
-    if ast.dump(ast.parse(inner)) != without_docstrings(source):
+    if ast.dump(ast.parse(inner)) != ast.dump(train_gpt.strip_docstrings(ast.parse(source))):
         raise SystemExit(f"error: minifying {src} changed its syntax tree; ship the raw source instead")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(packed, encoding="utf-8")

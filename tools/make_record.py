@@ -1,0 +1,183 @@
+"""Write a record folder from a sweep's summaries and logs, or refuse and say why.
+
+    python3 tools/make_record.py --name MyTry --author "A. Person" --github-id aperson \\
+        --reference 1.0810 logs/mytry_s42.json logs/mytry_s1337.json logs/mytry_s2025.json
+
+Writes records/track_<track>/<date>_<name>/ with train_gpt.py (the exact script text the runs
+logged: the packed wrapper if they ran it, else the raw source), README.md with a per-seed table,
+submission.json, requirements.txt and one log per seed. Refuses, naming the seed and the reason,
+if any seed did not finish, is over 16,000,000 bytes counting the shipped script's real size,
+trained (with calibration and GPTQ) over 600 s, evaluated over 600 s, ran a non-compliant mode on
+the record track, or if the seeds' configurations (besides SEED and RUN_ID) or scripts differ.
+"""
+import argparse
+import datetime
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import significance  # noqa: E402
+
+LIMIT_BYTES, LIMIT_SECONDS = 16_000_000, 600.0
+SEPARATOR = "\n" + "=" * 100 + "\n"  # the trainer's log: its script text, this line, then the run
+TRACKS = {"10min_16mb": True, "non_record_16mb": False}  # track -> is a record track
+PER_SEED_KEYS = ("SEED", "RUN_ID", "LOG_DIR")
+
+
+class Refused(Exception):
+    pass
+
+
+def load_run(summary_path: Path) -> dict:
+    run = json.loads(summary_path.read_text())
+    log_path = summary_path.with_suffix(".txt")
+    if not log_path.is_file():
+        raise Refused(f"{summary_path}: its log {log_path} is missing")
+    log = log_path.read_text(encoding="utf-8")
+    if SEPARATOR not in log:
+        raise Refused(f"{log_path}: does not start with the script it ran")
+    run["_script"], run["_log"] = log.split(SEPARATOR, 1)[0], log_path
+    return run
+
+
+def training_seconds(run: dict) -> float:
+    """The training clock plus calibration and GPTQ: everything before the model is frozen."""
+    return run["train_seconds"] + run.get("hessian_seconds", 0.0) + run.get("gptq_seconds", 0.0)
+
+
+def check(runs: list[dict], track: str) -> None:
+    """Raise Refused naming the first seed and reason that disqualify the set."""
+    first = runs[0]
+    base_config = {k: v for k, v in first["config"].items() if k not in PER_SEED_KEYS}
+    for run in runs:
+        seed = run.get("seed")
+        if run.get("status") != "ok":
+            raise Refused(f"seed {seed}: the run did not finish (status {run.get('status')!r}: {run.get('error')})")
+        shipped = len(run["_script"].encode()) + run["model_bytes"]
+        if shipped > LIMIT_BYTES:
+            raise Refused(f"seed {seed}: {shipped} bytes (script {len(run['_script'].encode())} + model {run['model_bytes']}) "
+                          f"> {LIMIT_BYTES}")
+        if training_seconds(run) > LIMIT_SECONDS:
+            raise Refused(f"seed {seed}: training took {training_seconds(run):.1f}s with calibration and GPTQ > {LIMIT_SECONDS:g}s")
+        if run.get("eval_seconds", 0.0) > LIMIT_SECONDS:
+            raise Refused(f"seed {seed}: evaluation took {run['eval_seconds']:.1f}s > {LIMIT_SECONDS:g}s")
+        if TRACKS[track] and not run.get("compliant", True):
+            raise Refused(f"seed {seed}: ran a non-compliant mode ({run.get('score_source')}); it cannot go on the record track")
+        config = {k: v for k, v in run["config"].items() if k not in PER_SEED_KEYS}
+        if config != base_config:
+            diff = sorted(k for k in set(config) | set(base_config) if config.get(k) != base_config.get(k))
+            raise Refused(f"seed {seed}: its configuration differs from seed {first.get('seed')} in {', '.join(diff)}")
+        if run["_script"] != first["_script"]:
+            raise Refused(f"seed {seed}: it ran a different train_gpt.py than seed {first.get('seed')}")
+    seeds = [r.get("seed") for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise Refused(f"seeds {seeds}: each seed may appear once")
+
+
+def fmt(value, spec=".5f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) else "-"
+
+
+def readme(name: str, track: str, runs: list[dict], sub: dict, sig_text: str | None) -> str:
+    head = ("| seed | steps | ms/step | pre-quant | quantized | sliding | TTT | SLOT | val_bpb | artifact bytes | "
+            "train s | eval s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [f"| {r['seed']} | {r['steps']} | {fmt(r['ms_per_step'], '.1f')} | {fmt(r.get('pre_quant_val_bpb'))} | "
+            f"{fmt(r.get('quantized_val_bpb'))} | {fmt(r.get('sliding_val_bpb'))} | {fmt(r.get('ttt_val_bpb'))} | "
+            f"{fmt(r.get('slot_val_bpb'))} | {fmt(r['val_bpb'])} | {sub['seed_results'][str(r['seed'])]['artifact_bytes']} | "
+            f"{fmt(training_seconds(r), '.1f')} | {fmt(r.get('eval_seconds'), '.1f')} |" for r in runs]
+    first = runs[0]
+    versions = first.get("versions", {})
+    text = [f"# {name}", "",
+            f"Track `{track}`. {len(runs)} seeds, mean val_bpb **{sub['val_bpb']:.5f}** ± {sub['val_bpb_std']:.5f} "
+            f"(val_loss {sub['val_loss']:.5f} nats per token), scored by `{first['score_source']}`.", "",
+            head, *rows, "",
+            f"Artifact bytes count the shipped `train_gpt.py` ({len(first['_script'].encode())} bytes, "
+            f"{'packed wrapper' if first.get('code_bytes_counted') == 'packed file' else 'raw source'}) plus the compressed model. "
+            "Training seconds include GPTQ calibration and quantization.", "",
+            f"Run on {versions.get('gpu', '?')} × {versions.get('world_size', '?')}, torch {versions.get('torch', '?')}, "
+            f"CUDA {versions.get('cuda', '?')}, attention {versions.get('attention_backend', '?')}.", "",
+            "## Reproduce", "", "From this folder, with the data downloaded (see the trainer's README):", "", "```bash"]
+    knobs = {k: v for k, v in first["config"].items() if k not in PER_SEED_KEYS}
+    text.append(" ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(knobs.items()))
+                + " SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.py")
+    text += ["```", ""]
+    if sig_text:
+        text += ["## Significance", "", "```", sig_text, "```", ""]
+    return "\n".join(text)
+
+
+def submission(name: str, track: str, runs: list[dict], author: str, github_id: str, date: str, reference) -> dict:
+    bpb, loss = [r["val_bpb"] for r in runs], [r["val_loss"] for r in runs]
+    totals = {r["seed"]: len(r["_script"].encode()) + r["model_bytes"] for r in runs}
+    versions = runs[0].get("versions", {})
+    sub = dict(author=author, github_id=github_id, name=name, date=date, track=track,
+               val_loss=statistics.fmean(loss), val_bpb=statistics.fmean(bpb),
+               val_loss_std=statistics.stdev(loss) if len(runs) > 1 else 0.0,
+               val_bpb_std=statistics.stdev(bpb) if len(runs) > 1 else 0.0,
+               seeds=[r["seed"] for r in runs],
+               seed_results={str(r["seed"]): dict(val_loss=r["val_loss"], val_bpb=r["val_bpb"], artifact_bytes=totals[r["seed"]],
+                                                  steps=r["steps"], step_avg_ms=r["ms_per_step"], eval_time_s=r.get("eval_seconds"))
+                             for r in runs},
+               artifact_bytes_mean=statistics.fmean(totals.values()), artifact_bytes_max=max(totals.values()),
+               bytes_total=max(totals.values()), train_steps_mean=statistics.fmean(r["steps"] for r in runs),
+               step_avg_ms_mean=statistics.fmean(r["ms_per_step"] for r in runs),
+               hardware=f"{versions.get('world_size', '?')}x{versions.get('gpu', '?')}",
+               pytorch_version=versions.get("torch"), cuda_version=versions.get("cuda"),
+               attention_backend=versions.get("attention_backend"), score_source=runs[0]["score_source"],
+               compliant=all(r.get("compliant", True) for r in runs))
+    if reference is not None:
+        result = significance.compare(runs, reference)
+        sub.update(comparison_baseline_bpb=result["reference_val_bpb"][0], delta_vs_leaderboard_bpb=-result["gain_bpb"],
+                   delta_vs_leaderboard_nats=-result["gain_nats_per_token"], p_value=result["p_threshold"])
+    return sub
+
+
+def make_record(summaries: list[Path], name: str, track: str = "10min_16mb", author: str = "", github_id: str = "",
+                date: str | None = None, reference=None, out: Path = REPO_ROOT / "records") -> Path:
+    runs = [load_run(Path(p)) for p in summaries]
+    check(runs, track)
+    runs.sort(key=lambda r: r["seed"])
+    date = date or datetime.date.today().isoformat()
+    folder = out / f"track_{track}" / f"{date}_{name}"
+    if folder.exists():
+        raise Refused(f"{folder} already exists; pick another --name or remove it")
+    sub = submission(name, track, runs, author, github_id, date, reference)
+    sig_text = significance.report(significance.compare(runs, reference)) if reference is not None else None
+    folder.mkdir(parents=True)
+    (folder / "train_gpt.py").write_text(runs[0]["_script"], encoding="utf-8")
+    (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
+    (folder / "README.md").write_text(readme(name, track, runs, sub, sig_text), encoding="utf-8")
+    shutil.copy(REPO_ROOT / "requirements.txt", folder / "requirements.txt")
+    for r in runs:
+        shutil.copy(r["_log"], folder / f"train_seed{r['seed']}.log")
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("summaries", nargs="+", type=Path, help="logs/<RUN_ID>.json, one per seed (the .txt beside each)")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--track", choices=sorted(TRACKS), default="10min_16mb")
+    parser.add_argument("--author", default="")
+    parser.add_argument("--github-id", default="")
+    parser.add_argument("--date", help="YYYY-MM-DD (default: today)")
+    parser.add_argument("--reference", help="val_bpb of the record to beat, or a folder of its summaries")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "records")
+    args = parser.parse_args(argv)
+    reference = None
+    if args.reference:
+        reference = significance.load_summaries([args.reference]) if Path(args.reference).exists() else float(args.reference)
+    try:
+        folder = make_record(args.summaries, args.name, args.track, args.author, args.github_id, args.date, reference, args.out)
+    except Refused as e:
+        raise SystemExit(f"refused: {e}") from None
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()
