@@ -79,6 +79,11 @@ def check(runs: list[dict], track: str) -> None:
         raise Refused(f"seeds {seeds}: each seed may appear once")
 
 
+def hardware(versions: dict) -> str:
+    gpu, world = versions.get("gpu", "?"), versions.get("world_size", "?")
+    return f"{world}x {gpu}" if gpu != "none" else f"CPU, {world} process(es)"
+
+
 def fmt(value, spec=".5f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) else "-"
 
@@ -99,7 +104,7 @@ def readme(name: str, track: str, runs: list[dict], sub: dict, sig_text: str | N
             f"Artifact bytes count the shipped `train_gpt.py` ({len(first['_script'].encode())} bytes, "
             f"{'packed wrapper' if first.get('code_bytes_counted') == 'packed file' else 'raw source'}) plus the compressed model. "
             "Training seconds include GPTQ calibration and quantization.", "",
-            f"Run on {versions.get('gpu', '?')} × {versions.get('world_size', '?')}, torch {versions.get('torch', '?')}, "
+            f"Run on {hardware(versions)}, torch {versions.get('torch', '?')}, "
             f"CUDA {versions.get('cuda', '?')}, attention {versions.get('attention_backend', '?')}.", "",
             "## Reproduce", "", "From this folder, with the data downloaded (see the trainer's README):", "", "```bash"]
     knobs = {k: v for k, v in first["config"].items() if k not in PER_SEED_KEYS}
@@ -126,7 +131,7 @@ def submission(name: str, track: str, runs: list[dict], author: str, github_id: 
                artifact_bytes_mean=statistics.fmean(totals.values()), artifact_bytes_max=max(totals.values()),
                bytes_total=max(totals.values()), train_steps_mean=statistics.fmean(r["steps"] for r in runs),
                step_avg_ms_mean=statistics.fmean(r["ms_per_step"] for r in runs),
-               hardware=f"{versions.get('world_size', '?')}x{versions.get('gpu', '?')}",
+               hardware=hardware(versions),
                pytorch_version=versions.get("torch"), cuda_version=versions.get("cuda"),
                attention_backend=versions.get("attention_backend"), score_source=runs[0]["score_source"],
                compliant=all(r.get("compliant", True) for r in runs))
