@@ -912,6 +912,7 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
 ARTIFACT_MAGIC = b"PGQ1"
+ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 # The knobs that shape the network: stored in the artifact so it rebuilds its own model.
@@ -1013,14 +1014,13 @@ def gptq_factor(H: Tensor, damp: float) -> GPTQFactor:
     perm = torch.argsort(H.diagonal(), descending=True)
     H = H[perm][:, perm]
     mean_diag = H.diagonal().mean()
-    for attempt in range(6):  # raise the damping until the factorization succeeds
+    for attempt in range(6):  # raise the damping until both factorizations succeed
         L, info = torch.linalg.cholesky_ex(H + torch.eye(H.size(0), device=H.device) * (damp * 10**attempt) * mean_diag)
         if info == 0:
-            break
-    else:
-        raise ArtifactError(f"GPTQ: Hessian is not positive definite even with damping {damp * 1e5}; raise GPTQ_DAMP")
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    return GPTQFactor(perm, upper, dead)
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return GPTQFactor(perm, upper, dead)
+    raise ArtifactError(f"GPTQ: Hessian is not positive definite even with damping {damp * 1e5:g}; raise GPTQ_DAMP")
 
 
 def row_scales(W: Tensor, bits: int, sigmas: float) -> Tensor:
@@ -1103,7 +1103,7 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
     return QuantizedModel(quantized, passthrough, {k: getattr(cfg, k) for k in MODEL_KNOBS})
 
 
-# Container: magic, compressor id, u32 header length, compressed JSON header, then compressed
+# Container: magic, compressor id, u32 header length, u32 header CRC32, compressed JSON header, then compressed
 # streams (one per quantized tensor, one for all scales, one for all pass-through tensors).
 # Per-tensor streams give exact bytes per group and compress in parallel threads; each stream
 # costs a few bytes. Every stream's CRC32 is checked on load.
@@ -1186,8 +1186,8 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict]:
     header = dict(format=1, model_config=qm.model_config, tensors=tensors,
                   streams=[[len(c), len(r), zlib.crc32(r)] for c, r in streams])
     header_blob = compress(json.dumps(header, separators=(",", ":")).encode(), compressor)
-    blob = b"".join([ARTIFACT_MAGIC, bytes([COMPRESSORS.index(compressor)]), struct.pack("<I", len(header_blob)),
-                     header_blob] + [c for c, _ in streams])
+    prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, COMPRESSORS.index(compressor), len(header_blob), zlib.crc32(header_blob))
+    blob = b"".join([prefix, header_blob] + [c for c, _ in streams])
     by_group["header"] = len(blob) - sum(by_group.values())
     return blob, dict(by_group=by_group, packing_totals=packing_totals,
                       packing_kept={h: sum(1 for _, how, _ in chosen if how == h) for h in ("bytes", "bits")})
@@ -1198,20 +1198,25 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
     def fail(why: str):
         raise ArtifactError(f"{origin}: {why}; the artifact is truncated or corrupt, write it again")
 
-    if len(blob) < 9 or blob[:4] != ARTIFACT_MAGIC:
+    if len(blob) < ARTIFACT_PREFIX.size:
+        fail(f"{len(blob)} bytes is shorter than the {ARTIFACT_PREFIX.size}-byte prefix")
+    magic, compressor_id, header_len, header_crc = ARTIFACT_PREFIX.unpack_from(blob)
+    if magic != ARTIFACT_MAGIC:
         fail(f"does not start with {ARTIFACT_MAGIC!r}")
-    if blob[4] >= len(COMPRESSORS):
-        fail(f"unknown compressor id {blob[4]}")
-    compressor = COMPRESSORS[blob[4]]
-    (header_len,) = struct.unpack("<I", blob[5:9])
+    if compressor_id >= len(COMPRESSORS):
+        fail(f"unknown compressor id {compressor_id}")
+    compressor, offset = COMPRESSORS[compressor_id], ARTIFACT_PREFIX.size + header_len
+    header_blob = blob[ARTIFACT_PREFIX.size:offset]
+    if len(header_blob) != header_len or zlib.crc32(header_blob) != header_crc:
+        fail("header fails its length/CRC32 check")
     try:
-        header = json.loads(decompress(blob[9:9 + header_len], compressor))
+        header = json.loads(decompress(header_blob, compressor))
+        expected = offset + sum(c for c, _, _ in header["streams"])
     except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing here
         fail(f"header does not decode ({type(e).__name__}: {e})")
-    offset, streams = 9 + header_len, []
-    expected = offset + sum(c for c, _, _ in header["streams"])
     if expected != len(blob):
         fail(f"file is {len(blob)} bytes but its header promises {expected}")
+    streams = []
     for i, (clen, rlen, crc) in enumerate(header["streams"]):
         try:
             raw = decompress(blob[offset:offset + clen], compressor)
@@ -1221,11 +1226,20 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
             fail(f"stream {i} fails its length/CRC32 check")
         streams.append(raw)
         offset += clen
-    quantized, passthrough = {}, {}
+    try:
+        return tensors_from_streams(header, streams)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        fail(f"header and streams disagree ({type(e).__name__}: {e})")
+
+
+def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
+    """Rebuild every tensor, checking each stream holds exactly what its header entry says."""
     qentries = [t for t in header["tensors"] if t[1] == "q"]
-    scales = np.frombuffer(byte_unshuffle(streams[len(qentries)], 2), np.float16)
-    flat = np.frombuffer(byte_unshuffle(streams[len(qentries) + 1], 2), np.float16)
-    s_at = p_at = 0
+    if len(streams) != len(qentries) + 2 or any(t[1] not in ("q", "fp16") for t in header["tensors"]):
+        raise ValueError(f"{len(streams)} streams for {len(qentries)} quantized tensors")
+    scales = np.frombuffer(byte_unshuffle(streams[-2], 2), np.float16)
+    flat = np.frombuffer(byte_unshuffle(streams[-1], 2), np.float16)
+    quantized, passthrough, s_at, p_at = {}, {}, 0, 0
     for i, (name, kind, shape, bits, how) in enumerate(header["tensors"]):
         count = math.prod(shape)
         if kind == "fp16":
@@ -1233,12 +1247,15 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
             p_at += count
             continue
         raw = streams[i]
+        if not 2 <= bits <= 8 or how not in ("bytes", "bits") or len(raw) != (count if how == "bytes" else -(-count * bits // 8)):
+            raise ValueError(f"{name}: {len(raw)} bytes do not hold {count} {bits}-bit values as {how!r}")
         values = (np.frombuffer(raw, np.int8) if how == "bytes"
                   else unpack_bits(raw, bits, count).astype(np.int16) - (1 << (bits - 1)))
-        scale = torch.from_numpy(scales[s_at:s_at + shape[0]].copy())
+        quantized[name] = dict(q=torch.from_numpy(values.astype(np.int8).copy()).view(shape),
+                               scale=torch.from_numpy(scales[s_at:s_at + shape[0]].copy()), bits=bits, group=None)
         s_at += shape[0]
-        quantized[name] = dict(q=torch.from_numpy(values.astype(np.int8).copy()).view(shape), scale=scale,
-                               bits=bits, group=None)
+    if s_at != scales.size or p_at != flat.size:
+        raise ValueError(f"{scales.size} scales and {flat.size} pass-through values for {s_at} rows and {p_at} values")
     return QuantizedModel(quantized, passthrough, header["model_config"])
 
 
@@ -1267,7 +1284,7 @@ def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device) -
         raise ArtifactError(f"artifact lacks {sorted(missing)[:3]}... for this model")
     model.load_state_dict(qm.state_dict(template))
     model.looping = model_cfg.NUM_LOOPS > 0
-    return model
+    return model.eval()
 
 
 def load_quantized_model(cfg: Config, path: Path, backend: str, rt: Runtime, summary: dict, log) -> GPT:
@@ -1571,9 +1588,10 @@ def fit_slot(cfg: Config, model: GPT, hidden: Tensor, targets: Tensor, fit_mask:
         return [p.detach() for p in params]
     if cfg.SLOT_OPTIMIZER == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.SLOT_LR, weight_decay=1e-8, eps=1e-5)
-        for _ in range(cfg.SLOT_STEPS):
-            opt.zero_grad(set_to_none=True)
-            slot_window_losses(model, hidden, targets, fit_mask, params).sum().backward()
+        for _ in range(cfg.SLOT_STEPS):  # autograd.grad, not backward: the model's .grad stays untouched
+            grads = torch.autograd.grad(slot_window_losses(model, hidden, targets, fit_mask, params).sum(), params)
+            for p, g in zip(params, grads):
+                p.grad = g
             opt.step()
         return [p.detach() for p in params]
     sizes = [p[0].numel() for p in params]
@@ -1777,8 +1795,9 @@ def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, us
     chunk_of = (starts + first) // cfg.TTT_CHUNK_TOKENS
     n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
     scores = new_scores(n_targets, rt.device, with_mass)
-    trainable = [p for i, b in enumerate(model.blocks) if i >= cfg.TTT_FREEZE_BLOCKS for p in b.parameters()]
-    trainable += [p for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    for i, block in enumerate(model.blocks):  # frozen blocks compute no gradients at all
+        block.requires_grad_(i >= cfg.TTT_FREEZE_BLOCKS)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
     score_s = train_s = 0.0
     trained = 0
@@ -1996,9 +2015,9 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     quant_model = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
     if packed_qm is not None:
         check_round_trip(packed_qm, quant_model, log)
-    if unfitted is not None:  # what auto-fit's larger sigmas cost, against the configured ones (eager, untimed)
+    if unfitted is not None:  # what auto-fit's larger sigmas cost (rank 0 alone: no collective; eager, untimed)
         plain_bpb = evaluate(model_from_artifact(unfitted, cfg, backend, rt.device), val_tokens, tables,
-                             cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)["val_bpb"]
+                             cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1, rt.device))["val_bpb"]
     hidden_fn = eval_forward(cfg, quant_model, rt, [(val_batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
     clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
     result = evaluate(nll_function(quant_model, hidden_fn), val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)

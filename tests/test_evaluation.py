@@ -93,6 +93,14 @@ def test_slot_lowers_context_loss_and_leaves_the_first_window_alone(optimizer):
     assert not torch.equal(slot.nll, sliding.nll)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
+def test_slot_leaves_the_model_gradients_alone(optimizer):
+    """SLOT differentiates through the head; none of that may reach the weights TTT will step."""
+    cfg, model, tokens = setup(SLOT_OPTIMIZER=optimizer)
+    run(cfg, model, tokens, slot=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_lbfgs_rows_are_independent_and_reach_the_minimum():
     """Each row's quadratic is minimized as if it were alone: batching couples nothing."""
     g = torch.Generator().manual_seed(0)

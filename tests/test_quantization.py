@@ -158,6 +158,16 @@ def test_damaged_artifact_gives_a_clear_error(artifact_run, tmp_path, damage):
         tg.load_artifact(tmp_path / "missing.ptz")
 
 
+def test_every_single_bit_flip_in_prefix_and_header_is_caught(artifact_run, tmp_path):
+    blob = artifact_run[1].read_bytes()
+    _, _, header_len, _ = tg.ARTIFACT_PREFIX.unpack_from(blob)
+    for i in range(tg.ARTIFACT_PREFIX.size + header_len):
+        damaged = bytearray(blob)
+        damaged[i] ^= 1 << (i % 8)
+        with pytest.raises(tg.ArtifactError, match="truncated or corrupt"):
+            tg.decode_artifact(bytes(damaged), "x")
+
+
 def test_calibration_reads_training_shards_only(small_sample, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(small_sample["dataset_dir"], data)
@@ -226,3 +236,18 @@ def test_artifact_failure_on_rank_zero_stops_every_rank(small_sample, tmp_path):
     assert "ARTIFACT_TARGET_BYTES=1000: still" in done.stderr and "rank 0 could not build the artifact" in done.stderr
     summary = json.loads((tmp_path / "logs" / "ddp.json").read_text())
     assert summary["status"] == "failed" and "ARTIFACT_TARGET_BYTES=1000" in summary["error"]
+
+
+def test_autofit_on_two_ranks_keeps_the_collectives_in_step(artifact_run, small_sample, tmp_path):
+    """Auto-fit's extra evaluation runs on rank 0 alone; the ranks must still finish together."""
+    import os
+    import subprocess
+    import sys
+
+    target = int(artifact_run[0]["artifact_bytes_total"] * 0.85)
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=target, RUN_ID="ddp"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tg.Path(tg.__file__))]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "logs" / "ddp.json").read_text())
+    assert summary["artifact_bytes_total"] <= target and "autofit_bpb_cost" in summary and summary["score_source"] == "ttt"
