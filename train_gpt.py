@@ -911,7 +911,7 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARTIFACT_MAGIC = b"PGQ1"
+ARTIFACT_MAGIC = b"PGQ2"  # 2: header CRC in the prefix
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
