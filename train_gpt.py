@@ -1333,13 +1333,18 @@ def pack_source(source: str) -> str:
             'format=lzma.FORMAT_RAW,filters=[{"id":lzma.FILTER_LZMA2}]))\n')
 
 
+def unpack_source(packed: str) -> str:
+    """The source a packed wrapper executes."""
+    payload = base64.b85decode(packed.split('"')[1])
+    return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS).decode()
+
+
 def shipped_code_bytes() -> tuple[int, int, str]:
     """(bytes counted, raw source bytes, which): the file itself when it is the packed wrapper,
     else the size its packed form would have."""
     text = Path(__file__).read_text(encoding="utf-8")
     if text.startswith(PACKED_PREFIX):
-        inner = lzma.decompress(base64.b85decode(text.split('"')[1]), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-        return len(text.encode()), len(inner), "packed file"
+        return len(text.encode()), len(unpack_source(text).encode()), "packed file"
     return len(pack_source(text).encode()), len(text.encode()), "packed size computed from the source"
 
 
@@ -1727,10 +1732,8 @@ def score_windows(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, starts: Te
         h = hidden[rows, cols]
         if params is None:
             logits = model.compute_logits(h)
-        else:
-            logits = model.compute_logits(h + params[0][rows if params[0].size(0) > 1 else 0, 0])
-            if len(params) > 1:
-                logits = logits + params[1][rows if params[1].size(0) > 1 else 0, 0]
+        else:  # each scored position takes its window's parameters (a shared one broadcasts)
+            logits = slot_logits(model, h, [p.expand(x.size(0), -1, -1)[rows, 0] for p in params])
         log_probs = logits.float().log_softmax(-1)
     index = pos[rows, cols] - 1
     nll = -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1)
@@ -1895,10 +1898,22 @@ def nll_function(model: GPT, hidden_fn):
     return lambda x, y: token_nll(model.compute_logits(hidden_fn(x)), y)
 
 
-def evaluate_artifact_model(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, tables, rt: Runtime, clock: EvalClock,
+def evaluate_artifact_model(cfg: Config, model: GPT, tokens: Tensor, tables, batch_seqs: int, rt: Runtime,
                             log, summary: dict) -> None:
-    """The sliding-window pass, then the adapted pass the knobs ask for (SLOT, TTT or both);
-    the last pass run is the score. Every figure lands in `summary`."""
+    """Compile and warm up, start the EVAL_TIME_BUDGET clock, then the plain pass, the sliding-window
+    pass and the adapted pass the knobs ask for (SLOT, TTT or both); the last pass run is the
+    score. Every figure lands in `summary` (with the quantization gap if it holds pre_quant_val_bpb)."""
+    hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
+    clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
+    result = evaluate(nll_function(model, hidden_fn), tokens, tables, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)
+    summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"], quantized_eval_seconds=clock.elapsed(),
+                   val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="quantized")
+    gap = ""
+    if "pre_quant_val_bpb" in summary:
+        summary["quant_gap_bpb"] = result["val_bpb"] - summary["pre_quant_val_bpb"]
+        gap = f" gap:{summary['quant_gap_bpb']:+.6f}"
+    log(f"quantized val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f}{gap} "
+        f"eval_time:{1000 * summary['quantized_eval_seconds']:.0f}ms")
     byte_counts = stream_byte_counts([t.to(rt.device) for t in tables], tokens.to(rt.device))
     compliant = not cfg.SLOT_ENABLED or slot_compliant(cfg)
     summary["compliant"] = compliant
@@ -2016,19 +2031,12 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     if unfitted is not None:  # what auto-fit's larger sigmas cost (rank 0 alone: no collective; eager, untimed)
         plain_bpb = evaluate(model_from_artifact(unfitted, cfg, backend, rt.device), val_tokens, tables,
                              cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1, rt.device))["val_bpb"]
-    hidden_fn = eval_forward(cfg, quant_model, rt, [(val_batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
-    clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
-    result = evaluate(nll_function(quant_model, hidden_fn), val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
-    summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"],
-                   quant_gap_bpb=result["val_bpb"] - summary["pre_quant_val_bpb"], quantized_eval_seconds=clock.elapsed())
-    log(f"quantized val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
-        f"gap:{summary['quant_gap_bpb']:+.6f} eval_time:{1000 * summary['quantized_eval_seconds']:.0f}ms")
+    evaluate_artifact_model(cfg, quant_model, val_tokens, tables, val_batch_seqs, rt, log, summary)
     if unfitted is not None:
-        summary["autofit_bpb_cost"] = result["val_bpb"] - plain_bpb
-        log(f"autofit: val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> {result['val_bpb']:.6f} fitted, "
+        fitted = summary["quantized_val_bpb"]
+        summary["autofit_bpb_cost"] = fitted - plain_bpb
+        log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> {fitted:.6f} fitted, "
             f"cost {summary['autofit_bpb_cost']:+.6f}")
-    summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="quantized")
-    evaluate_artifact_model(cfg, quant_model, hidden_fn, val_tokens, tables, rt, clock, log, summary)
     log(f"final_score val_loss:{summary['val_loss']:.6f} val_bpb:{summary['val_bpb']:.6f} source:{summary['score_source']}"
         + ("" if summary["compliant"] else " NON-COMPLIANT"))
 

@@ -13,8 +13,6 @@ docstrings removed (ast.unparse is checked, not trusted).
 """
 import argparse
 import ast
-import base64
-import lzma
 import sys
 from pathlib import Path
 
@@ -27,8 +25,7 @@ def unpack(packed: str) -> str:
     """The source a packed file executes."""
     if not packed.startswith(train_gpt.PACKED_PREFIX):
         raise ValueError("not a packed train_gpt.py")
-    payload = base64.b85decode(packed.split('"')[1])
-    return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=train_gpt.LZMA_FILTERS).decode()
+    return train_gpt.unpack_source(packed)
 
 
 def pack_file(src: Path, out: Path) -> dict:
