@@ -25,6 +25,7 @@ import traceback
 import uuid
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -482,25 +483,38 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
+class BankedLinear(nn.Module):
+    """x @ W^T for a weight the caller slices from a bank. It holds no parameter: it exists so that
+    GPTQ's forward hooks can see the input of every matrix, as they would on an nn.Linear."""
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+
+class LayerWeights(NamedTuple):
+    """One physical layer's matrices, each a slice of a bank: (out_features, in_features)."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    up: Tensor
+    down: Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, xsa: bool, backend: str):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.head_dim
         self.rope_dims, self.rope_base = cfg.ROPE_DIMS, cfg.ROPE_BASE
         self.xsa, self.attend = xsa, attention_function(backend)
-        kv_dim = cfg.NUM_KV_HEADS * cfg.head_dim
-        self.c_q = nn.Linear(cfg.MODEL_DIM, cfg.MODEL_DIM, bias=False)
-        self.c_k = nn.Linear(cfg.MODEL_DIM, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.MODEL_DIM, kv_dim, bias=False)
-        self.proj = nn.Linear(cfg.MODEL_DIM, cfg.MODEL_DIM, bias=False)
-        self.proj.zero_init = True
+        self.c_q, self.c_k, self.c_v, self.proj = BankedLinear(), BankedLinear(), BankedLinear(), BankedLinear()
         self.q_gain = nn.Parameter(torch.full((cfg.NUM_HEADS,), cfg.QK_GAIN_INIT))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, w: LayerWeights) -> Tensor:
         B, T, _ = x.shape
-        q = rms_norm(self.c_q(x).view(B, T, self.heads, self.head_dim))
-        k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
+        q = rms_norm(self.c_q(x, w.q).view(B, T, self.heads, self.head_dim))
+        k = rms_norm(self.c_k(x, w.k).view(B, T, self.kv_heads, self.head_dim))
+        v = self.c_v(x, w.v).view(B, T, self.kv_heads, self.head_dim)
         if self.rope_dims:
             cos, sin = rotary_tables(T, self.rope_dims, self.rope_base, x.device, q.dtype)
             q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
@@ -508,7 +522,7 @@ class Attention(nn.Module):
         y = self.attend(q, k.to(v.dtype), v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
-        return self.proj(y.reshape(B, T, -1))
+        return self.proj(y.reshape(B, T, -1), w.o)
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
@@ -521,15 +535,12 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self):
         super().__init__()
-        hidden = int(cfg.MLP_MULT * cfg.MODEL_DIM)
-        self.fc = nn.Linear(cfg.MODEL_DIM, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.MODEL_DIM, bias=False)
-        self.proj.zero_init = True
+        self.fc, self.proj = BankedLinear(), BankedLinear()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+    def forward(self, x: Tensor, w: LayerWeights) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x, w.up), 0.5).square(), w.down)
 
 
 class Block(nn.Module):
@@ -538,18 +549,18 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1)
         self.parallel = layer >= cfg.PARALLEL_RESIDUAL_START
         self.attn = Attention(cfg, xsa=layer >= cfg.NUM_LAYERS - cfg.XSA_LAST_N, backend=backend)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP()
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.MODEL_DIM), torch.zeros(cfg.MODEL_DIM))))
         self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, w: LayerWeights) -> Tensor:
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        attn_out = self.attn_scale * self.attn(rms_norm(x) * self.norm_scale)
+        attn_out = self.attn_scale * self.attn(rms_norm(x) * self.norm_scale, w)
         if self.parallel:  # GPT-J style: attention and MLP both read the block input
-            return x + attn_out + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+            return x + attn_out + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
         x = x + attn_out
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
 
 
 def looped_layer_order(cfg: Config) -> list[int]:
@@ -561,28 +572,83 @@ def looped_layer_order(cfg: Config) -> list[int]:
     return layers[:cfg.LOOP_START] + loop * (cfg.NUM_LOOPS + 1) + layers[cfg.LOOP_END + 1:]
 
 
+def bank_layout(num_layers: int) -> dict[str, list[str]]:
+    """The per-layer matrix each slot of each bank holds, under its state-dict name."""
+    def per_layer(module: str) -> list[str]:
+        return [f"blocks.{i}.{module}.weight" for i in range(num_layers)]
+    return {"qo_bank": per_layer("attn.c_q") + per_layer("attn.proj"), "kv_bank": per_layer("attn.c_k") + per_layer("attn.c_v"),
+            "mlp_up_bank": per_layer("mlp.fc"), "mlp_down_bank": per_layer("mlp.proj")}
+
+
 class GPT(nn.Module):
+    """The block matrices live in four banks, one 3-D parameter per shape, so the optimizer can
+    shard whole matrices across ranks: qo_bank (Q of every layer, then O), kv_bank (K, then V),
+    mlp_up_bank and mlp_down_bank. Blocks receive their slices. state_dict() and load_state_dict()
+    speak per-matrix names (blocks.{i}.attn.c_q.weight, ...), so checkpoints, GPTQ and the artifact
+    see one tensor per matrix, as in an unbanked model."""
+
     def __init__(self, cfg: Config, attention_backend: str = "sdpa"):
         super().__init__()
+        L, D, kv, hidden = cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_KV_HEADS * cfg.head_dim, int(cfg.MLP_MULT * cfg.MODEL_DIM)
         self.softcap = cfg.LOGIT_SOFTCAP
-        self.tok_emb = nn.Embedding(cfg.VOCAB_SIZE, cfg.MODEL_DIM)
-        self.blocks = nn.ModuleList(Block(cfg, i, attention_backend) for i in range(cfg.NUM_LAYERS))
-        self.plain_order, self.loop_order = list(range(cfg.NUM_LAYERS)), looped_layer_order(cfg)
+        self.tok_emb = nn.Embedding(cfg.VOCAB_SIZE, D)
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, D))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, D))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, D, hidden))
+        self.layout = bank_layout(L)
+        self.blocks = nn.ModuleList(Block(cfg, i, attention_backend) for i in range(L))
+        self.plain_order, self.loop_order = list(range(L)), looped_layer_order(cfg)
         self.looping = False
         # U-Net skip slots are sized for the looped schedule, which has the most encoder layers.
         num_skips = len(self.loop_order) // 2
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.MODEL_DIM))
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.MODEL_DIM))
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, D))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, D))
+        self.register_state_dict_post_hook(GPT._unbank_state)
+        self.register_load_state_dict_pre_hook(GPT._bank_state)
         self._init_weights(cfg.TIED_EMBED_INIT_STD)
 
+    @torch.no_grad()
     def _init_weights(self, embed_std: float) -> None:
+        """Embedding N(0, std); output projections (O, MLP down) zero; every other matrix with both
+        sides >= 64 orthogonal, one matrix at a time."""
+        if self.qo_bank.is_meta:
+            return
         nn.init.normal_(self.tok_emb.weight, std=embed_std)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                if getattr(m, "zero_init", False):
-                    nn.init.zeros_(m.weight)
-                elif min(m.weight.shape) >= 64:
-                    nn.init.orthogonal_(m.weight)
+        L = len(self.blocks)
+        self.qo_bank[L:].zero_()
+        self.mlp_down_bank.zero_()
+        for w in (*self.qo_bank[:L], *self.kv_bank, *self.mlp_up_bank):
+            if min(w.shape) >= 64:
+                nn.init.orthogonal_(w)
+            else:
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default
+
+    @staticmethod
+    def _unbank_state(module, state, prefix, _metadata) -> None:
+        for bank, names in module.layout.items():
+            stacked = state.pop(prefix + bank)
+            state.update({prefix + name: matrix for name, matrix in zip(names, stacked)})
+
+    @staticmethod
+    def _bank_state(module, state, prefix, *_args) -> None:
+        for bank, names in module.layout.items():
+            keys = [prefix + name for name in names]
+            if all(k in state for k in keys):
+                state[prefix + bank] = torch.stack([state.pop(k) for k in keys])
+
+    def layer_weights(self, layer: int) -> LayerWeights:
+        L = len(self.blocks)
+        return LayerWeights(self.qo_bank[layer], self.kv_bank[layer], self.kv_bank[L + layer], self.qo_bank[L + layer],
+                            self.mlp_up_bank[layer], self.mlp_down_bank[layer])
+
+    def zero_layer_grads(self, layers: range) -> None:
+        """Zero the bank gradient rows of these physical layers (a bank cannot be frozen in part)."""
+        L = len(self.blocks)
+        for bank, offsets in ((self.qo_bank, (0, L)), (self.kv_bank, (0, L)), (self.mlp_up_bank, (0,)), (self.mlp_down_bank, (0,))):
+            if bank.grad is not None:
+                for offset in offsets:
+                    bank.grad[offset + layers.start:offset + layers.stop] = 0
 
     def layer_order(self) -> list[int]:
         return self.loop_order if self.looping else self.plain_order
@@ -594,13 +660,13 @@ class GPT(nn.Module):
         n_encoder = len(order) // 2
         skips = []
         for layer in order[:n_encoder]:
-            x = self.blocks[layer](x, x0)
+            x = self.blocks[layer](x, x0, self.layer_weights(layer))
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot])
                 x = gate * x + (1 - gate) * self.skip_weights[slot] * skips.pop()
-            x = self.blocks[layer](x, x0)
+            x = self.blocks[layer](x, x0, self.layer_weights(layer))
         return rms_norm(x)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -660,42 +726,118 @@ def muon_direction(g: Tensor, row_normalize: bool, coeffs) -> Tensor:
     return newton_schulz(g, coeffs) * math.sqrt(max(1.0, g.size(-2) / g.size(-1)))
 
 
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, MuonEq-R, Newton-Schulz, shape scale and decoupled weight decay.
-    Every rank runs the same step on gradients that are already averaged."""
+# Collectives under their current names, falling back to the older ones (same arguments).
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, row_normalize: bool, coeffs):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+class ParallelMuon(torch.optim.Optimizer):
+    """Muon over banks of same-shaped matrices: Nesterov momentum, MuonEq-R, a batched Newton-Schulz,
+    the shape scale and decoupled weight decay.
+
+    Each bank is padded with zero matrices to a multiple of the world size and rank r owns the r-th
+    equal run of whole matrices. `launch_reduce_scatters` starts one asynchronous reduce-scatter per
+    bank (largest first) that hands each rank the averaged gradients of its own matrices; `step` then,
+    bank by bank, computes the owned updates and all-gathers them asynchronously, applying bank i's
+    update only after bank i+1's Newton-Schulz has been issued, so the all-gather hides behind it.
+    Momentum lives for the owned matrices only. On one rank nothing is communicated or rounded."""
+
+    def __init__(self, banks: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, row_normalize: bool,
+                 coeffs, world_size: int = 1, comm_dtype: torch.dtype = torch.float32, compile_direction: bool = False):
+        banks = sorted(banks, key=lambda p: -p.numel())
+        super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.row_normalize, self.coeffs = row_normalize, coeffs
+        self.world_size, self.comm_dtype = world_size, comm_dtype
+        self.direction = torch.compile(muon_direction, fullgraph=True, dynamic=False) if compile_direction else muon_direction
+        self._grad_shards: dict[nn.Parameter, tuple] = {}
+
+    def describe(self) -> str:
+        banks = " ".join(f"{'x'.join(map(str, p.shape))}/{self.owned(p)}" for p in self.param_groups[0]["params"])
+        comm = f"{str(self.comm_dtype).removeprefix('torch.')} over {self.world_size} ranks" if self.world_size > 1 else "none"
+        return f"parallel_muon: banks (matrices x rows x cols / owned per rank) {banks}; communication {comm}"
+
+    def owned(self, bank: Tensor) -> int:
+        """Matrices of this bank each rank owns (the last rank's run may end in padding)."""
+        return -(-bank.size(0) // self.world_size)
 
     @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(mu).add_(p.grad)
-                update = muon_direction(p.grad.add(buf, alpha=mu), self.row_normalize, self.coeffs)
-                p.mul_(1 - lr * wd).add_(update.to(p.dtype), alpha=-lr)
+    def launch_reduce_scatters(self) -> None:
+        """Start averaging every bank's gradient onto the ranks that own its matrices."""
+        for p in self.param_groups[0]["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if self.world_size == 1:
+                self._grad_shards[p] = (None, p.grad)
+                continue
+            k = self.owned(p)
+            padded = torch.zeros(k * self.world_size, *p.shape[1:], dtype=self.comm_dtype, device=p.device)
+            padded[:p.size(0)].copy_(p.grad).div_(self.world_size)  # exact: the world size is a power of 2
+            shard = torch.empty(k, *p.shape[1:], dtype=self.comm_dtype, device=p.device)
+            self._grad_shards[p] = (reduce_scatter(shard, padded, async_op=True), shard)
+
+    def grad_shard(self, p: nn.Parameter) -> Tensor:
+        """The averaged gradient of this rank's matrices of bank p, once its reduce-scatter is done."""
+        work, shard = self._grad_shards[p]
+        if work is not None:
+            work.wait()
+            self._grad_shards[p] = (None, shard)
+        return shard
+
+    def local_grad_square_norm(self) -> Tensor:
+        """Squared L2 norm of this rank's gradient shards: summed over ranks, that of every bank."""
+        return sum(self.grad_shard(p).float().square().sum() for p in self.param_groups[0]["params"])
+
+    @torch.no_grad()
+    def step(self, grad_scale: Tensor | float = 1.0) -> None:
+        """Update every bank from its gradient shard times grad_scale (the global clip factor)."""
+        group = self.param_groups[0]
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        pending = None
+        for p in group["params"]:
+            g = self.grad_shard(p).float() * grad_scale
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
+            buf.mul_(mu).add_(g)
+            update = self.direction(g.add(buf, alpha=mu), self.row_normalize, self.coeffs)
+            if self.world_size > 1:
+                gathered = torch.empty(update.size(0) * self.world_size, *update.shape[1:], dtype=self.comm_dtype, device=p.device)
+                work = all_gather(gathered, update.to(self.comm_dtype), async_op=True)
+            else:
+                gathered, work = update, None
+            if pending is not None:
+                apply_update(*pending, lr, wd)
+            pending = (p, gathered, work)
+        if pending is not None:
+            apply_update(*pending, lr, wd)
+        self._grad_shards.clear()
 
 
-def build_optimizers(cfg: Config, model: GPT) -> list[torch.optim.Optimizer]:
-    """Muon for the Linear weights inside blocks; AdamW for the embedding and everything else."""
-    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
-    matrix_ids = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
-    controls = [p for p in model.parameters() if id(p) not in matrix_ids]
-    fused = dict(fused=True) if model.tok_emb.weight.is_cuda else {}
+def apply_update(p: nn.Parameter, gathered: Tensor, work, lr: float, wd: float) -> None:
+    """Decoupled weight decay, then the step, once the bank's updates have arrived."""
+    if work is not None:
+        work.wait()
+    p.mul_(1 - lr * wd).add_(gathered[:p.size(0)].to(p.dtype), alpha=-lr)
+
+
+def build_optimizers(cfg: Config, model: GPT, world_size: int = 1) -> Optimizers:
+    """Parallel Muon for the four banks; AdamW for the embedding and every other parameter.
+    Gradients travel in bf16 on CUDA, as in the records, and in float32 on CPU."""
+    banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
+    bank_ids = {id(p) for p in banks} | {id(model.tok_emb.weight)}
+    controls = [p for p in model.parameters() if id(p) not in bank_ids]
+    cuda = model.tok_emb.weight.is_cuda
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=cfg.TIED_EMBED_LR, weight_decay=cfg.EMBED_WD),
          dict(params=controls, lr=cfg.SCALAR_LR, weight_decay=cfg.ADAM_WD)],
-        betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS, **fused)
-    muon = Muon(matrices, lr=cfg.MATRIX_LR, momentum=cfg.MUON_MOMENTUM, weight_decay=cfg.MUON_WD,
-                row_normalize=bool(cfg.MUON_ROW_NORMALIZE),
-                coeffs=newton_schulz_coeffs(cfg.MUON_NS_COEFFS, cfg.MUON_BACKEND_STEPS))
+        betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS, **(dict(fused=True) if cuda else {}))
+    muon = ParallelMuon(banks, lr=cfg.MATRIX_LR, momentum=cfg.MUON_MOMENTUM, weight_decay=cfg.MUON_WD,
+                        row_normalize=bool(cfg.MUON_ROW_NORMALIZE),
+                        coeffs=newton_schulz_coeffs(cfg.MUON_NS_COEFFS, cfg.MUON_BACKEND_STEPS),
+                        world_size=world_size, comm_dtype=torch.bfloat16 if cuda else torch.float32,
+                        compile_direction=cuda and cfg.COMPILE == 1)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
-    return [adam, muon]
+    return Optimizers(adam, muon)
 
 
 def lr_multiplier(cfg: Config, frac: float) -> float:
@@ -718,28 +860,25 @@ def set_schedule(cfg: Config, optimizers, step: int, frac: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-            if isinstance(opt, Muon):
+            if isinstance(opt, ParallelMuon):
                 group["momentum"] = muon_momentum(cfg, step)
 
 
 class EMA:
-    """Float32 exponential moving average of every floating-point tensor of the model."""
+    """Float32 exponential moving average of every parameter (the model has no buffers)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-        self.shadow = [model.state_dict()[k].detach().float().clone() for k in self.names]
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        state = model.state_dict()
-        torch._foreach_lerp_(self.shadow, [state[k].float() for k in self.names], 1 - self.decay)
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self.params], 1 - self.decay)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        state = model.state_dict()
-        for k, v in zip(self.names, self.shadow):
-            state[k].copy_(v)
+    def copy_to(self) -> None:
+        torch._foreach_copy_(self.params, self.shadow)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -793,22 +932,74 @@ def all_reduce_(t: Tensor, rt: Runtime, op=None) -> Tensor:
     return t
 
 
-def reduce_gradients(params: list[nn.Parameter], rt: Runtime, divisor: int | None = None) -> None:
-    """One flat all-reduce of every gradient (a parameter without one counts as zero), divided
-    by `divisor` (default: the world size, i.e. the mean over ranks)."""
+PACKED_ALL_REDUCE_NUMEL = 32768  # gradients this small travel together in one flat all-reduce
+
+
+def start_gradient_all_reduce(params: list[nn.Parameter], rt: Runtime, divisor: int | None = None):
+    """Start summing every gradient over ranks; the returned function waits and divides by `divisor`
+    (default: the world size, i.e. the mean). A parameter without a gradient counts as zero. Small
+    gradients are packed into one flat buffer, large ones reduce in place, all in flight together."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if rt.world_size == 1:
-        return
-    grads = [p.grad for p in params]
-    flat = all_reduce_(torch.cat([g.flatten() for g in grads]), rt).div_(divisor or rt.world_size)
-    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(averaged.view_as(g))
+        return lambda: None
+    divisor = divisor or rt.world_size
+    small = [p.grad for p in params if p.numel() <= PACKED_ALL_REDUCE_NUMEL]
+    large = [p.grad for p in params if p.numel() > PACKED_ALL_REDUCE_NUMEL]
+    flat = torch.cat([g.flatten() for g in small]) if small else torch.zeros(0, device=rt.device)
+    works = [dist.all_reduce(g, async_op=True) for g in large + [flat]]
+
+    def finish() -> None:
+        for work in works:
+            work.wait()
+        if large:
+            torch._foreach_div_(large, divisor)
+        for g, summed in zip(small, flat.div_(divisor).split([g.numel() for g in small])):
+            g.copy_(summed.view_as(g))
+    return finish
 
 
-def train_step(cfg: Config, model_fn, model: GPT, optimizers, batch: Tensor, rt: Runtime) -> Tensor:
-    """Forward/backward over this rank's micro-batches, average gradients, clip, step.
+def all_reduce_gradients(params: list[nn.Parameter], rt: Runtime, divisor: int | None = None) -> None:
+    start_gradient_all_reduce(params, rt, divisor)()
+
+
+@dataclasses.dataclass
+class Optimizers:
+    """AdamW for the replicated parameters and Parallel Muon for the banks, stepped together."""
+    adam: torch.optim.AdamW
+    muon: ParallelMuon
+
+    def __iter__(self):
+        return iter((self.adam, self.muon))
+
+    @torch.no_grad()
+    def step(self, clip_norm: float, rt: Runtime) -> Tensor:
+        """Average, clip to the global norm, update; returns that norm (before clipping).
+
+        The replicated gradients are all-reduced first and the banks' reduce-scatters queue behind
+        them, so AdamW can step while the banks are still in flight. Clipping needs the norm of the
+        whole averaged gradient, so with GRAD_CLIP_NORM > 0 every reduce-scatter must land first:
+        ||g||^2 = (sum over ranks of their bank shards' ||.||^2) + ||replicated||^2, the last
+        identical on every rank and counted once."""
+        replicated = [p for group in self.adam.param_groups for p in group["params"]]
+        finish_replicated = start_gradient_all_reduce(replicated, rt)
+        self.muon.launch_reduce_scatters()
+        finish_replicated()
+        grads = [p.grad for p in replicated]
+        norm = scale = None
+        if clip_norm > 0:
+            square = all_reduce_(self.muon.local_grad_square_norm().reshape(1), rt)[0]
+            norm = (square + sum(g.float().square().sum() for g in grads)).sqrt()
+            scale = (clip_norm / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
+            torch._foreach_mul_(grads, scale)
+        self.adam.step()
+        self.muon.step(1.0 if scale is None else scale)
+        return norm
+
+
+def train_step(cfg: Config, model_fn, model: GPT, optimizers: Optimizers, batch: Tensor, rt: Runtime) -> Tensor:
+    """Forward/backward over this rank's micro-batches, then average, clip and step.
     Returns this rank's mean training loss (a 0-dim tensor, not yet synchronized)."""
     total = torch.zeros((), device=rt.device)
     for micro in batch.chunk(rt.accum_steps):
@@ -817,14 +1008,15 @@ def train_step(cfg: Config, model_fn, model: GPT, optimizers, batch: Tensor, rt:
             loss = model_fn(micro[:, :-1], micro[:, 1:]).mean()
         (loss / rt.accum_steps).backward()
         total += loss.detach()
-    params = list(model.parameters())
-    reduce_gradients(params, rt)
-    if cfg.GRAD_CLIP_NORM > 0:  # gradients are identical on every rank, so this is the global norm
-        torch.nn.utils.clip_grad_norm_(params, cfg.GRAD_CLIP_NORM)
-    for opt in optimizers:
-        opt.step()
+    optimizers.step(cfg.GRAD_CLIP_NORM, rt)
     model.zero_grad(set_to_none=True)
     return total / rt.accum_steps
+
+
+def compile_model(model: GPT, backend: str = "inductor"):
+    """One static-shape graph per looping state and grad mode. The LR and momentum live in the
+    optimizers' param groups and the step runs outside the graph, so steps never recompile."""
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
 
 
 def global_seqs(cfg: Config) -> int:
@@ -877,7 +1069,7 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
         t0 = time.perf_counter()
         loss = train_step(cfg, model_fn, model, optimizers, loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size), rt)
         if ema is not None:
-            ema.update(model)
+            ema.update()
         rt.sync()
         # All ranks agree on the clock (slowest rank), so they switch looping and stop together.
         last_dt = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt, dist.ReduceOp.MAX).item()
@@ -1798,7 +1990,7 @@ def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, us
     chunk_of = (starts + first) // cfg.TTT_CHUNK_TOKENS
     n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
     scores = new_scores(n_targets, rt.device, with_mass)
-    for i, block in enumerate(model.blocks):  # frozen blocks compute no gradients at all
+    for i, block in enumerate(model.blocks):  # their bank rows are frozen by zeroing gradients
         block.requires_grad_(i >= cfg.TTT_FREEZE_BLOCKS)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
@@ -1847,7 +2039,8 @@ def train_on_chunk(cfg: Config, model: GPT, tokens: Tensor, c: int, trainable, o
         if starts.numel():
             with rt.autocast():
                 (model(x, y) * mask).sum().div(count).backward()
-        reduce_gradients(trainable, rt, divisor=1)  # the loss is already over the global count
+            model.zero_layer_grads(range(cfg.TTT_FREEZE_BLOCKS))
+        all_reduce_gradients(trainable, rt, divisor=1)  # the loss is already over the global count
         if cfg.TTT_GRAD_CLIP > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.TTT_GRAD_CLIP)
         opt.step()
@@ -1997,9 +2190,10 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     summary["params"] = sum(p.numel() for p in model.parameters())
     log(f"model_params:{summary['params']} layer_order_looped:{model.loop_order}")
     compiled = rt.device.type == "cuda" and cfg.COMPILE == 1
-    model_fn = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    model_fn = compile_model(model) if compiled else model
     log(f"compile:{'on' if compiled else 'off'} accum_steps:{rt.accum_steps} world_size:{rt.world_size}")
-    optimizers = build_optimizers(cfg, model)
+    optimizers = build_optimizers(cfg, model, rt.world_size)
+    log(optimizers.muon.describe())
     val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
 
     def validate() -> dict:
@@ -2010,7 +2204,7 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
         summary["peak_memory_mib"] = torch.cuda.max_memory_allocated(rt.device) // 2**20
         log(f"peak memory allocated: {summary['peak_memory_mib']} MiB")
     if ema is not None:
-        ema.copy_to(model)
+        ema.copy_to()
         log("ema: applied EMA weights")
     model.looping = cfg.NUM_LOOPS > 0  # recurrence stays on for everything after training
     artifact_path = Path(cfg.LOG_DIR) / f"{cfg.RUN_ID}.ptz"

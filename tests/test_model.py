@@ -97,10 +97,17 @@ def test_forward_is_hidden_then_logits_with_softcap():
 def test_zero_init_and_orthogonal_init():
     torch.manual_seed(0)
     model = tg.GPT(config_from_env(FULL_OPTIONS))
-    block = model.blocks[0]
-    assert torch.count_nonzero(block.attn.proj.weight) == 0 and torch.count_nonzero(block.mlp.proj.weight) == 0
-    w = block.attn.c_q.weight
-    assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
+    state, block = model.state_dict(), model.blocks[0]
+    for i in range(5):  # output projections start at zero; matrices with both sides >= 64 orthogonal
+        assert torch.count_nonzero(state[f"blocks.{i}.attn.proj.weight"]) == 0
+        assert torch.count_nonzero(state[f"blocks.{i}.mlp.proj.weight"]) == 0
+        for name, shape in (("attn.c_q", (64, 64)), ("mlp.fc", (128, 64))):
+            w = state[f"blocks.{i}.{name}.weight"]
+            assert w.shape == shape and torch.allclose(w.T @ w, torch.eye(64), atol=1e-5), name
+        for name in ("attn.c_k", "attn.c_v"):  # 32 x 64: nn.Linear's default, uniform within 1/sqrt(fan_in)
+            w = state[f"blocks.{i}.{name}.weight"]
+            assert w.shape == (32, 64) and 0.9 / 8 < w.abs().max() <= 1 / 8, name
+    assert not torch.equal(state["blocks.0.attn.c_q.weight"], state["blocks.1.attn.c_q.weight"])  # each drawn on its own
     assert torch.allclose(block.attn.q_gain, torch.full((4,), 5.25))
     assert model.blocks[2].norm_scale == pytest.approx(1 / 3 ** 0.5)
     assert [b.parallel for b in model.blocks] == [False, False, False, True, True]

@@ -72,19 +72,24 @@ def test_shape_scale_for_tall_matrices():
     assert ratio == pytest.approx(2.0, rel=1e-5)
 
 
-def test_muon_step_is_nesterov_then_decay_then_update():
+def test_muon_step_is_nesterov_then_decay_then_update_per_matrix_of_a_bank():
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(16, 32))
-    start = p.detach().clone()
-    opt = tg.Muon([p], lr=0.1, momentum=0.9, weight_decay=0.5, row_normalize=True, coeffs=tg.newton_schulz_coeffs("quintic", 5))
-    grads = [torch.randn(16, 32) for _ in range(2)]
-    expected, buf = start.clone(), torch.zeros(16, 32)
-    for g in grads:
-        p.grad = g.clone()
-        opt.step()
-        buf = 0.9 * buf + g
-        expected = expected * (1 - 0.1 * 0.5) - 0.1 * tg.muon_direction(g + 0.9 * buf, True, opt.coeffs)
-    assert torch.allclose(p.detach(), expected, atol=1e-6)
+    bank = torch.nn.Parameter(torch.randn(3, 16, 32))
+    start = bank.detach().clone()
+    opt = tg.ParallelMuon([bank], lr=0.1, momentum=0.9, weight_decay=0.5, row_normalize=True,
+                          coeffs=tg.newton_schulz_coeffs("quintic", 5))
+    grads = [torch.randn(3, 16, 32) for _ in range(2)]
+    scales = [1.0, 0.25]  # the global clip factor scales the gradient before momentum
+    for g, scale in zip(grads, scales):
+        bank.grad = g.clone()
+        opt.launch_reduce_scatters()
+        opt.step(scale)
+    for i in range(3):
+        expected, buf = start[i].clone(), torch.zeros(16, 32)
+        for g, scale in zip(grads, scales):
+            buf = 0.9 * buf + scale * g[i]
+            expected = expected * (1 - 0.1 * 0.5) - 0.1 * tg.muon_direction(scale * g[i] + 0.9 * buf, True, opt.coeffs)
+        assert torch.allclose(bank.detach()[i], expected, atol=1e-6)
 
 
 def test_parameter_groups_cover_every_parameter_once():
@@ -95,7 +100,9 @@ def test_parameter_groups_cover_every_parameter_once():
     ids = [id(p) for group in groups for p in group]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert adam.param_groups[0]["params"] == [model.tok_emb.weight]
-    assert all(p.ndim == 2 for p in muon.param_groups[0]["params"]) and len(muon.param_groups[0]["params"]) == 3 * 6
+    # The four banks, largest first, so the largest reduce-scatter starts first.
+    assert muon.param_groups[0]["params"] == [model.mlp_up_bank, model.mlp_down_bank, model.qo_bank, model.kv_bank]
+    assert [tuple(p.shape) for p in muon.param_groups[0]["params"]] == [(3, 256, 64), (3, 64, 256), (6, 64, 64), (6, 32, 64)]
     assert any(p is model.blocks[0].resid_mix for p in adam.param_groups[1]["params"])  # 2-D but a control
 
 
@@ -125,7 +132,7 @@ def test_schedule_sets_every_group():
     tg.set_schedule(cfg, optimizers, step=0, frac=0.75)
     lrs = [g["lr"] for opt in optimizers for g in opt.param_groups]
     assert lrs == pytest.approx([0.25 * cfg.TIED_EMBED_LR, 0.25 * cfg.SCALAR_LR, 0.25 * cfg.MATRIX_LR])
-    assert optimizers[1].param_groups[0]["momentum"] == pytest.approx(0.92)
+    assert optimizers.muon.param_groups[0]["momentum"] == pytest.approx(0.92)
 
 
 def test_ema_tracks_the_weights():
@@ -134,6 +141,6 @@ def test_ema_tracks_the_weights():
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
-    ema.copy_to(model)
+    ema.update()
+    ema.copy_to()
     assert torch.allclose(model.weight, start + 0.1)
