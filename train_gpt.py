@@ -773,11 +773,12 @@ class ParallelMuon(torch.optim.Optimizer):
             padded = torch.zeros(k * self.world_size, *p.shape[1:], dtype=self.comm_dtype, device=p.device)
             padded[:p.size(0)].copy_(p.grad).div_(self.world_size)  # exact: the world size is a power of 2
             shard = torch.empty(k, *p.shape[1:], dtype=self.comm_dtype, device=p.device)
-            self._grad_shards[p] = (reduce_scatter(shard, padded, async_op=True), shard)
+            # The input stays referenced here until the wait: an asynchronous collective may still read it.
+            self._grad_shards[p] = (reduce_scatter(shard, padded, async_op=True), shard, padded)
 
     def grad_shard(self, p: nn.Parameter) -> Tensor:
         """The averaged gradient of this rank's matrices of bank p, once its reduce-scatter is done."""
-        work, shard = self._grad_shards[p]
+        work, shard, *_ = self._grad_shards[p]
         if work is not None:
             work.wait()
             self._grad_shards[p] = (None, shard)
@@ -799,20 +800,22 @@ class ParallelMuon(torch.optim.Optimizer):
             buf.mul_(mu).add_(g)
             update = self.direction(g.add(buf, alpha=mu), self.row_normalize, self.coeffs)
             if self.world_size > 1:
-                gathered = torch.empty(update.size(0) * self.world_size, *update.shape[1:], dtype=self.comm_dtype, device=p.device)
-                work = all_gather(gathered, update.to(self.comm_dtype), async_op=True)
+                sent = update.to(self.comm_dtype)
+                gathered = torch.empty(sent.size(0) * self.world_size, *sent.shape[1:], dtype=sent.dtype, device=p.device)
+                work = all_gather(gathered, sent, async_op=True)
             else:
-                gathered, work = update, None
+                gathered, work, sent = update, None, None
             if pending is not None:
                 apply_update(*pending, lr, wd)
-            pending = (p, gathered, work)
+            pending = (p, gathered, work, sent)
         if pending is not None:
             apply_update(*pending, lr, wd)
         self._grad_shards.clear()
 
 
-def apply_update(p: nn.Parameter, gathered: Tensor, work, lr: float, wd: float) -> None:
-    """Decoupled weight decay, then the step, once the bank's updates have arrived."""
+def apply_update(p: nn.Parameter, gathered: Tensor, work, _sent: Tensor | None, lr: float, wd: float) -> None:
+    """Decoupled weight decay, then the step, once the bank's updates have arrived (`_sent`, the
+    all-gather's input, is passed along only to stay alive until then)."""
     if work is not None:
         work.wait()
     p.mul_(1 - lr * wd).add_(gathered[:p.size(0)].to(p.dtype), alpha=-lr)
