@@ -615,14 +615,14 @@ class GPT(nn.Module):
         if self.qo_bank.is_meta:
             return
         nn.init.normal_(self.tok_emb.weight, std=embed_std)
-        L = len(self.blocks)
-        self.qo_bank[L:].zero_()
-        self.mlp_down_bank.zero_()
-        for w in (*self.qo_bank[:L], *self.kv_bank, *self.mlp_up_bank):
-            if min(w.shape) >= 64:
-                nn.init.orthogonal_(w)
-            else:
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default
+        for bank, names in self.layout.items():
+            for w, name in zip(getattr(self, bank), names):
+                if name.endswith(".proj.weight"):  # attention and MLP output projections
+                    w.zero_()
+                elif min(w.shape) >= 64:
+                    nn.init.orthogonal_(w)
+                else:
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default
 
     @staticmethod
     def _unbank_state(module, state, prefix, _metadata) -> None:
@@ -643,12 +643,13 @@ class GPT(nn.Module):
                             self.mlp_up_bank[layer], self.mlp_down_bank[layer])
 
     def zero_layer_grads(self, layers: range) -> None:
-        """Zero the bank gradient rows of these physical layers (a bank cannot be frozen in part)."""
+        """Zero these physical layers' rows of every bank gradient (a bank cannot be frozen in part).
+        Every bank is runs of one matrix per layer, so slot j belongs to layer j % NUM_LAYERS."""
         L = len(self.blocks)
-        for bank, offsets in ((self.qo_bank, (0, L)), (self.kv_bank, (0, L)), (self.mlp_up_bank, (0,)), (self.mlp_down_bank, (0,))):
-            if bank.grad is not None:
-                for offset in offsets:
-                    bank.grad[offset + layers.start:offset + layers.stop] = 0
+        for bank in self.layout:
+            grad = getattr(self, bank).grad
+            if grad is not None:
+                grad[[j for j in range(grad.size(0)) if j % L in layers]] = 0
 
     def layer_order(self) -> list[int]:
         return self.loop_order if self.looping else self.plain_order
@@ -806,16 +807,15 @@ class ParallelMuon(torch.optim.Optimizer):
             else:
                 gathered, work, sent = update, None, None
             if pending is not None:
-                apply_update(*pending, lr, wd)
-            pending = (p, gathered, work, sent)
+                apply_update(*pending[:3], lr, wd)
+            pending = (p, gathered, work, sent)  # holding `sent` keeps the all-gather's input alive until its wait
         if pending is not None:
-            apply_update(*pending, lr, wd)
+            apply_update(*pending[:3], lr, wd)
         self._grad_shards.clear()
 
 
-def apply_update(p: nn.Parameter, gathered: Tensor, work, _sent: Tensor | None, lr: float, wd: float) -> None:
-    """Decoupled weight decay, then the step, once the bank's updates have arrived (`_sent`, the
-    all-gather's input, is passed along only to stay alive until then)."""
+def apply_update(p: nn.Parameter, gathered: Tensor, work, lr: float, wd: float) -> None:
+    """Decoupled weight decay, then the step, once the bank's updates have arrived."""
     if work is not None:
         work.wait()
     p.mul_(1 - lr * wd).add_(gathered[:p.size(0)].to(p.dtype), alpha=-lr)
