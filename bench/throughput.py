@@ -165,10 +165,12 @@ def main(argv=None) -> dict:
             print(report(result), flush=True)
             if args.json:
                 tg.write_json_atomic(args.json, result)
-        return result
+        if tg.dist.is_initialized():  # leave together: a rank that tears gloo down early aborts the others
+            tg.dist.barrier()
     finally:
         if tg.dist.is_initialized():
             tg.dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":
