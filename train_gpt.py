@@ -79,7 +79,7 @@ class Config:
     TRAIN_BATCH_TOKENS: int = knob(786432, 2, 1 << 30, doc="global tokens per optimizer step")
     ITERATIONS: int = knob(20000, 1, 10**9, doc="step cap")
     MAX_WALLCLOCK_SECONDS: float = knob(600.0, 0.0, INF, doc="training time cap; 0 = steps only")
-    GPTQ_RESERVE_SECONDS: float = knob(12.0, 0.0, INF, doc="cut from the training cap for calibration")
+    GPTQ_RESERVE_SECONDS: float = knob(12.0, 0.0, INF, doc="least seconds cut from the training cap for GPTQ calibration (more if its measured cost projects more)")
     WARMUP_STEPS: int = knob(20, 0, 10**6, doc="compile-priming steps, rolled back afterwards")
     WARMDOWN_FRAC: float = knob(0.72, 0.0, 1.0, doc="final fraction of training with decaying LR")
     MIN_LR: float = knob(0.0, 0.0, 1.0, doc="LR multiplier floor during warmdown")
@@ -114,7 +114,7 @@ class Config:
     GPTQ_DAMP: float = knob(0.01, 0.0, 10.0, doc="Hessian damping, as a fraction of its mean diagonal")
     GPTQ_BLOCK_SIZE: int = knob(128, 1, 1 << 20, doc="columns per lazy-update block")
     COMPRESSOR: str = knob("brotli", choices=("brotli", "lzma"), doc="brotli quality 11, or raw LZMA2 preset 9|extreme")
-    ARTIFACT_TARGET_BYTES: int = knob(0, 0, 16_000_000, doc="auto-fit code+model to this size by raising the clip sigmas; 0 = off (over 16,000,000 fails)")
+    ARTIFACT_TARGET_BYTES: int = knob(16_000_000, 0, 16_000_000, doc="if code+model is over this size, raise the clip sigmas until it fits; 0 = off (over 16,000,000 fails)")
     # Evaluation and logging
     VAL_BATCH_TOKENS: int = knob(524288, 2, 1 << 30, doc="global tokens per validation batch")
     VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
@@ -145,12 +145,6 @@ class Config:
     def head_dim(self) -> int:
         return self.MODEL_DIM // self.NUM_HEADS
 
-    @property
-    def train_budget_seconds(self) -> float:
-        """Training wall-clock cap after the GPTQ reserve; infinite when only steps bound the run."""
-        if self.MAX_WALLCLOCK_SECONDS <= 0:
-            return INF
-        return self.MAX_WALLCLOCK_SECONDS - self.GPTQ_RESERVE_SECONDS
 
 
 # Defaults swapped in by PRESET=sample: a small model that exercises every architecture option
@@ -229,13 +223,13 @@ def validate_config(cfg: Config) -> None:
     if cfg.NUM_LOOPS > 0:
         need(cfg.LOOP_START <= cfg.LOOP_END < cfg.NUM_LAYERS,
              f"LOOP_START={cfg.LOOP_START}, LOOP_END={cfg.LOOP_END}: need LOOP_START <= LOOP_END < NUM_LAYERS={cfg.NUM_LAYERS}")
-    seqs = cfg.TRAIN_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN
-    need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0 and seqs % 8 == 0,
-         f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of 8*TRAIN_SEQ_LEN={8 * cfg.TRAIN_SEQ_LEN} "
-         "(8 micro-batches per step on any number of GPUs)")
+    need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0,
+         f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}")
     need(cfg.VAL_BATCH_TOKENS >= cfg.TRAIN_SEQ_LEN, f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
     need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN, f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
-    need(cfg.train_budget_seconds > 0, f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
+    need(cfg.MAX_WALLCLOCK_SECONDS <= 0 or cfg.GPTQ_RESERVE_SECONDS < cfg.MAX_WALLCLOCK_SECONDS,
+         f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of "
+         f"MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
 
 
 def resolve_paths(cfg: Config) -> tuple[Path, Path]:
@@ -772,7 +766,7 @@ class ParallelMuon(torch.optim.Optimizer):
                 continue
             k = self.owned(p)
             padded = torch.zeros(k * self.world_size, *p.shape[1:], dtype=self.comm_dtype, device=p.device)
-            padded[:p.size(0)].copy_(p.grad).div_(self.world_size)  # exact: the world size is a power of 2
+            padded[:p.size(0)].copy_(p.grad).div_(self.world_size)
             shard = torch.empty(k, *p.shape[1:], dtype=self.comm_dtype, device=p.device)
             # The input stays referenced here until the wait: an asynchronous collective may still read it.
             self._grad_shards[p] = (reduce_scatter(shard, padded, async_op=True), shard, padded)
@@ -901,8 +895,8 @@ class Runtime:
 
     @property
     def accum_steps(self) -> int:
-        """Micro-batches per rank, so that world_size * accum_steps = 8 on any number of GPUs."""
-        return 8 // self.world_size
+        """Micro-batches per rank: 8 in all on up to 8 GPUs, one per rank beyond (multi-node runs)."""
+        return max(1, 8 // self.world_size)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -912,11 +906,36 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
+def launcher_ranks(env) -> tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun's variables, each checked before anything runs."""
+    def read(name: str, default: int, lo: int, hi: int | None) -> int:
+        raw = env.get(name, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer; launch with torchrun or leave {name} unset") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ConfigError(f"{name}={raw!r} is out of range: need {lo} <= {name}" + (f" <= {hi}" if hi is not None else "")
+                              + "; launch with torchrun or leave it unset")
+        return value
+
+    world_size = read("WORLD_SIZE", 1, 1, None)
+    rank = read("RANK", 0, 0, world_size - 1)
+    return world_size, rank, read("LOCAL_RANK", 0, 0, world_size - 1)
+
+
+def check_batch_split(cfg: Config, world_size: int) -> None:
+    """The global batch must split into equal micro-batches: 8 in all on up to 8 ranks, one per rank beyond."""
+    seqs, micro = global_seqs(cfg), world_size * max(1, 8 // world_size)
+    if seqs % micro:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} is {seqs} sequences of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}, "
+                          f"which WORLD_SIZE={world_size} cannot split into {micro} equal micro-batches; "
+                          f"make it a multiple of {micro * cfg.TRAIN_SEQ_LEN} tokens")
+
+
 def init_runtime(env) -> Runtime:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
-    world_size, rank, local_rank = (int(env.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    if 8 % world_size:
-        raise ConfigError(f"WORLD_SIZE={world_size} must divide 8 (the global batch is 8 micro-batches)")
+    world_size, rank, local_rank = launcher_ranks(env)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -1048,22 +1067,76 @@ def prime_compilation(cfg: Config, model_fn, model: GPT, optimizers, train_files
     log("warmup: model and optimizer state restored")
 
 
-def training_fraction(cfg: Config, step: int, train_seconds: float) -> float:
+def training_fraction(cfg: Config, step: int, train_seconds: float, budget: float) -> float:
     """Progress through training: whichever of the time budget and the step cap is nearer its end."""
-    return min(1.0, max(train_seconds / cfg.train_budget_seconds, step / cfg.ITERATIONS))
+    return min(1.0, max(train_seconds / budget, step / cfg.ITERATIONS))
 
 
-def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: Runtime, log, validate, summary) -> EMA | None:
-    """The timed loop. Returns the EMA (or None when EMA_DECAY=0); figures go into `summary`."""
+# The loop predicts the next step's duration as the slowest of the last few, so one slow step
+# (a validation's aftermath, a straggling rank) cannot carry training past its cap.
+RECENT_STEPS = 16
+TRAIN_TIME_LIMIT_SECONDS = 600.0
+
+
+def next_step_would_overrun(train_seconds: float, recent_steps: list[float], budget: float) -> bool:
+    return train_seconds + max(recent_steps[-RECENT_STEPS:]) > budget
+
+
+def train_data_seconds(summary: dict) -> float:
+    """Seconds during which training data was read: the timed steps plus GPTQ calibration."""
+    return summary["train_seconds"] + summary.get("hessian_seconds", 0.0)
+
+
+def train_time_violation(data_seconds: float, cap: float = TRAIN_TIME_LIMIT_SECONDS) -> str | None:
+    """The training time rule records are audited by: everything that reads training data (the
+    timed steps and GPTQ calibration) ends within the cap. Quantization and compression read no
+    data; they are timed (artifact_production_seconds) but not capped. None when the rule holds."""
+    if data_seconds > cap:
+        return f"training data was read for {data_seconds:.1f}s (steps + GPTQ calibration) > {cap:g}s"
+    return None
+
+
+def training_budget(cfg: Config, model: GPT, rt: Runtime, log, summary: dict) -> float:
+    """Seconds the loop may train: MAX_WALLCLOCK_SECONDS less the GPTQ calibration that must still
+    fit under it, measured now (GPTQ_RESERVE_SECONDS is the least reserved). Infinite without a cap."""
+    if cfg.MAX_WALLCLOCK_SECONDS <= 0:
+        return INF
+    reserve = cfg.GPTQ_RESERVE_SECONDS
+    if cfg.QUANT_METHOD == "gptq":
+        projected = project_calibration_seconds(cfg, model, rt)
+        reserve = max(reserve, projected)
+        log(f"gptq: calibration of {cfg.GPTQ_CALIBRATION_BATCHES} batches projected at {projected:.1f}s; "
+            f"reserving {reserve:.1f}s (GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS:g} is the least)")
+    if reserve >= cfg.MAX_WALLCLOCK_SECONDS:
+        raise ConfigError(f"GPTQ calibration needs {reserve:.1f}s of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS:g}; "
+                          "raise the cap or lower GPTQ_CALIBRATION_BATCHES")
+    summary.update(calibration_reserve_seconds=reserve, train_budget_seconds=cfg.MAX_WALLCLOCK_SECONDS - reserve)
+    return cfg.MAX_WALLCLOCK_SECONDS - reserve
+
+
+def apply_time_rule(cfg: Config, summary: dict, log) -> None:
+    """Record the seconds of training-data access and say loudly when they broke the cap."""
+    summary["train_data_seconds"] = train_data_seconds(summary)
+    cap = cfg.MAX_WALLCLOCK_SECONDS or INF
+    summary["train_time_violation"] = violation = train_time_violation(summary["train_data_seconds"], cap)
+    log(f"train_data_seconds:{summary['train_data_seconds']:.1f} (steps + calibration) cap:{cap:g}")
+    if violation:
+        log(f"TIME RULE BROKEN: {violation}; raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+
+
+def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: Runtime, log, validate, summary,
+                budget: float) -> EMA | None:
+    """The timed loop, stopped before a step that would end past `budget` seconds. Returns the EMA
+    (or None when EMA_DECAY=0); figures go into `summary`."""
     prime_compilation(cfg, model_fn, model, optimizers, train_files, rt, log)
     loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
     ema = EMA(model, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
-    budget = cfg.train_budget_seconds
-    step, train_seconds, last_dt, loop_step, loop_seconds = 0, 0.0, 0.0, None, 0.0
+    step, train_seconds, loop_step, loop_seconds = 0, 0.0, None, 0.0
+    recent_steps: list[float] = []
     train_curve, val_curve = [], []
     summary.update(train_curve=train_curve, val_curve=val_curve)
     while True:
-        frac = training_fraction(cfg, step, train_seconds)
+        frac = training_fraction(cfg, step, train_seconds, budget)
         if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
             model.looping, loop_step, loop_seconds = True, step, train_seconds
             log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
@@ -1075,10 +1148,11 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
             ema.update()
         rt.sync()
         # All ranks agree on the clock (slowest rank), so they switch looping and stop together.
-        last_dt = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt, dist.ReduceOp.MAX).item()
-        train_seconds += last_dt
+        step_seconds = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt, dist.ReduceOp.MAX).item()
+        train_seconds += step_seconds
         step += 1
-        done = step >= cfg.ITERATIONS or train_seconds + last_dt > budget
+        recent_steps = (recent_steps + [step_seconds])[-RECENT_STEPS:]
+        done = step >= cfg.ITERATIONS or next_step_would_overrun(train_seconds, recent_steps, budget)
         if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done:
             mean_loss = all_reduce_(loss.detach().float().reshape(1), rt).item() / rt.world_size
             remaining = min(budget - train_seconds, (cfg.ITERATIONS - step) * train_seconds / step)
@@ -1158,10 +1232,19 @@ def group_bits(cfg: Config, group: str) -> int:
 
 
 @torch.no_grad()
-def collect_hessians(cfg: Config, model: GPT, plan: list[QuantGroup], train_files, rt: Runtime) -> tuple[dict, int]:
-    """H = sum of x x^T over the input of every planned group, from GPTQ_CALIBRATION_BATCHES global
-    batches of *training* windows (ranks split each batch, then sum). A looped layer adds one term
-    per pass. Returns the Hessians divided by the token count, identical on every rank."""
+def collect_hessians(cfg: Config, model: GPT, plan: list[QuantGroup], batches, rt: Runtime) -> tuple[dict, int]:
+    """H = sum of x x^T over the input of every planned group, from this rank's share of each global
+    batch in `batches` (ranks split each batch, then sum). A looped layer adds one term per pass.
+    Returns the Hessians divided by the token count, identical on every rank."""
+    hessians, tokens = accumulate_hessians(model, plan, batches, rt)
+    total = int(all_reduce_(torch.tensor([tokens], device=rt.device, dtype=torch.float64), rt).item())
+    for g in plan:  # plan order is the same on every rank, so the collectives line up
+        hessians[g.hessian] = all_reduce_(hessians[g.hessian], rt).div_(total)
+    return hessians, total
+
+
+def accumulate_hessians(model: GPT, plan: list[QuantGroup], batches, rt: Runtime) -> tuple[dict, int]:
+    """This rank's unnormalized x x^T sums and token count, one forward per micro-batch."""
     hessians: dict[str, Tensor] = {}
 
     def accumulate(key: str, x: Tensor) -> None:
@@ -1173,11 +1256,9 @@ def collect_hessians(cfg: Config, model: GPT, plan: list[QuantGroup], train_file
     hooks = [g.module.register_forward_pre_hook(lambda _m, args, key=g.hessian: accumulate(key, args[0]))
              for g in plan if g.module is not None]
     wants_hidden = any(g.module is None for g in plan)
-    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
     tokens = 0
     try:
-        for _ in range(cfg.GPTQ_CALIBRATION_BATCHES):
-            batch = loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size)
+        for batch in batches:
             for micro in batch.chunk(rt.accum_steps):
                 inputs = micro[:, :-1].to(rt.device)
                 with rt.autocast():
@@ -1188,10 +1269,35 @@ def collect_hessians(cfg: Config, model: GPT, plan: list[QuantGroup], train_file
     finally:
         for h in hooks:
             h.remove()
-    total = int(all_reduce_(torch.tensor([tokens], device=rt.device, dtype=torch.float64), rt).item())
-    for g in plan:  # plan order is the same on every rank, so the collectives line up
-        hessians[g.hessian] = all_reduce_(hessians[g.hessian], rt).div_(total)
-    return hessians, total
+    return hessians, tokens
+
+
+def calibration_batches(cfg: Config, train_files, rt: Runtime):
+    """This rank's share of GPTQ_CALIBRATION_BATCHES global batches of training windows."""
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    for _ in range(cfg.GPTQ_CALIBRATION_BATCHES):
+        yield loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size)
+
+
+@torch.no_grad()
+def project_calibration_seconds(cfg: Config, model: GPT, rt: Runtime) -> float:
+    """Seconds GPTQ calibration will take: the hooked forward of one global batch of random tokens
+    (no training data is read), timed on its second run, times GPTQ_CALIBRATION_BATCHES, plus 10 %.
+    Slowest rank's figure, so every rank reserves the same."""
+    plan = quantization_plan(model, cfg)
+    shape = (global_seqs(cfg) // rt.world_size, cfg.TRAIN_SEQ_LEN + 1)
+    looping, model.looping = model.looping, cfg.NUM_LOOPS > 0  # calibration runs with recurrence on
+    seconds = []
+    for _ in range(2):  # the first run pays one-off costs (allocator, kernels)
+        batch = torch.randint(0, cfg.VOCAB_SIZE, shape)
+        rt.sync()
+        t0 = time.perf_counter()
+        accumulate_hessians(model, plan, [batch], rt)
+        rt.sync()
+        seconds.append(time.perf_counter() - t0)
+    model.looping = looping
+    slowest = all_reduce_(torch.tensor([seconds[-1]], device=rt.device), rt, dist.ReduceOp.MAX).item()
+    return 1.1 * cfg.GPTQ_CALIBRATION_BATCHES * slowest
 
 
 @dataclasses.dataclass
@@ -1597,16 +1703,15 @@ def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, summa
     plan = quantization_plan(model, cfg)
     factors = None
     if cfg.QUANT_METHOD == "gptq" and plan:
+        rt.sync()
         t0 = time.perf_counter()
-        hessians, tokens = collect_hessians(cfg, model, plan, train_files, rt)
-        factors = {k: gptq_factor(H, cfg.GPTQ_DAMP) for k, H in hessians.items()}
+        hessians, tokens = collect_hessians(cfg, model, plan, calibration_batches(cfg, train_files, rt), rt)
         rt.sync()
         summary["hessian_seconds"] = time.perf_counter() - t0
-        used = summary["train_seconds"] + summary["hessian_seconds"]
-        log(f"gptq: collected {len(hessians)} Hessians from {tokens} training tokens in {summary['hessian_seconds']:.1f}s; "
-            f"training + calibration {used:.1f}s" + (f" of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS:g}" if cfg.MAX_WALLCLOCK_SECONDS else ""))
-        if cfg.MAX_WALLCLOCK_SECONDS and used > cfg.MAX_WALLCLOCK_SECONDS:
-            log(f"WARNING: calibration ended {used - cfg.MAX_WALLCLOCK_SECONDS:.1f}s past the training cap; raise GPTQ_RESERVE_SECONDS")
+        log(f"gptq: collected {len(hessians)} Hessians from {tokens} training tokens in {summary['hessian_seconds']:.1f}s "
+            f"(projected {summary.get('calibration_reserve_seconds', 0.0):.1f}s)")
+        factors = {k: gptq_factor(H, cfg.GPTQ_DAMP) for k, H in hessians.items()}
+    apply_time_rule(cfg, summary, log)
     packed_qm = unfitted = None
     failure = None
     if rt.is_main:
@@ -2202,7 +2307,8 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     def validate() -> dict:
         return evaluate(model_fn, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
 
-    ema = train_model(cfg, model_fn, model, optimizers, train_files, rt, log, validate, summary)
+    budget = training_budget(cfg, model, rt, log, summary)
+    ema = train_model(cfg, model_fn, model, optimizers, train_files, rt, log, validate, summary, budget)
     if rt.device.type == "cuda":
         summary["peak_memory_mib"] = torch.cuda.max_memory_allocated(rt.device) // 2**20
         log(f"peak memory allocated: {summary['peak_memory_mib']} MiB")
@@ -2238,13 +2344,22 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
         + ("" if summary["compliant"] else " NON-COMPLIANT"))
 
 
+def shared_run_id(rt: Runtime) -> str:
+    """A random run id chosen by rank 0 and used by every rank, so they all name the same files."""
+    chosen = [uuid.uuid4().hex[:12] if rt.is_main else None]
+    if rt.world_size > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
 def main(env=None) -> dict:
     """Resolve knobs, set up ranks, train and evaluate; always leaves the log and the JSON summary."""
     env = dict(os.environ) if env is None else env
     cfg = config_from_env(env)
     warnings = near_miss_warnings(env)
+    check_batch_split(cfg, launcher_ranks(env)[0])
     rt = init_runtime(env)
-    cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or uuid.uuid4().hex[:12])
+    cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or shared_run_id(rt))
     run_id = cfg.RUN_ID
     log_dir = Path(cfg.LOG_DIR)
     log = RunLog(log_dir / f"{run_id}.txt" if rt.is_main else None)

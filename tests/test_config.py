@@ -17,7 +17,7 @@ def test_defaults_are_the_record_configuration():
     assert (cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.VOCAB_SIZE) == (11, 512, 8, 4, 8192)
     assert (cfg.LOOP_START, cfg.LOOP_END, cfg.NUM_LOOPS, cfg.ENABLE_LOOPING_AT) == (3, 5, 2, 0.35)
     assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.25, 0.022, 0.095, 0.9965, 0.72)
-    assert cfg.train_budget_seconds == 588.0
+    assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 12.0, 16_000_000)
 
 
 def test_environment_overrides_preset_and_defaults():
@@ -41,7 +41,7 @@ def test_environment_overrides_preset_and_defaults():
     ({"ROPE_DIMS": "128"}, ["ROPE_DIMS=128", "head dim 64"]),
     ({"LOOP_END": "11"}, ["LOOP_END=11", "NUM_LAYERS=11"]),
     ({"LOOP_START": "6"}, ["LOOP_START=6", "LOOP_START <= LOOP_END"]),
-    ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "8*TRAIN_SEQ_LEN"]),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "multiple of TRAIN_SEQ_LEN=2048"]),
     ({"GPTQ_RESERVE_SECONDS": "600"}, ["GPTQ_RESERVE_SECONDS", "no training time"]),
     ({"VAL_BATCH_TOKENS": "100"}, ["VAL_BATCH_TOKENS=100", "TRAIN_SEQ_LEN=2048"]),
 ])
@@ -56,9 +56,31 @@ def test_recurrence_knobs_are_free_when_recurrence_is_off():
     assert config_from_env({"NUM_LOOPS": "0", "LOOP_END": "40"}).NUM_LOOPS == 0
 
 
-def test_world_size_must_divide_eight():
-    with pytest.raises(ConfigError, match="WORLD_SIZE=3 must divide 8"):
-        tg.init_runtime({"WORLD_SIZE": "3"})
+@pytest.mark.parametrize("world_size, accum", [(1, 8), (2, 4), (3, 2), (8, 1), (16, 1), (64, 1)])
+def test_any_world_size_that_splits_the_batch_is_accepted(world_size, accum):
+    cfg = config_from_env({})  # 384 sequences of 2048 per step
+    tg.check_batch_split(cfg, world_size)
+    assert tg.Runtime(0, world_size, None).accum_steps == accum
+
+
+@pytest.mark.parametrize("world_size, micro", [(5, 5), (256, 256)])
+def test_a_world_size_that_cannot_split_the_batch_names_the_fix(world_size, micro):
+    with pytest.raises(ConfigError, match=f"WORLD_SIZE={world_size} cannot split into {micro} equal micro-batches; "
+                                          f"make it a multiple of {micro * 2048} tokens"):
+        tg.check_batch_split(config_from_env({}), world_size)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is out of range: need 1 <= WORLD_SIZE"),
+    ({"WORLD_SIZE": "-2"}, "WORLD_SIZE='-2' is out of range"),
+    ({"RANK": "3", "WORLD_SIZE": "1"}, "RANK='3' is out of range: need 0 <= RANK <= 0"),
+    ({"RANK": "x"}, "RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1' is out of range"),
+])
+def test_launcher_variables_are_checked_before_anything_runs(env, words):
+    with pytest.raises(ConfigError, match=words):
+        tg.launcher_ranks(env)
 
 
 def test_near_misses_warn_with_the_intended_knob():

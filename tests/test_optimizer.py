@@ -118,10 +118,30 @@ def test_momentum_warmup_and_training_fraction():
     assert tg.muon_momentum(cfg, 0) == pytest.approx(0.92)
     assert tg.muon_momentum(cfg, 50) == pytest.approx(0.955)
     assert tg.muon_momentum(cfg, 100) == tg.muon_momentum(cfg, 5000) == 0.99
-    assert tg.training_fraction(cfg, 10, 294.0) == pytest.approx(0.5)  # time dominates: 294 of 588 s
-    assert tg.training_fraction(cfg, 900, 1.0) == pytest.approx(0.9)  # the step cap dominates
+    assert tg.training_fraction(cfg, 10, 294.0, 588.0) == pytest.approx(0.5)  # time dominates: 294 of 588 s
+    assert tg.training_fraction(cfg, 900, 1.0, 588.0) == pytest.approx(0.9)  # the step cap dominates
     steps_only = config_from_env({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "200"})
-    assert tg.training_fraction(steps_only, 50, 1e9) == pytest.approx(0.25)
+    assert tg.training_fraction(steps_only, 50, 1e9, float("inf")) == pytest.approx(0.25)
+
+
+def test_the_stop_rule_predicts_the_next_step_from_the_slowest_recent_one():
+    steady = [0.1] * 20
+    assert not tg.next_step_would_overrun(9.85, steady, 10.0)
+    assert tg.next_step_would_overrun(9.95, steady, 10.0)
+    spiky = steady[:-3] + [0.5] + steady[-2:]  # one slow step among the last few sets the prediction
+    assert tg.next_step_would_overrun(9.6, spiky, 10.0)
+    old_spike = [0.5] + steady  # ... but not once it is more than RECENT_STEPS steps old
+    assert not tg.next_step_would_overrun(9.6, old_spike, 10.0)
+
+
+def test_the_time_rule_caps_data_access_not_quantization():
+    run = dict(train_seconds=588.0, hessian_seconds=11.9, gptq_seconds=30.0, compress_seconds=40.0)
+    assert tg.train_data_seconds(run) == pytest.approx(599.9)
+    assert tg.train_time_violation(tg.train_data_seconds(run)) is None
+    run["hessian_seconds"] = 12.5
+    assert "training data was read for 600.5s (steps + GPTQ calibration) > 600s" == tg.train_time_violation(
+        tg.train_data_seconds(run))
+    assert tg.train_data_seconds(dict(train_seconds=3.0)) == 3.0  # no calibration (RTN)
 
 
 def test_schedule_sets_every_group():

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,23 +93,72 @@ def test_prime_compilation_restores_model_and_optimizer_state(small_sample, tmp_
 
 def test_two_ranks_match_one_rank(reference_run, small_sample, tmp_path):
     reference, _ = reference_run
-    env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID="ddp"), "OMP_NUM_THREADS": "1"}
+    """Also the README's command as it stands: no RUN_ID, so rank 0's random id must name every rank's files."""
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID=""), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train_gpt.py")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads((tmp_path / "logs" / "ddp.json").read_text())
+    (summary_path,) = (tmp_path / "logs").glob("*.json")
+    run_id = summary_path.stem
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"{run_id}.json", f"{run_id}.ptz", f"{run_id}.txt"]
+    two = json.loads(summary_path.read_text())
+    assert two["status"] == "ok" and two["run_id"] == run_id
     assert two["versions"]["world_size"] == 2 and two["steps"] == reference["steps"]
     assert losses(two) == pytest.approx(losses(reference), rel=1e-4)
     assert two["val_bpb"] == pytest.approx(reference["val_bpb"], rel=1e-4)
     assert two["val_tokens"] == reference["val_tokens"] and two["val_bytes"] == reference["val_bytes"]
 
 
-def test_wallclock_cap_stops_training(small_sample, tmp_path):
-    summary = tg.main(tiny_env(small_sample, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3,
-                               GPTQ_RESERVE_SECONDS=1, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=50))
-    assert 1 < summary["steps"] < 100000
-    assert summary["train_seconds"] <= 2.0 + summary["ms_per_step"] / 1000
-    assert "stopping_early: wallclock_cap" in (tmp_path / "logs" / "run.txt").read_text()
+def test_wallclock_cap_leaves_room_for_the_projected_calibration(small_sample, tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "project_calibration_seconds", lambda *args: 1.25)
+    cap = 3.0
+    summary = tg.main(tiny_env(small_sample, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=cap,
+                               GPTQ_RESERVE_SECONDS=0.5, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=50,
+                               TTT_ENABLED=0, SLOT_ENABLED=0))
+    assert 1 <= summary["steps"] < 100000
+    assert summary["calibration_reserve_seconds"] == 1.25  # the projection, being above the floor
+    assert summary["train_budget_seconds"] == cap - 1.25
+    assert summary["train_data_seconds"] == pytest.approx(summary["train_seconds"] + summary["hessian_seconds"])
+    log = (tmp_path / "logs" / "run.txt").read_text()
+    assert "stopping_early: wallclock_cap" in log and "train_data_seconds:" in log
+    assert "projected at 1.2s; reserving 1.2s (GPTQ_RESERVE_SECONDS=0.5 is the least)" in log
+
+
+def test_a_calibration_that_cannot_fit_stops_before_training(small_sample, tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "project_calibration_seconds", lambda *args: 700.0)
+    with pytest.raises(tg.ConfigError, match="GPTQ calibration needs 700.0s of MAX_WALLCLOCK_SECONDS=600"):
+        tg.main(tiny_env(small_sample, tmp_path, MAX_WALLCLOCK_SECONDS=600))
+    assert "steps" not in json.loads((tmp_path / "logs" / "run.json").read_text())
+
+
+def test_calibration_projection_times_the_hooked_forward(small_sample, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_accumulate(model, plan, batches, rt):
+        calls.append([tuple(b.shape) for b in batches])
+        time.sleep(0.05)
+        return {}, 0
+
+    monkeypatch.setattr(tg, "accumulate_hessians", fake_accumulate)
+    cfg = tg.config_from_env(tiny_env(small_sample, tmp_path, GPTQ_CALIBRATION_BATCHES=100))
+    projected = tg.project_calibration_seconds(cfg, tg.GPT(cfg), tg.Runtime(0, 1, torch.device("cpu")))
+    assert calls == [[(16, 65)], [(16, 65)]]  # one global batch of random tokens, warmed up once, then timed
+    assert 1.1 * 100 * 0.05 <= projected < 2 * 1.1 * 100 * 0.05
+
+
+def test_a_run_that_breaks_the_time_rule_says_so(small_sample, tmp_path, monkeypatch):
+    real = tg.accumulate_hessians
+
+    def slow(*args):
+        time.sleep(2.0)
+        return real(*args)
+
+    monkeypatch.setattr(tg, "project_calibration_seconds", lambda *args: 0.0)  # a projection that is wrong
+    monkeypatch.setattr(tg, "accumulate_hessians", slow)
+    summary = tg.main(tiny_env(small_sample, tmp_path, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=1.5,
+                               GPTQ_RESERVE_SECONDS=0, VAL_LOSS_EVERY=0, TTT_ENABLED=0, SLOT_ENABLED=0))
+    assert summary["train_time_violation"].startswith("training data was read for")
+    assert "TIME RULE BROKEN: training data was read for" in (tmp_path / "logs" / "run.txt").read_text()
 
 
 def test_a_run_that_fails_late_still_leaves_its_log_and_summary(small_sample, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
     python3 tools/knob_table.py            # print the table
     python3 tools/knob_table.py --check    # exit 1 if README.md's table differs
+    python3 tools/knob_table.py --write    # replace README.md's table with the current one
 """
 import argparse
 import dataclasses
@@ -44,11 +45,17 @@ def readme_table(readme: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare with README.md instead of printing")
+    parser.add_argument("--write", action="store_true", help="replace README.md's table instead of printing")
     args = parser.parse_args()
+    readme = (REPO_ROOT / "README.md").read_text()
+    if args.write:
+        head, rest = readme.split(BEGIN, 1)
+        (REPO_ROOT / "README.md").write_text(f"{head}{BEGIN}\n{knob_table()}\n{END}{rest.split(END, 1)[1]}")
+        return 0
     if not args.check:
         print(knob_table())
         return 0
-    if readme_table((REPO_ROOT / "README.md").read_text()) != knob_table():
+    if readme_table(readme) != knob_table():
         print("README.md's knob table is out of date: paste the output of `python3 tools/knob_table.py`", file=sys.stderr)
         return 1
     return 0
