@@ -109,6 +109,20 @@ def test_two_ranks_match_one_rank(reference_run, small_sample, tmp_path):
     assert two["val_tokens"] == reference["val_tokens"] and two["val_bytes"] == reference["val_bytes"]
 
 
+def test_four_ranks_match_one_rank(reference_run, small_sample, tmp_path):
+    """4 ranks x 2 micro-batches: the same global batches, so the same training curve."""
+    reference, _ = reference_run
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID="four", VAL_LOSS_EVERY=0, TTT_ENABLED=0,
+                                    SLOT_ENABLED=0), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(REPO_ROOT / "train_gpt.py")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    four = json.loads((tmp_path / "logs" / "four.json").read_text())
+    assert four["versions"]["world_size"] == 4 and "accum_steps:2 world_size:4" in (tmp_path / "logs" / "four.txt").read_text()
+    assert losses(four) == pytest.approx(losses(reference), rel=1e-4)
+    assert four["pre_quant_val_bpb"] == pytest.approx(reference["pre_quant_val_bpb"], rel=1e-4)
+
+
 def test_wallclock_cap_leaves_room_for_the_projected_calibration(small_sample, tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "project_calibration_seconds", lambda *args: 1.25)
     cap = 3.0
