@@ -1430,6 +1430,15 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     return np.packbits(planes, axis=1, bitorder="little").reshape(count)
 
 
+def check_compressor(compressor: str) -> None:
+    """brotli is a separate package: find out at start, not after training, that it is missing."""
+    if compressor == "brotli":
+        try:
+            import brotli  # noqa: F401
+        except ImportError:
+            raise ConfigError("COMPRESSOR=brotli needs the brotli package: `pip install brotli`, or set COMPRESSOR=lzma") from None
+
+
 def compress(data: bytes, compressor: str) -> bytes:
     if compressor == "brotli":
         import brotli
@@ -2285,6 +2294,7 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     log("config:\n" + format_config(cfg))
 
     # Check every input before spending any time.
+    check_compressor(cfg.COMPRESSOR)
     data_path, tokenizer_path = resolve_paths(cfg)
     tables = byte_tables(load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
     train_files = find_shards(data_path, "train")

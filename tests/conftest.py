@@ -23,3 +23,7 @@ def sample(tmp_path_factory):
 def small_sample(tmp_path_factory):
     """A smaller corpus of the same kind, so training tests spend little time on validation."""
     return make_sample.build(out=tmp_path_factory.mktemp("small_sample"), max_text_bytes=400_000, verbose=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: checks a CUDA path on a GPU; skipped without one (bench/gpu_check.py runs them)")
