@@ -18,6 +18,7 @@ import lzma
 import math
 import os
 import platform
+import signal
 import struct
 import sys
 import time
@@ -1728,13 +1729,7 @@ def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, summa
             packed_qm, unfitted = pack_on_main_rank(cfg, model, plan, factors, rt, log, summary, path)
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks hear of it
             failure = e
-    if rt.world_size > 1:  # the other ranks wait here; they must fail with rank 0, not hang
-        failed = torch.tensor([failure is not None], dtype=torch.int32, device=rt.device)
-        dist.broadcast(failed, 0)
-        if failed.item() and failure is None:
-            raise ArtifactError("rank 0 could not build the artifact; its log says why")
-    if failure is not None:
-        raise failure
+    fail_together(failure, rt, "could not build the artifact")
     return packed_qm, unfitted
 
 
@@ -2286,6 +2281,7 @@ def versions(rt: Runtime, backend: str) -> dict:
 
 def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str]) -> None:
     log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
+    log(f"run_start_id:{summary['run_start_id']}")
     for w in warnings:
         log(w)
     backend = pick_attention_backend(rt.device)
@@ -2354,38 +2350,171 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
         + ("" if summary["compliant"] else " NON-COMPLIANT"))
 
 
-def shared_run_id(rt: Runtime) -> str:
-    """A random run id chosen by rank 0 and used by every rank, so they all name the same files."""
-    chosen = [uuid.uuid4().hex[:12] if rt.is_main else None]
+class RunKilled(BaseException):
+    """A signal ended the run; a BaseException, so no `except Exception` on the way can swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"killed by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+KILL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # timeout/Slurm/torchrun, Ctrl-C, a closed terminal
+
+
+def raise_on_signals() -> dict:
+    """Turn the kill signals into RunKilled, so a killed run records why; returns the old handlers."""
+    def handler(signum, _frame):
+        raise RunKilled(signum)
+    return {s: signal.signal(s, handler) for s in KILL_SIGNALS}
+
+
+@dataclasses.dataclass
+class RunFiles:
+    """The files of one run in LOG_DIR, all named by its RUN_ID. Only rank 0 writes them."""
+    log_dir: Path
+    run_id: str
+
+    def path(self, suffix: str) -> Path:
+        return self.log_dir / f"{self.run_id}{suffix}"
+
+    def claim(self) -> None:
+        """Take the run's lock (refusing a RUN_ID a live process holds, clearing a dead one's), then
+        drop the artifact a previous run of this RUN_ID left, so it cannot pass for this run's."""
+        lock = self.path(".lock")
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    holder = lock_holder(lock)
+                    if holder is not None and process_alive(holder):
+                        raise ConfigError(f"RUN_ID={self.run_id} is in use by running process {holder} ({lock}); "
+                                          "choose another RUN_ID or wait for that run to end") from None
+                    lock.unlink(missing_ok=True)  # its process is gone: a stale lock
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    f.write(str(os.getpid()))
+                break
+            self.path(".ptz").unlink(missing_ok=True)
+        except OSError as e:
+            raise ConfigError(f"LOG_DIR={str(self.log_dir)!r} cannot be written ({e.strerror or e}); "
+                              "point LOG_DIR at a writable folder") from None
+
+    def release(self) -> None:
+        lock = self.path(".lock")
+        if lock_holder(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def shared_ids(rt: Runtime) -> tuple[str, str]:
+    """(a random run id, this run's start id), chosen by rank 0 and used by every rank, so all ranks
+    name the same files and the log, JSON and artifact of one run carry one start id."""
+    chosen = [(uuid.uuid4().hex[:12], uuid.uuid4().hex) if rt.is_main else None]
     if rt.world_size > 1:
         dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
 
 
-def main(env=None) -> dict:
-    """Resolve knobs, set up ranks, train and evaluate; always leaves the log and the JSON summary."""
-    env = dict(os.environ) if env is None else env
-    cfg = config_from_env(env)
-    warnings = near_miss_warnings(env)
-    check_batch_split(cfg, launcher_ranks(env)[0])
-    rt = init_runtime(env)
-    cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or shared_run_id(rt))
-    run_id = cfg.RUN_ID
-    log_dir = Path(cfg.LOG_DIR)
-    log = RunLog(log_dir / f"{run_id}.txt" if rt.is_main else None)
-    summary = dict(run_id=run_id, seed=cfg.SEED, status="running", config=dataclasses.asdict(cfg), warnings=warnings)
+def fail_together(failure: BaseException | None, rt: Runtime, what: str) -> None:
+    """Rank 0's failure stops every rank, instead of leaving them to hang in the next collective."""
+    if rt.world_size > 1:
+        failed = torch.tensor([failure is not None], dtype=torch.int32, device=rt.device)
+        dist.broadcast(failed, 0)
+        if failed.item() and failure is None:
+            raise ArtifactError(f"rank 0 {what}; its log says why")
+    if failure is not None:
+        raise failure
+
+
+def out_of_memory_error(e: BaseException, rt: Runtime) -> ConfigError | None:
+    """Out-of-memory failures, reworded to name the knobs that shrink what a step holds."""
+    if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+        return None
+    return ConfigError(f"out of memory on {rt.device} ({str(e).splitlines()[0][:160]}); lower TRAIN_BATCH_TOKENS, "
+                       "VAL_BATCH_TOKENS or EVAL_BATCH_WINDOWS, or shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT)")
+
+
+def record_early_failure(env, error: ConfigError) -> None:
+    """A knob too broken to start with still leaves the log and JSON the README promises, where it can."""
+    run_id, log_dir = env.get("RUN_ID", ""), Path(env.get("LOG_DIR") or "logs")
+    if not run_id or not is_plain_name(run_id):
+        run_id = uuid.uuid4().hex[:12]
+    if env.get("RANK", "0") != "0":
+        return
     try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{run_id}.txt").write_text(f"error: {error}\n", encoding="utf-8")
+        write_json_atomic(log_dir / f"{run_id}.json", dict(run_id=run_id, status="failed", error=f"ConfigError: {error}"))
+    except OSError:
+        pass  # the error itself still reaches stderr
+
+
+def is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def main(env=None) -> dict:
+    """Resolve knobs, set up ranks, train and evaluate; always leaves the log and the JSON summary
+    (status "running" from the start, so a run killed without warning never looks finished)."""
+    env = dict(os.environ) if env is None else env
+    try:
+        cfg = config_from_env(env)
+        check_batch_split(cfg, launcher_ranks(env)[0])
+    except ConfigError as e:
+        record_early_failure(env, e)
+        raise
+    warnings = near_miss_warnings(env)
+    rt = init_runtime(env)
+    random_id, start_id = shared_ids(rt)
+    cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or random_id)
+    files = RunFiles(Path(cfg.LOG_DIR), cfg.RUN_ID)
+    old_handlers = raise_on_signals()
+    summary = dict(run_id=cfg.RUN_ID, run_start_id=start_id, seed=cfg.SEED, status="running",
+                   config=dataclasses.asdict(cfg), warnings=warnings)
+    log = RunLog(None)
+    try:
+        failure = None
+        if rt.is_main:
+            try:
+                files.claim()
+                log = RunLog(files.path(".txt"))
+                write_json_atomic(files.path(".json"), summary)
+            except ConfigError as e:
+                failure = e
+        fail_together(failure, rt, "could not start the run")
         run(cfg, rt, log, summary, warnings)
         summary["status"] = "ok"
     except BaseException as e:
+        e = out_of_memory_error(e, rt) or e
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        log(f"error: {e}" if isinstance(e, (ConfigError, ArtifactError)) else traceback.format_exc())
-        raise
+        log(f"error: {e}" if isinstance(e, (ConfigError, ArtifactError, RunKilled)) else traceback.format_exc())
+        raise e
     finally:
-        if rt.is_main:
-            write_json_atomic(log_dir / f"{run_id}.json", summary)
-            log(f"log:{log_dir / f'{run_id}.txt'} summary:{log_dir / f'{run_id}.json'}")
+        if log.file is not None:
+            write_json_atomic(files.path(".json"), summary)
+            log(f"log:{files.path('.txt')} summary:{files.path('.json')}")
+            files.release()
         log.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
         if dist.is_initialized():
             if summary["status"] == "ok":  # leave together: a rank that exits early can abort gloo
                 dist.barrier()
@@ -2399,3 +2528,6 @@ if __name__ == "__main__":
     except (ConfigError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunKilled as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)

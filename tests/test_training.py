@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -210,7 +212,70 @@ def test_cli_rejects_a_bad_knob_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "NUM_HEADS": "three", "LOG_DIR": str(tmp_path)})
     assert done.returncode == 2 and "error: NUM_HEADS='three' is not a valid int" in done.stderr
-    assert list(tmp_path.iterdir()) == []
+    (summary,) = tmp_path.glob("*.json")  # the log and JSON the README promises, and nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([summary.name, summary.stem + ".txt"])
+    assert json.loads(summary.read_text())["status"] == "failed" and "NUM_HEADS" in json.loads(summary.read_text())["error"]
+    assert "error: NUM_HEADS='three' is not a valid int" in (tmp_path / f"{summary.stem}.txt").read_text()
+
+
+def test_a_killed_run_records_the_signal_and_replaces_an_earlier_result(reference_run, small_sample, tmp_path):
+    """An earlier finished run of the same RUN_ID must not survive beside a killed one."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for suffix in (".json", ".ptz"):
+        shutil.copy(reference_run[1] / "logs" / f"run{suffix}", logs / f"run{suffix}")
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, ITERATIONS=100000, VAL_LOSS_EVERY=0)}
+    trainer = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_gpt.py")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while "step:1/" not in read_or_empty(logs / "run.txt") and time.time() < deadline:
+        time.sleep(0.2)
+    running = json.loads((logs / "run.json").read_text())
+    assert running["status"] == "running" and not (logs / "run.ptz").exists()  # the earlier artifact is gone
+    trainer.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=120) == 128 + signal.SIGTERM and "error: killed by SIGTERM" in trainer.stderr.read()
+    summary = json.loads((logs / "run.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RunKilled: killed by SIGTERM"
+    assert summary["run_start_id"] != json.loads((reference_run[1] / "logs" / "run.json").read_text())["run_start_id"]
+    assert f"run_start_id:{summary['run_start_id']}" in (logs / "run.txt").read_text()
+    assert not (logs / "run.lock").exists()
+
+
+def read_or_empty(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def test_a_run_id_in_use_is_refused_and_a_stale_lock_is_cleared(small_sample, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "run.lock").write_text(str(os.getpid()))  # this test process is alive: the RUN_ID is in use
+    (logs / "run.txt").write_text("the live run's log")
+    with pytest.raises(tg.ConfigError, match=r"RUN_ID=run is in use by running process \d+"):
+        tg.main(tiny_env(small_sample, tmp_path, ITERATIONS=1, VAL_LOSS_EVERY=0, TTT_ENABLED=0, SLOT_ENABLED=0))
+    assert (logs / "run.txt").read_text() == "the live run's log" and not (logs / "run.json").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (logs / "run.lock").write_text(str(dead.pid))  # a lock whose process has ended
+    summary = tg.main(tiny_env(small_sample, tmp_path, ITERATIONS=1, VAL_LOSS_EVERY=0, TTT_ENABLED=0, SLOT_ENABLED=0))
+    assert summary["status"] == "ok" and not (logs / "run.lock").exists()
+
+
+def test_out_of_memory_names_the_knobs_to_lower(small_sample, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tg, "train_model", no_memory)
+    with pytest.raises(tg.ConfigError, match="out of memory on cpu .*lower TRAIN_BATCH_TOKENS"):
+        tg.main(tiny_env(small_sample, tmp_path))
+    assert "lower TRAIN_BATCH_TOKENS" in json.loads((tmp_path / "logs" / "run.json").read_text())["error"]
+
+
+def test_an_unusable_log_dir_is_one_line(small_sample, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **tiny_env(small_sample, tmp_path, LOG_DIR=tmp_path / "file" / "logs")})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "LOG_DIR=" in done.stderr and "cannot be written" in done.stderr
 
 
 def test_packed_script_gives_the_same_results_as_the_source(reference_run, small_sample, tmp_path):
