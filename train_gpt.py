@@ -2407,6 +2407,11 @@ class RunFiles:
             lock.unlink(missing_ok=True)
 
 
+def log_belongs_to(summary: dict, log_text: str) -> bool:
+    """A log and a JSON summary come from one run when the log names the summary's start id."""
+    return f"run_start_id:{summary.get('run_start_id')}\n" in log_text
+
+
 def lock_holder(lock: Path) -> int | None:
     try:
         return int(lock.read_text().strip())

@@ -1,10 +1,13 @@
 """The records workflow on real runs: sweep, significance, record folder, plots."""
 import json
 import math
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,16 +43,34 @@ def test_sweep_runs_every_seed_and_prints_a_row_each(swept):
     assert results[0]["val_bpb"] != results[1]["val_bpb"]  # the seed reached the run
 
 
-def test_sweep_resumes_skipping_completed_seeds(swept, monkeypatch):
+@pytest.mark.parametrize("unfinished", ["failed", "running", "log of another run"])
+def test_sweep_resumes_with_the_unfinished_seed_only(swept, monkeypatch, unfinished):
     results, _, logs, env = swept
-    (logs / "tiny_s12.json").write_text(json.dumps({**results[1], "status": "failed"}))  # as if seed 12 died
+    summary = {**results[1], "status": unfinished} if unfinished != "log of another run" else {
+        **results[1], "run_start_id": "0" * 32}  # an ok JSON beside a log that is not its own
+    (logs / "tiny_s12.json").write_text(json.dumps(summary))
     calls = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd, env, **kw: calls.append(env["SEED"]) or 1)
+    monkeypatch.setattr(sweep, "run_trainer", lambda cmd, env, console: calls.append(env["SEED"]) or 1)
     lines = []
     again = sweep.run_sweep(SEEDS, "tiny", logs, REPO_ROOT / "train_gpt.py", 1, env=env, out=lines.append)
     (logs / "tiny_s12.json").write_text(json.dumps(results[1]))
     assert calls == ["12"] and again[0] == results[0] and again[1] is None
     assert "skipped (complete)" in lines[1] and "FAILED (exit 1" in lines[2]
+
+
+def test_ending_a_sweep_ends_its_trainer(small_sample, tmp_path):
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, ITERATIONS=100000, VAL_LOSS_EVERY=0), "SEEDS": "5 6"}
+    logs = tmp_path / "sweep_logs"
+    runner = subprocess.Popen([sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), "--name", "k", "--log-dir", str(logs)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while "step:1/" not in ((logs / "k_s5.txt").read_text() if (logs / "k_s5.txt").is_file() else "") and time.time() < deadline:
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=120) == 128 + signal.SIGTERM
+    summary = json.loads((logs / "k_s5.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RunKilled: killed by SIGTERM"
+    assert not (logs / "k_s6.json").exists() and not (logs / "k_s5.lock").exists()
 
 
 def test_t_distribution_matches_closed_forms():
@@ -171,6 +192,13 @@ def test_record_folder_refuses_bad_submissions(swept, tmp_path, change, reason):
     with pytest.raises(make_record.Refused, match=f"seed {SEEDS[-1]}: .*{reason}"):
         make_record.make_record(copy_runs(logs, tmp_path / "runs", change), "Bad", out=tmp_path / "records")
     assert not (tmp_path / "records").exists()  # nothing half-written
+
+
+def test_a_summary_beside_another_run_s_log_is_refused(swept, tmp_path):
+    _, _, logs, _ = swept
+    stale = copy_runs(logs, tmp_path / "runs", lambda summary, _log: summary.update(run_start_id="f" * 32))
+    with pytest.raises(make_record.Refused, match=r"tiny_s12.json: its log .* is from another run"):
+        make_record.make_record(stale, "Mixed", out=tmp_path / "records")
 
 
 def test_quantization_time_is_reported_but_not_capped(swept, tmp_path):

@@ -43,6 +43,8 @@ def load_run(summary_path: Path) -> dict:
     log = log_path.read_text(encoding="utf-8")
     if SEPARATOR not in log:
         raise Refused(f"{log_path}: does not start with the script it ran")
+    if not train_gpt.log_belongs_to(run, log):
+        raise Refused(f"{summary_path}: its log {log_path} is from another run (no run_start_id:{run.get('run_start_id')})")
     run["_script"], run["_log"] = log.split(SEPARATOR, 1)[0], log_path
     return run
 

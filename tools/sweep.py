@@ -4,18 +4,22 @@
     SEEDS="42 1337 2025" MATRIX_LR=0.025 python3 tools/sweep.py --name lr025 --nproc 8
 
 Every knob in the environment passes through to each run; SEED, RUN_ID (<name>_s<seed>) and
-LOG_DIR are set per seed. A seed whose summary (LOG_DIR/<name>_s<seed>.json) says status ok is
-skipped, so an interrupted sweep resumes where it stopped. --nproc 1 runs `python train_gpt.py`,
-more runs it under torchrun. Exits 1 if any seed failed.
+LOG_DIR are set per seed. A seed whose summary (LOG_DIR/<name>_s<seed>.json) says status ok, beside
+the log of that same run, is skipped, so an interrupted sweep resumes with the unfinished seed. Ending
+the sweep (SIGTERM, Ctrl-C) ends its trainer too, which records that it was killed. --nproc 1 runs
+`python train_gpt.py`, more runs it under torchrun. Exits 1 if any seed failed.
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+import train_gpt  # noqa: E402  (importing it has no side effects)
 
 COLUMNS = ("seed", "status", "steps", "ms/step", "pre-quant", "quantized", "sliding", "ttt", "slot", "val_bpb",
            "source", "bytes", "train_s", "eval_s")
@@ -26,11 +30,13 @@ def summary_path(log_dir: Path, name: str, seed: int) -> Path:
 
 
 def finished(path: Path) -> dict | None:
+    """The summary of a run that ended well, beside its own log; None for anything else."""
     try:
         summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        log = path.with_suffix(".txt").read_text(encoding="utf-8")
+    except (OSError, ValueError):
         return None
-    return summary if summary.get("status") == "ok" else None
+    return summary if summary.get("status") == "ok" and train_gpt.log_belongs_to(summary, log) else None
 
 
 def row(seed: int, summary: dict | None, status: str) -> str:
@@ -66,11 +72,28 @@ def run_sweep(seeds: list[int], name: str, log_dir: Path, script: Path, nproc: i
             continue
         run_env = {**env, "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "LOG_DIR": str(log_dir)}
         with open(log_dir / f"{name}_s{seed}.stdout", "w") as console:
-            code = subprocess.call(command(script, nproc), env=run_env, stdout=console, stderr=subprocess.STDOUT)
+            code = run_trainer(command(script, nproc), run_env, console)
         summary = finished(path)
         out(row(seed, summary, "ok" if summary else f"FAILED (exit {code}; see {path.with_suffix('.txt')})"))
         results.append(summary)
     return results
+
+
+def run_trainer(cmd: list[str], env: dict, console) -> int:
+    """Run one seed; if the sweep is told to stop, stop the trainer first (it records the signal)."""
+    trainer = subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT)
+
+    def stop(signum, _frame):
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait()
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return trainer.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def parse_seeds(text: str) -> list[int]:
