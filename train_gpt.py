@@ -1106,7 +1106,8 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARTIFACT_MAGIC = b"PGQ2"  # 2: header CRC in the prefix
+ARTIFACT_FORMAT = 2  # the header's "format" and the magic's digit; 2: header CRC in the prefix
+ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -1378,7 +1379,7 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict]:
     for key in ("scales", "passthrough"):
         streams.append((done[(key, "fp16")], jobs[(key, "fp16")]))
         by_group[key] += len(done[(key, "fp16")])
-    header = dict(format=1, model_config=qm.model_config, tensors=tensors,
+    header = dict(format=ARTIFACT_FORMAT, model_config=qm.model_config, tensors=tensors,
                   streams=[[len(c), len(r), zlib.crc32(r)] for c, r in streams])
     header_blob = compress(json.dumps(header, separators=(",", ":")).encode(), compressor)
     prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, COMPRESSORS.index(compressor), len(header_blob), zlib.crc32(header_blob))
@@ -1409,6 +1410,10 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         expected = offset + sum(c for c, _, _ in header["streams"])
     except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing here
         fail(f"header does not decode ({type(e).__name__}: {e})")
+    if header.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{origin}: format {header.get('format')} artifact, but this train_gpt.py reads format "
+                            f"{ARTIFACT_FORMAT}; evaluate it with the version that wrote it, or write it again")
+    header["model_config"] = header_model_config(header, origin)
     if expected != len(blob):
         fail(f"file is {len(blob)} bytes but its header promises {expected}")
     streams = []
@@ -1425,6 +1430,23 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         return tensors_from_streams(header, streams)
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
         fail(f"header and streams disagree ({type(e).__name__}: {e})")
+
+
+def header_model_config(header: dict, origin: str) -> dict:
+    """The header's model knobs, parsed and range-checked like environment knobs: the CRC proves the
+    header is the one written, not that its writer (or a hand edit) kept the values in range."""
+    config, fields = header.get("model_config"), knob_fields()
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{origin}: header has no model_config; write the artifact again")
+    for name in config:
+        if name not in MODEL_KNOBS:
+            raise ArtifactError(f"{origin}: header model_config has {name!r}, which is not a model knob "
+                                f"({', '.join(MODEL_KNOBS)}); write the artifact again")
+    try:
+        return {name: parse_knob(name, str(value), fields[name]) for name, value in config.items()}
+    except ConfigError as e:
+        raise ArtifactError(f"{origin}: header model_config: {e}; the header was edited or written by another "
+                            "version, write the artifact again") from None
 
 
 def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
@@ -1467,16 +1489,28 @@ def load_artifact(path: Path) -> QuantizedModel:
     return decode_artifact(path.read_bytes(), str(path))
 
 
-def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device) -> GPT:
-    """A fresh model built from the artifact's own knobs and weights (recurrence on, as in eval)."""
+def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device, origin: str = "artifact") -> GPT:
+    """A fresh model built from the artifact's own knobs and weights (recurrence on, as in eval).
+    VOCAB_SIZE alone must agree with cfg: the tokenizer and the data were checked against cfg's."""
+    vocab = qm.model_config.get("VOCAB_SIZE", cfg.VOCAB_SIZE)
+    if vocab != cfg.VOCAB_SIZE:
+        raise ArtifactError(f"{origin}: its model has VOCAB_SIZE={vocab} but VOCAB_SIZE={cfg.VOCAB_SIZE} "
+                            f"(the tokenizer's and the data's); use VOCAB_SIZE={vocab} with that vocabulary's "
+                            "TOKENIZER_PATH and DATA_PATH")
     model_cfg = dataclasses.replace(cfg, **qm.model_config)
+    try:
+        validate_config(model_cfg)
+    except ConfigError as e:
+        raise ArtifactError(f"{origin}: its model knobs do not fit together: {e}") from None
     with torch.device("meta"):
         model = GPT(model_cfg, backend)
     model = model.to_empty(device=device)
     template = model.state_dict()
-    missing = set(template) - set(qm.quantized) - set(qm.passthrough)
-    if missing:
-        raise ArtifactError(f"artifact lacks {sorted(missing)[:3]}... for this model")
+    stored = {n: e["q"].shape for n, e in qm.quantized.items()} | {n: t.shape for n, t in qm.passthrough.items()}
+    wrong = sorted(n for n, t in template.items() if stored.get(n) != t.shape)
+    if wrong:
+        raise ArtifactError(f"{origin}: lacks {wrong[0]} (or stores it in another shape) for the model its knobs "
+                            f"describe ({len(wrong)} such tensors); write the artifact again")
     model.load_state_dict(qm.state_dict(template))
     model.looping = model_cfg.NUM_LOOPS > 0
     return model.eval()
