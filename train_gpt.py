@@ -12,7 +12,6 @@ import base64
 import copy
 import dataclasses
 import difflib
-import glob
 import json
 import lzma
 import math
@@ -50,7 +49,7 @@ INF = float("inf")
 class Config:
     # Run and data
     PRESET: str = knob("record", choices=("record", "sample"), doc="default set: 'record' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
-    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt and .json; random when empty")
+    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt, .json and .ptz: a plain file name; random when empty")
     SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
     DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
     DATA_PATH: str = knob("", doc="shard folder; default DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}")
@@ -168,9 +167,10 @@ SAMPLE_PRESET = dict(
     EVAL_SEQ_LEN=256, EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, SLOT_ENABLED=1, SLOT_STEPS=4,
 )
 
-# Variables set by launchers and libraries: never knobs, never near-misses.
+# Variables set by launchers, libraries and this repository's tools (SEEDS: tools/sweep.py): never knobs,
+# never near-misses.
 FOREIGN_ENV_PREFIXES = ("TORCH", "CUDA", "NCCL", "OMP_", "MKL_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TRITON", "HF_", "PYTEST")
-LAUNCHER_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OUT", "CI"}
+LAUNCHER_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OUT", "CI", "SEEDS"}
 # Common spellings that plain similarity misses.
 KNOB_ALIASES = {"WEIGHT_DECAY": "WD", "LEARNING_RATE": "LR", "WARMUP_ITERS": "WARMUP_STEPS", "WARMDOWN_ITERS": "WARMDOWN_FRAC"}
 
@@ -217,11 +217,19 @@ def config_from_env(env) -> Config:
     return cfg
 
 
+def is_plain_name(name: str) -> bool:
+    """A name that stays inside the folder it is joined to: no separator, no '..', no NUL."""
+    return not any(bad in name for bad in ("/", "\\", "..", "\0"))
+
+
 def validate_config(cfg: Config) -> None:
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
 
+    need(cfg.RUN_ID == "" or is_plain_name(cfg.RUN_ID),
+         f"RUN_ID={cfg.RUN_ID!r} must be a plain file name (no '/', '\\' or '..'): it names "
+         "LOG_DIR/<RUN_ID>.txt, .json and .ptz; leave it empty for a random one")
     need(cfg.MODEL_DIM % cfg.NUM_HEADS == 0, f"MODEL_DIM={cfg.MODEL_DIM} must be divisible by NUM_HEADS={cfg.NUM_HEADS}")
     need(cfg.NUM_HEADS % cfg.NUM_KV_HEADS == 0, f"NUM_KV_HEADS={cfg.NUM_KV_HEADS} must divide NUM_HEADS={cfg.NUM_HEADS}")
     need(cfg.ROPE_DIMS % 2 == 0 and cfg.ROPE_DIMS <= cfg.head_dim,
@@ -293,6 +301,9 @@ def write_shard(path, tokens) -> None:
 def shard_token_count(path) -> int:
     """Validate a shard's header and size; return its token count. Errors name the file."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a shard file (missing, or a folder named like a shard); "
+                          "remove it or fix DATA_PATH")
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
         raise ConfigError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header (truncated or not a shard)")
@@ -315,11 +326,15 @@ def read_shard(path) -> np.ndarray:
 
 
 def find_shards(data_path: Path, split: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(str(data_path / f"fineweb_{split}_*.bin")))
+    # Path.glob matches the pattern inside the folder only, so '[', '*' or '?' in DATA_PATH stay literal.
+    files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not files:
         raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_path}: download FineWeb with "
                           "`python3 data/cached_challenge_fineweb.py --variant sp8192`, build the sample with "
                           "`python3 data/make_sample.py`, or point DATA_PATH at a shard folder")
+    folders = [f for f in files if not f.is_file()]
+    if folders:
+        raise ConfigError(f"{folders[0]} is named like a shard but is not a file; move it out of {data_path}")
     return files
 
 
@@ -389,7 +404,11 @@ def load_tokenizer(path: Path, vocab_size: int):
 
     if not path.is_file():
         raise ConfigError(f"tokenizer {path} not found: set TOKENIZER_PATH, or fetch it with data/cached_challenge_fineweb.py")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"tokenizer {path} is not a SentencePiece model ({e}): point TOKENIZER_PATH at the .model "
+                          "file, or fetch it again with data/cached_challenge_fineweb.py") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; set VOCAB_SIZE={sp.vocab_size()}")
     if sp.piece_to_id("\u2581") == sp.unk_id():
@@ -2198,6 +2217,31 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
+def process_alive(pid: int) -> bool:
+    """Whether pid runs; another user's process counts, and so does a number too large to be a pid (kept, unasked)."""
+    try:
+        os.kill(pid, 0)  # signal 0 only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the <RUN_ID>.json/.ptz.tmp<pid> files that a killed atomic write left behind; a live writer's stay,
+    and so does anything not named like the trainer's own outputs (LOG_DIR may be a shared folder)."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return []
+    removed = []
+    for path in [*folder.glob("*.json.tmp*"), *folder.glob("*.ptz.tmp*")]:
+        pid = path.name.rpartition(".tmp")[2]
+        if pid.isdecimal() and int(pid) > 0 and path.is_file() and not process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def versions(rt: Runtime, backend: str) -> dict:
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
     return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda or "none",
@@ -2208,6 +2252,9 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
     for w in warnings:
         log(w)
+    if rt.is_main:
+        for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
+            log(f"removed {path}, left by a write that was killed")
     backend = pick_attention_backend(rt.device)
     summary["versions"] = versions(rt, backend)
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
