@@ -12,7 +12,6 @@ import base64
 import copy
 import dataclasses
 import difflib
-import glob
 import json
 import lzma
 import math
@@ -51,7 +50,7 @@ INF = float("inf")
 class Config:
     # Run and data
     PRESET: str = knob("record", choices=("record", "sample"), doc="default set: 'record' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
-    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt and .json; random when empty")
+    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt, .json and .ptz: a plain file name; random when empty")
     SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
     DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
     DATA_PATH: str = knob("", doc="shard folder; default DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}")
@@ -163,9 +162,10 @@ SAMPLE_PRESET = dict(
     EVAL_SEQ_LEN=256, EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, SLOT_ENABLED=1, SLOT_STEPS=4,
 )
 
-# Variables set by launchers and libraries: never knobs, never near-misses.
+# Variables set by launchers, libraries and this repository's tools (SEEDS: tools/sweep.py): never knobs,
+# never near-misses.
 FOREIGN_ENV_PREFIXES = ("TORCH", "CUDA", "NCCL", "OMP_", "MKL_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TRITON", "HF_", "PYTEST")
-LAUNCHER_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OUT", "CI"}
+LAUNCHER_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OUT", "CI", "SEEDS"}
 # Common spellings that plain similarity misses.
 KNOB_ALIASES = {"WEIGHT_DECAY": "WD", "LEARNING_RATE": "LR", "WARMUP_ITERS": "WARMUP_STEPS", "WARMDOWN_ITERS": "WARMDOWN_FRAC"}
 
@@ -212,11 +212,19 @@ def config_from_env(env) -> Config:
     return cfg
 
 
+def is_plain_name(name: str) -> bool:
+    """A name that stays inside the folder it is joined to: no separator, no '..', no NUL."""
+    return not any(bad in name for bad in ("/", "\\", "..", "\0"))
+
+
 def validate_config(cfg: Config) -> None:
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
 
+    need(cfg.RUN_ID == "" or is_plain_name(cfg.RUN_ID),
+         f"RUN_ID={cfg.RUN_ID!r} must be a plain file name (no '/', '\\' or '..'): it names "
+         "LOG_DIR/<RUN_ID>.txt, .json and .ptz; leave it empty for a random one")
     need(cfg.MODEL_DIM % cfg.NUM_HEADS == 0, f"MODEL_DIM={cfg.MODEL_DIM} must be divisible by NUM_HEADS={cfg.NUM_HEADS}")
     need(cfg.NUM_HEADS % cfg.NUM_KV_HEADS == 0, f"NUM_KV_HEADS={cfg.NUM_KV_HEADS} must divide NUM_HEADS={cfg.NUM_HEADS}")
     need(cfg.ROPE_DIMS % 2 == 0 and cfg.ROPE_DIMS <= cfg.head_dim,
@@ -288,6 +296,9 @@ def write_shard(path, tokens) -> None:
 def shard_token_count(path) -> int:
     """Validate a shard's header and size; return its token count. Errors name the file."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a shard file (missing, or a folder named like a shard); "
+                          "remove it or fix DATA_PATH")
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
         raise ConfigError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header (truncated or not a shard)")
@@ -310,11 +321,15 @@ def read_shard(path) -> np.ndarray:
 
 
 def find_shards(data_path: Path, split: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(str(data_path / f"fineweb_{split}_*.bin")))
+    # Path.glob matches the pattern inside the folder only, so '[', '*' or '?' in DATA_PATH stay literal.
+    files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not files:
         raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_path}: download FineWeb with "
                           "`python3 data/cached_challenge_fineweb.py --variant sp8192`, build the sample with "
                           "`python3 data/make_sample.py`, or point DATA_PATH at a shard folder")
+    folders = [f for f in files if not f.is_file()]
+    if folders:
+        raise ConfigError(f"{folders[0]} is named like a shard but is not a file; move it out of {data_path}")
     return files
 
 
@@ -384,7 +399,11 @@ def load_tokenizer(path: Path, vocab_size: int):
 
     if not path.is_file():
         raise ConfigError(f"tokenizer {path} not found: set TOKENIZER_PATH, or fetch it with data/cached_challenge_fineweb.py")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"tokenizer {path} is not a SentencePiece model ({e}): point TOKENIZER_PATH at the .model "
+                          "file, or fetch it again with data/cached_challenge_fineweb.py") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; set VOCAB_SIZE={sp.vocab_size()}")
     if sp.piece_to_id("\u2581") == sp.unk_id():
@@ -1181,7 +1200,8 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARTIFACT_MAGIC = b"PGQ2"  # 2: header CRC in the prefix
+ARTIFACT_FORMAT = 2  # the header's "format" and the magic's digit; 2: header CRC in the prefix
+ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -1494,7 +1514,7 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict]:
     for key in ("scales", "passthrough"):
         streams.append((done[(key, "fp16")], jobs[(key, "fp16")]))
         by_group[key] += len(done[(key, "fp16")])
-    header = dict(format=1, model_config=qm.model_config, tensors=tensors,
+    header = dict(format=ARTIFACT_FORMAT, model_config=qm.model_config, tensors=tensors,
                   streams=[[len(c), len(r), zlib.crc32(r)] for c, r in streams])
     header_blob = compress(json.dumps(header, separators=(",", ":")).encode(), compressor)
     prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, COMPRESSORS.index(compressor), len(header_blob), zlib.crc32(header_blob))
@@ -1525,6 +1545,10 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         expected = offset + sum(c for c, _, _ in header["streams"])
     except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing here
         fail(f"header does not decode ({type(e).__name__}: {e})")
+    if header.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{origin}: format {header.get('format')} artifact, but this train_gpt.py reads format "
+                            f"{ARTIFACT_FORMAT}; evaluate it with the version that wrote it, or write it again")
+    header["model_config"] = header_model_config(header, origin)
     if expected != len(blob):
         fail(f"file is {len(blob)} bytes but its header promises {expected}")
     streams = []
@@ -1541,6 +1565,23 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         return tensors_from_streams(header, streams)
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
         fail(f"header and streams disagree ({type(e).__name__}: {e})")
+
+
+def header_model_config(header: dict, origin: str) -> dict:
+    """The header's model knobs, parsed and range-checked like environment knobs: the CRC proves the
+    header is the one written, not that its writer (or a hand edit) kept the values in range."""
+    config, fields = header.get("model_config"), knob_fields()
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{origin}: header has no model_config; write the artifact again")
+    for name in config:
+        if name not in MODEL_KNOBS:
+            raise ArtifactError(f"{origin}: header model_config has {name!r}, which is not a model knob "
+                                f"({', '.join(MODEL_KNOBS)}); write the artifact again")
+    try:
+        return {name: parse_knob(name, str(value), fields[name]) for name, value in config.items()}
+    except ConfigError as e:
+        raise ArtifactError(f"{origin}: header model_config: {e}; the header was edited or written by another "
+                            "version, write the artifact again") from None
 
 
 def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
@@ -1583,16 +1624,28 @@ def load_artifact(path: Path) -> QuantizedModel:
     return decode_artifact(path.read_bytes(), str(path))
 
 
-def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device) -> GPT:
-    """A fresh model built from the artifact's own knobs and weights (recurrence on, as in eval)."""
+def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device, origin: str = "artifact") -> GPT:
+    """A fresh model built from the artifact's own knobs and weights (recurrence on, as in eval).
+    VOCAB_SIZE alone must agree with cfg: the tokenizer and the data were checked against cfg's."""
+    vocab = qm.model_config.get("VOCAB_SIZE", cfg.VOCAB_SIZE)
+    if vocab != cfg.VOCAB_SIZE:
+        raise ArtifactError(f"{origin}: its model has VOCAB_SIZE={vocab} but VOCAB_SIZE={cfg.VOCAB_SIZE} "
+                            f"(the tokenizer's and the data's); use VOCAB_SIZE={vocab} with that vocabulary's "
+                            "TOKENIZER_PATH and DATA_PATH")
     model_cfg = dataclasses.replace(cfg, **qm.model_config)
+    try:
+        validate_config(model_cfg)
+    except ConfigError as e:
+        raise ArtifactError(f"{origin}: its model knobs do not fit together: {e}") from None
     with torch.device("meta"):
         model = GPT(model_cfg, backend)
     model = model.to_empty(device=device)
     template = model.state_dict()
-    missing = set(template) - set(qm.quantized) - set(qm.passthrough)
-    if missing:
-        raise ArtifactError(f"artifact lacks {sorted(missing)[:3]}... for this model")
+    stored = {n: e["q"].shape for n, e in qm.quantized.items()} | {n: t.shape for n, t in qm.passthrough.items()}
+    wrong = sorted(n for n, t in template.items() if stored.get(n) != t.shape)
+    if wrong:
+        raise ArtifactError(f"{origin}: lacks {wrong[0]} (or stores it in another shape) for the model its knobs "
+                            f"describe ({len(wrong)} such tensors); write the artifact again")
     model.load_state_dict(qm.state_dict(template))
     model.looping = model_cfg.NUM_LOOPS > 0
     return model.eval()
@@ -2273,6 +2326,31 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
+def process_alive(pid: int) -> bool:
+    """Whether pid runs; another user's process counts, and so does a number too large to be a pid (kept, unasked)."""
+    try:
+        os.kill(pid, 0)  # signal 0 only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the <RUN_ID>.json/.ptz.tmp<pid> files that a killed atomic write left behind; a live writer's stay,
+    and so does anything not named like the trainer's own outputs (LOG_DIR may be a shared folder)."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return []
+    removed = []
+    for path in [*folder.glob("*.json.tmp*"), *folder.glob("*.ptz.tmp*")]:
+        pid = path.name.rpartition(".tmp")[2]
+        if pid.isdecimal() and int(pid) > 0 and path.is_file() and not process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def versions(rt: Runtime, backend: str) -> dict:
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
     return dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda or "none",
@@ -2284,6 +2362,9 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     log(f"run_start_id:{summary['run_start_id']}")
     for w in warnings:
         log(w)
+    if rt.is_main:
+        for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
+            log(f"removed {path}, left by a write that was killed")
     backend = pick_attention_backend(rt.device)
     summary["versions"] = versions(rt, backend)
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))

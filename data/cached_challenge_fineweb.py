@@ -29,13 +29,21 @@ manifest.json, and refreshed on every run unless --skip-manifest is given. A bar
 data/manifest.json (written by the public downloader) is never read: it does not record
 which repository it came from, which is what broke switching from sp1024 to sp8192.
 
+Tokenizer names and paths in the manifest must stay inside data/: plain names, relative paths
+without '..'. The manifest carries no per-file hashes; the hub publishes each file's size and, for
+LFS files (the shards, the tokenizer model), its sha256. Those are asked for once per run; when the
+hub cannot be asked (offline), only the checks below are made.
+
 Files are fetched into the HF cache and hard-linked (copied where linking fails) into data/.
-Local files are kept when valid: shards must have a good header and exactly 1024 + 2n bytes,
-other files must be non-empty. Invalid shards are fetched again.
+Local files are kept when valid and of the size the hub lists: shards must have a good header and
+exactly 1024 + 2n bytes, a .model must load as a SentencePiece model, a .json must parse, other
+files must be non-empty. Everything else is fetched. A fetched file must also match the hub's
+sha256; one that does not, or fails a check, is fetched once more, bypassing the HF cache.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -43,7 +51,7 @@ import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_REPO = "willdepueoai/parameter-golf"
@@ -67,6 +75,25 @@ def hf_download(**kwargs) -> str:
     except ImportError:
         fail("huggingface_hub is not installed: pip install huggingface_hub")
     return hf_hub_download(**kwargs)
+
+
+class Published(NamedTuple):
+    """A file as the hub lists it: its size, and its sha256 when it is stored in LFS."""
+    size: int
+    sha256: str | None
+
+
+def hub_file_info(repo_id: str, filenames: list[str]) -> dict[str, Published]:
+    """What the hub publishes about each file that exists (a few API calls, however many files)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    api, published = HfApi(), {}
+    for start in range(0, len(filenames), 100):  # keeps each request small
+        for f in api.get_paths_info(repo_id, filenames[start:start + 100], repo_type="dataset"):
+            if isinstance(f, RepoFile):
+                published[f.path] = Published(f.size, f.lfs.sha256 if f.lfs else None)
+    return published
 
 
 def download_errors() -> tuple[type[BaseException], ...]:
@@ -105,17 +132,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def is_valid_shard(path: Path) -> bool:
+def shard_problem(path: Path) -> str | None:
+    """Why path is not a challenge shard, or None when it is one."""
     try:
         with open(path, "rb") as f:
             magic, version, count = struct.unpack("<3i", f.read(12))
-        return magic == SHARD_MAGIC and version == SHARD_VERSION and path.stat().st_size == SHARD_HEADER_BYTES + 2 * count
+        size = path.stat().st_size
     except (OSError, struct.error):
-        return False
+        return "missing, unreadable or shorter than a shard header"
+    if magic != SHARD_MAGIC or version != SHARD_VERSION:
+        return f"bad shard header (magic {magic}, version {version})"
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        return f"{size} bytes, but its header promises {count} tokens"
+    return None
 
 
-def is_nonempty_file(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0
+def tokenizer_problem(path: Path) -> str | None:
+    """Why path is not a usable tokenizer file, or None when it is one."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return "missing or empty"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"not JSON ({exc})"
+    if path.suffix == ".model":
+        return sentencepiece_problem(path)
+    return None
+
+
+def sentencepiece_problem(path: Path) -> str | None:
+    try:
+        import sentencepiece
+    except ImportError:  # the trainer needs it anyway; without it the size and hash checks remain
+        return None
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        return f"not a SentencePiece model ({exc})"
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_problem(path: Path, published: Published | None) -> str | None:
+    if published is not None and path.stat().st_size != published.size:
+        return f"{path.stat().st_size} bytes, the hub lists {published.size}"
+    return None
+
+
+def hash_problem(path: Path, published: Published | None) -> str | None:
+    if published is not None and published.sha256 and sha256_of(path) != published.sha256:
+        return f"its sha256 differs from the hub's {published.sha256}"
+    return None
 
 
 def place(cached: Path, dest: Path) -> None:
@@ -138,17 +213,27 @@ def human(n: int) -> str:
 class Fetcher:
     """Fetches files of one dataset repo into the local layout, and counts what it did."""
 
-    def __init__(self, repo_id: str, prefix: str, out: Path, download):
+    def __init__(self, repo_id: str, prefix: str, out: Path, download, file_info=hub_file_info):
         self.repo_id, self.prefix, self.out, self.download = repo_id, prefix.strip("/"), out, download
+        self.file_info, self.published = file_info, {}
         self.fetched = self.skipped = self.fetched_bytes = self.skipped_bytes = 0
 
     def remote(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    def fetch(self, rel: str, dest: Path) -> None:
+    def learn_published(self, rels: list[str]) -> None:
+        """Ask the hub for the sizes and hashes of the files to come; without them, check what can be checked."""
+        try:
+            self.published = self.file_info(self.repo_id, [self.remote(rel) for rel in rels])
+        except download_errors() + (ImportError,) as exc:
+            print(f"note: the hub did not list sizes and hashes ({type(exc).__name__}: {exc}); "
+                  "checking shard headers and tokenizer files only", flush=True)
+
+    def fetch(self, rel: str, dest: Path, force: bool = False) -> None:
         filename = self.remote(rel)
         try:
-            cached = self.download(repo_id=self.repo_id, repo_type="dataset", filename=filename)
+            # force: a corrupt file in the HF cache would otherwise be handed back again
+            cached = self.download(repo_id=self.repo_id, repo_type="dataset", filename=filename, force_download=force)
         except download_errors() as exc:
             fail(f"could not download {filename!r} from dataset repo {self.repo_id}: "
                  f"{type(exc).__name__}: {exc}\n  {OFFLINE_HINT}")
@@ -157,21 +242,26 @@ class Fetcher:
         self.fetched_bytes += dest.stat().st_size
         print(f"fetched {dest} ({human(dest.stat().st_size)})", flush=True)
 
-    def ensure(self, rel: str, valid) -> Path:
-        """Fetch rel to out/rel unless a valid copy is already there; check what arrives."""
-        dest = self.out / rel
-        if valid(dest):
+    def ensure(self, rel: str, problem) -> Path:
+        """Fetch rel to out/rel unless a valid copy is already there; verify what arrives, and
+        fetch it once more if it is corrupt. problem(path) says what is wrong with a file, or None."""
+        dest, published = self.out / rel, self.published.get(self.remote(rel))
+        why = problem(dest) or size_problem(dest, published)
+        if why is None:
             self.skipped += 1
             self.skipped_bytes += dest.stat().st_size
             print(f"present {dest}", flush=True)
             return dest
         if dest.exists():
-            print(f"invalid {dest}: fetching it again", flush=True)
-        self.fetch(rel, dest)
-        if not valid(dest):
-            fail(f"{self.remote(rel)!r} from {self.repo_id} arrived invalid at {dest} "
-                 "(bad shard header or size); delete it from the HF cache and retry")
-        return dest
+            print(f"invalid {dest} ({why}): fetching it again", flush=True)
+        for force in (False, True):
+            self.fetch(rel, dest, force)
+            why = problem(dest) or size_problem(dest, published) or hash_problem(dest, published)
+            if why is None:
+                return dest
+            print(f"corrupt {dest} ({why})", flush=True)
+        fail(f"{self.remote(rel)!r} from {self.repo_id} arrived invalid at {dest} twice ({why}); "
+             "retry later, or report it to the repo's owners")
 
 
 def manifest_path(out: Path, repo_id: str, prefix: str) -> Path:
@@ -203,16 +293,35 @@ def shard_count(entry: dict, split: str, where: str) -> int:
     count = (entry.get("stats") or {}).get(f"files_{split}", entry.get(f"{split}_shards"))
     if count is None:
         fail(f"{where}: no {split} shard count (stats.files_{split} or {split}_shards)")
+    if isinstance(count, bool) or not (isinstance(count, int) or (isinstance(count, str) and count.isdecimal())):
+        fail(f"{where}: {split} shard count {count!r} is not a non-negative integer; the manifest is corrupt")
+    if int(count) < 0:
+        fail(f"{where}: {split} shard count {count!r} is negative; the manifest is corrupt")
     return int(count)
+
+
+def is_plain_name(name) -> bool:
+    """A name that stays inside the folder it is joined to."""
+    return isinstance(name, str) and name not in ("", ".") and not any(bad in name for bad in ("/", "\\", "..", "\0"))
+
+
+def inside_data(rel, where: str) -> str:
+    """rel, if it is a relative path of plain names (so out/rel stays inside out); else stop."""
+    if not isinstance(rel, str) or not all(is_plain_name(part) for part in rel.split("/")):
+        fail(f"{where}: tokenizer path {rel!r} must be a relative path of plain names (no '..', '\\' or leading "
+             "'/'); the manifest is corrupt")
+    return rel
 
 
 def tokenizer_files(manifest: dict, entry: dict, where: str) -> list[str]:
     name = entry.get("tokenizer_name") or entry.get("tokenizer")
     if not name:
         fail(f"{where}: no tokenizer_name")
+    if not is_plain_name(name):
+        fail(f"{where}: tokenizer_name {name!r} is not a plain name (no '/', '\\' or '..'); the manifest is corrupt")
     tok = by_name(manifest.get("tokenizers")).get(name) or {}
     paths = [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
-    return paths or [f"tokenizers/{name}.model", f"tokenizers/{name}.vocab"]
+    return [inside_data(p, where) for p in paths] or [f"tokenizers/{name}.model", f"tokenizers/{name}.vocab"]
 
 
 def plan(manifest: dict, where: str, variant: str, requested: int | None, repo_id: str) -> tuple[int, int, list[str]]:
@@ -234,7 +343,7 @@ def plan(manifest: dict, where: str, variant: str, requested: int | None, repo_i
     return val, train, tokenizer_files(manifest, entry, where)
 
 
-def main(argv=None, download=hf_download) -> None:
+def main(argv=None, download=hf_download, file_info=hub_file_info) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.train_shards is not None and args.train_shards_positional is not None:
@@ -242,18 +351,19 @@ def main(argv=None, download=hf_download) -> None:
     requested = args.train_shards if args.train_shards is not None else args.train_shards_positional
     repo_id = os.environ.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPOS.get(args.variant, DEFAULT_REPO)
     prefix = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
-    fetcher = Fetcher(repo_id, prefix, args.out, download)
+    fetcher = Fetcher(repo_id, prefix, args.out, download, file_info)
     print(f"variant {args.variant} from dataset repo {repo_id} (prefix {fetcher.prefix!r}) into {args.out}", flush=True)
 
     manifest, where = load_manifest(fetcher, args.skip_manifest)
     val, train, tokenizer = plan(manifest, str(where), args.variant, requested, repo_id)
     shard_dir = f"datasets/fineweb10B_{args.variant}"
-    for i in range(val):
-        fetcher.ensure(f"{shard_dir}/fineweb_val_{i:06d}.bin", is_valid_shard)
-    for i in range(train):
-        fetcher.ensure(f"{shard_dir}/fineweb_train_{i:06d}.bin", is_valid_shard)
+    shards = [f"{shard_dir}/fineweb_{split}_{i:06d}.bin" for split, n in (("val", val), ("train", train))
+              for i in range(n)]
+    fetcher.learn_published(shards + tokenizer)
+    for rel in shards:
+        fetcher.ensure(rel, shard_problem)
     for rel in tokenizer:
-        fetcher.ensure(rel, is_nonempty_file)
+        fetcher.ensure(rel, tokenizer_problem)
     print(f"done: {val} val + {train} train shards, {len(tokenizer)} tokenizer files; "
           f"fetched {fetcher.fetched} files ({human(fetcher.fetched_bytes)}), "
           f"{fetcher.skipped} already present ({human(fetcher.skipped_bytes)})\n"

@@ -44,12 +44,21 @@ def test_environment_overrides_preset_and_defaults():
     ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "multiple of TRAIN_SEQ_LEN=2048"]),
     ({"GPTQ_RESERVE_SECONDS": "600"}, ["GPTQ_RESERVE_SECONDS", "no training time"]),
     ({"VAL_BATCH_TOKENS": "100"}, ["VAL_BATCH_TOKENS=100", "TRAIN_SEQ_LEN=2048"]),
+    ({"RUN_ID": "../escape"}, ["RUN_ID='../escape'", "plain file name"]),
+    ({"RUN_ID": "/tmp/run"}, ["RUN_ID='/tmp/run'", "plain file name"]),
+    ({"RUN_ID": "sub\\run"}, ["RUN_ID='sub\\\\run'", "plain file name"]),
+    ({"RUN_ID": ".."}, ["RUN_ID='..'", "plain file name"]),
 ])
 def test_bad_knobs_name_the_knob_and_the_accepted_range(env, words):
     with pytest.raises(ConfigError) as err:
         config_from_env(env)
     for word in words:
         assert word in str(err.value)
+
+
+def test_plain_run_ids_and_the_empty_one_are_accepted():
+    for run_id in ("", "mytry_s42", "lr0.025-v2"):
+        assert config_from_env({"RUN_ID": run_id}).RUN_ID == run_id
 
 
 def test_recurrence_knobs_are_free_when_recurrence_is_off():
@@ -99,6 +108,10 @@ def test_no_warnings_for_knobs_launchers_and_ordinary_environment():
     assert tg.near_miss_warnings(env) == []
 
 
+def test_the_sweep_seeds_variable_is_not_a_misspelled_seed():
+    assert tg.near_miss_warnings({"SEEDS": "42 1337 2025"}) == []
+
+
 def test_every_knob_is_printed(tmp_path):
     text = tg.format_config(config_from_env({}))
     for name in tg.knob_fields():
@@ -116,6 +129,13 @@ def test_tokenizer_that_disagrees_with_vocab_size(sample):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match="nothing.model not found"):
         tg.load_tokenizer(tmp_path / "nothing.model", 1024)
+
+
+@pytest.mark.parametrize("content", [b"0123456789", b""], ids=["junk", "empty"])
+def test_tokenizer_that_is_not_a_sentencepiece_model(tmp_path, content):
+    (tmp_path / "tok.model").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"tok.model is not a SentencePiece model .*TOKENIZER_PATH"):
+        tg.load_tokenizer(tmp_path / "tok.model", 1024)
 
 
 def test_tokenizer_without_a_bare_space_piece(tmp_path):
@@ -139,6 +159,26 @@ def test_validation_token_beyond_vocab_is_refused_before_training(sample, tmp_pa
     with pytest.raises(ConfigError, match="token id 1500 >= VOCAB_SIZE=1024"):
         tg.main(env)
     assert "token id 1500" in (tmp_path / "logs" / "bad.txt").read_text()
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_run_start_removes_temporaries_of_killed_writes_only(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    dead, alive = logs / f"old.ptz.tmp{dead_pid()}", logs / f"busy.json.tmp{os.getpid()}"
+    unrelated = [logs / "notes.tmp", logs / "old.ptz", logs / f"backup.tar.tmp{dead_pid()}"]
+    for path in [dead, alive, *unrelated]:
+        path.write_bytes(b"x")
+    env = {"PRESET": "sample", "TOKENIZER_PATH": str(tmp_path / "missing.model"), "LOG_DIR": str(logs), "RUN_ID": "r"}
+    with pytest.raises(ConfigError, match="missing.model not found"):
+        tg.main(env)
+    assert not dead.exists() and alive.exists() and all(p.exists() for p in unrelated)
+    assert f"removed {dead}, left by a write that was killed" in (logs / "r.txt").read_text()
 
 
 def test_import_has_no_side_effects(tmp_path):

@@ -58,6 +58,24 @@ def test_truncated_header(tmp_path):
         tg.read_shard(path)
 
 
+def test_a_folder_named_like_a_shard_is_refused_by_name(tmp_path):
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
+    folder = tmp_path / "fineweb_train_000001.bin"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=f"{folder} is named like a shard but is not a file"):
+        tg.find_shards(tmp_path, "train")
+    with pytest.raises(ConfigError, match=f"{folder}: not a shard file"):
+        tg.shard_token_count(folder)
+
+
+def test_data_path_with_glob_characters_is_taken_literally(tmp_path):
+    data = tmp_path / "runs[1]*?"
+    data.mkdir()
+    tg.write_shard(data / "fineweb_val_000000.bin", [1, 2, 3])
+    assert tg.find_shards(data, "val") == [data / "fineweb_val_000000.bin"]
+    assert tg.load_validation_tokens(data).tolist() == [1, 2, 3]
+
+
 def test_missing_shards_explain_how_to_get_data(tmp_path):
     with pytest.raises(ConfigError, match="no fineweb_train_\\*.bin shards in .*cached_challenge_fineweb.py"):
         tg.find_shards(tmp_path, "train")

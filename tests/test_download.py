@@ -1,9 +1,13 @@
 """Tests for data/cached_challenge_fineweb.py against a fake hub: no network needed."""
+import functools
+import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,19 @@ def shard_bytes(tokens) -> bytes:
     return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
 
 
+@functools.cache
+def sentencepiece_files() -> tuple[bytes, bytes]:
+    """A real (tiny) SentencePiece model and its vocab, trained once: the downloader loads what it keeps."""
+    import sentencepiece as spm
+
+    words = [f"w{i}x{j}" for i in range(30) for j in range(5)]
+    lines = [" ".join(words[k * 7 % 150:k * 7 % 150 + 20]) for k in range(300)]
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=f"{tmp}/t", model_type="bpe",
+                                       vocab_size=64, hard_vocab_limit=False, minloglevel=2)
+        return Path(f"{tmp}/t.model").read_bytes(), Path(f"{tmp}/t.vocab").read_bytes()
+
+
 def publish(remote: Path, repo_id: str, vocab: int, n_train: int, n_val: int, prefix: str = "datasets") -> None:
     """Write a fake dataset repo in the published manifest schema."""
     root = remote / repo_id / prefix
@@ -34,8 +51,9 @@ def publish(remote: Path, repo_id: str, vocab: int, n_train: int, n_val: int, pr
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(shard_bytes(rng.integers(0, vocab, size=10 + 7 * i)))
     (root / "tokenizers").mkdir(parents=True, exist_ok=True)
-    (root / "tokenizers" / f"{tok}.model").write_bytes(f"model {vocab}".encode())
-    (root / "tokenizers" / f"{tok}.vocab").write_bytes(f"vocab {vocab}".encode())
+    model, vocab_file = sentencepiece_files()
+    (root / "tokenizers" / f"{tok}.model").write_bytes(model)
+    (root / "tokenizers" / f"{tok}.vocab").write_bytes(vocab_file)
     manifest = {
         "datasets": [{"name": dataset, "tokenizer_name": tok, "stats": {"files_train": n_train, "files_val": n_val}}],
         "tokenizers": [{"name": tok, "model_path": f"tokenizers/{tok}.model", "vocab_path": f"tokenizers/{tok}.vocab"}],
@@ -44,16 +62,22 @@ def publish(remote: Path, repo_id: str, vocab: int, n_train: int, n_val: int, pr
 
 
 class FakeHub:
-    """Stands in for hf_hub_download: copies remote files into a fake HF cache and records calls."""
+    """Stands in for hf_hub_download and the hub's file listing: copies remote files into a fake HF
+    cache, records calls, and can serve damaged bytes or list no sizes and hashes."""
 
     def __init__(self, remote: Path, cache: Path):
-        self.remote, self.cache, self.calls = remote, cache, []
+        self.remote, self.cache, self.calls, self.forced = remote, cache, [], []
         self.error = None  # exception to raise on every call whose filename contains error_on
         self.error_on = ""
+        self.damage = {}  # filename -> (how many downloads to damage, bytes -> bytes)
+        self.info_error = None  # exception the file listing raises (offline)
+        self.lfs = True  # whether the listing has sha256s
 
-    def __call__(self, *, repo_id, filename, repo_type):
+    def __call__(self, *, repo_id, filename, repo_type, force_download=False):
         assert repo_type == "dataset"
         self.calls.append((repo_id, filename))
+        if force_download:
+            self.forced.append(filename)
         if self.error is not None and self.error_on in filename:
             raise self.error
         source = self.remote / repo_id / filename
@@ -61,8 +85,25 @@ class FakeHub:
             raise FileNotFoundError(f"404: {repo_id}/{filename}")
         cached = self.cache / repo_id / filename
         cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, cached)
+        data = source.read_bytes()
+        times, damage = self.damage.get(filename, (0, None))
+        if times:
+            self.damage[filename] = (times - 1, damage)
+            data = damage(data)
+        cached.unlink(missing_ok=True)  # a new blob, as the HF cache writes one; old hard links keep the old bytes
+        cached.write_bytes(data)
         return str(cached)
+
+    def file_info(self, repo_id, filenames):
+        if self.info_error is not None:
+            raise self.info_error
+        published = {}
+        for f in filenames:
+            source = self.remote / repo_id / f
+            if source.is_file():
+                sha = hashlib.sha256(source.read_bytes()).hexdigest() if self.lfs else None
+                published[f] = dl.Published(source.stat().st_size, sha)
+        return published
 
     def files(self):
         return [f for _, f in self.calls]
@@ -79,7 +120,7 @@ def env(tmp_path, monkeypatch):
     out = tmp_path / "data"
 
     def run(*args):
-        dl.main([*map(str, args), "--out", str(out)], download=hub)
+        dl.main([*map(str, args), "--out", str(out)], download=hub, file_info=hub.file_info)
 
     return hub, out, remote, run
 
@@ -215,6 +256,117 @@ def test_invalid_shard_from_hub_is_reported(env):
     (remote / KEVCLARK / "datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin").write_bytes(b"junk")
     with pytest.raises(SystemExit, match=r"fineweb_val_000000.bin.*arrived invalid"):
         run("--variant", "sp8192")
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    """Same size, valid shard header: only the hash can tell."""
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def shorter_valid_shard(data: bytes) -> bytes:
+    """A well-formed shard, but not the one the hub lists: only the size can tell."""
+    return shard_bytes(np.frombuffer(data[1024:], dtype="<u2")[:-1])
+
+
+def test_corrupt_download_is_fetched_again_past_the_cache(env):
+    hub, out, remote, run = env
+    name = "datasets/datasets/fineweb10B_sp8192/fineweb_train_000001.bin"
+    hub.damage[name] = (1, flip_last_byte)
+    run("--variant", "sp8192", "--train-shards", 2)
+    assert hub.files().count(name) == 2 and hub.forced == [name]
+    assert (out / name.removeprefix("datasets/")).read_bytes() == (remote / KEVCLARK / name).read_bytes()
+
+
+def test_download_corrupt_every_time_stops_naming_the_hash(env):
+    hub, _, _, run = env
+    name = "datasets/datasets/fineweb10B_sp8192/fineweb_val_000001.bin"
+    hub.damage[name] = (2, flip_last_byte)
+    with pytest.raises(SystemExit, match=r"fineweb_val_000001.bin.*arrived invalid.*twice.*sha256 differs"):
+        run("--variant", "sp8192", "--train-shards", 0)
+    assert hub.files().count(name) == 2
+
+
+def test_without_hashes_the_listed_size_is_checked(env):
+    hub, out, remote, run = env
+    hub.lfs = False
+    name = "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin"
+    hub.damage[name] = (1, shorter_valid_shard)
+    run("--variant", "sp8192", "--train-shards", 1)
+    assert hub.forced == [name]
+    assert (out / name.removeprefix("datasets/")).read_bytes() == (remote / KEVCLARK / name).read_bytes()
+
+
+def test_local_shard_of_another_size_than_listed_is_fetched_again(env):
+    hub, out, _, run = env
+    run("--variant", "sp8192", "--train-shards", 1)
+    local = out / "datasets/fineweb10B_sp8192/fineweb_train_000000.bin"
+    shorter = shorter_valid_shard(local.read_bytes())
+    local.unlink()
+    local.write_bytes(shorter)
+    hub.calls.clear()
+    run("--variant", "sp8192", "--train-shards", 1)
+    assert hub.files() == ["datasets/manifest.json", "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin"]
+
+
+@pytest.mark.parametrize("junk", [b"0123456789", bytes(range(256)) * 40], ids=["tiny", "not_sentencepiece"])
+def test_local_tokenizer_that_does_not_load_is_never_kept(env, junk):
+    hub, out, remote, run = env
+    run("--variant", "sp8192", "--train-shards", 0)
+    local = out / "tokenizers/fineweb_8192_bpe.model"
+    local.unlink()
+    local.write_bytes(junk)
+    hub.calls.clear()
+    hub.info_error = ConnectionError("offline")  # no listed size: the file itself must give it away
+    run("--variant", "sp8192", "--train-shards", 0)
+    assert hub.files() == ["datasets/manifest.json", "datasets/tokenizers/fineweb_8192_bpe.model"]
+    assert local.read_bytes() == (remote / KEVCLARK / "datasets/tokenizers/fineweb_8192_bpe.model").read_bytes()
+
+
+def test_tokenizer_from_hub_that_is_not_sentencepiece_is_refused(env):
+    hub, out, remote, run = env
+    (remote / KEVCLARK / "datasets/tokenizers/fineweb_8192_bpe.model").write_bytes(b"model 8192")
+    with pytest.raises(SystemExit, match=r"fineweb_8192_bpe.model.*twice.*not a SentencePiece model"):
+        run("--variant", "sp8192", "--train-shards", 0)
+
+
+def test_hub_listing_unavailable_falls_back_to_header_checks(env, capsys):
+    hub, out, _, run = env
+    hub.info_error = ConnectionError("Network is unreachable")
+    run("--variant", "sp8192", "--train-shards", 1)
+    assert "the hub did not list sizes and hashes (ConnectionError" in capsys.readouterr().out
+    assert (out / "datasets/fineweb10B_sp8192/fineweb_train_000000.bin").is_file()
+
+
+def rewrite_manifest(remote: Path, change) -> None:
+    path = remote / KEVCLARK / "datasets/manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest["datasets"][0], manifest["tokenizers"][0])
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("count", ["many", -1, 2.5, True])
+def test_manifest_shard_count_that_is_not_a_count(env, count):
+    _, _, remote, run = env
+    rewrite_manifest(remote, lambda dataset, _: dataset["stats"].update(files_train=count))
+    reason = r"is (not a non-negative integer|negative)"
+    with pytest.raises(SystemExit, match=rf"train shard count {re.escape(repr(count))} {reason}"):
+        run("--variant", "sp8192")
+
+
+@pytest.mark.parametrize("key, value", [("model_path", "../../escape.model"), ("model_path", "/tmp/escape.model"),
+                                        ("vocab_path", "tokenizers\\..\\..\\escape.vocab"), ("name", "../escape")])
+def test_manifest_tokenizer_names_stay_inside_the_data_folder(env, key, value):
+    hub, out, remote, run = env
+
+    def change(dataset, tokenizer):
+        tokenizer[key] = value
+        if key == "name":
+            dataset["tokenizer_name"] = value
+
+    rewrite_manifest(remote, change)
+    with pytest.raises(SystemExit, match=r"(tokenizer path|tokenizer_name) .* plain name"):
+        run("--variant", "sp8192", "--train-shards", 0)
+    assert not any("escape" in f for f in hub.files())
 
 
 def test_copies_when_hard_links_fail(env, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from test_quantization import tiny_artifact
 from test_training import tiny_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -243,3 +244,37 @@ def test_non_compliant_mode_says_so_everywhere(small_sample, tmp_path):
     log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]
     assert "is NON-COMPLIANT" in log and "slot (non-compliant) val_loss:" in log
     assert [line for line in log.splitlines() if line.startswith("final_score")][0].endswith("NON-COMPLIANT")
+
+
+@pytest.mark.parametrize("vocab", [2048, 512])
+def test_artifact_for_another_vocabulary_is_refused(small_sample, tmp_path, vocab):
+    import eval_artifact
+
+    path = tmp_path / f"sp{vocab}.ptz"
+    path.write_bytes(tiny_artifact(vocab))
+    with pytest.raises(tg.ArtifactError, match=f"{path}: its model has VOCAB_SIZE={vocab} but VOCAB_SIZE=1024"):
+        eval_artifact.evaluate_file(tiny_env(small_sample, tmp_path), path, max_tokens=2000, log=lambda _: None)
+
+
+def test_eval_tool_refuses_a_mismatched_artifact_in_one_line(small_sample, tmp_path):
+    path = tmp_path / "sp2048.ptz"
+    path.write_bytes(tiny_artifact(2048))
+    tool = REPO_ROOT / "tools" / "eval_artifact.py"
+    done = subprocess.run([sys.executable, str(tool), str(path), "--max-tokens", "2000"], capture_output=True,
+                          text=True, env={**os.environ, **tiny_env(small_sample, tmp_path)}, timeout=300)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"error: {path}: its model has VOCAB_SIZE=2048 but VOCAB_SIZE=1024 "
+                                                "(the tokenizer's and the data's); use VOCAB_SIZE=2048 with that "
+                                                "vocabulary's TOKENIZER_PATH and DATA_PATH"]
+
+
+def test_eval_tool_refuses_data_of_another_vocabulary(small_sample, tmp_path):
+    import eval_artifact
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tg.write_shard(data / "fineweb_val_000000.bin", [1, 5, 1500, 7])
+    path = tmp_path / "sp1024.ptz"
+    path.write_bytes(tiny_artifact(1024))
+    with pytest.raises(tg.ConfigError, match="token id 1500 >= VOCAB_SIZE=1024"):
+        eval_artifact.evaluate_file(tiny_env(small_sample, tmp_path, DATA_PATH=data), path, log=lambda _: None)

@@ -1,6 +1,8 @@
 """Quantization and the artifact: bit packing, shuffling, GPTQ, the container, auto-fit, the guard."""
 import json
+import math
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -94,6 +96,66 @@ def test_container_round_trip_is_exact_with_both_packings(compressor):
     # uniform values: some widths are smaller bit-packed, others as bytes; both decode paths ran
     assert accounting["packing_kept"]["bits"] > 0 and accounting["packing_kept"]["bytes"] > 0
     assert sum(accounting["by_group"].values()) == len(blob)
+
+
+TINY_MODEL = dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, XSA_LAST_N=2, NUM_LOOPS=0,
+                  PARALLEL_RESIDUAL_START=1)
+
+
+def tiny_artifact(vocab_size: int = 1024) -> bytes:
+    """An artifact of a small random model (every tensor fp16 pass-through) for the given vocabulary."""
+    cfg = tg.config_from_env({k: str(v) for k, v in dict(TINY_MODEL, VOCAB_SIZE=vocab_size).items()})
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, "sdpa")
+    qm = tg.QuantizedModel({}, {k: v.half() for k, v in model.state_dict().items()},
+                           {k: getattr(cfg, k) for k in tg.MODEL_KNOBS})
+    return tg.encode_artifact(qm, "lzma")[0]
+
+
+def with_header(blob: bytes, change) -> bytes:
+    """The artifact with change(header) applied and a valid CRC: what a hand edit or another writer produces."""
+    magic, cid, header_len, _ = tg.ARTIFACT_PREFIX.unpack_from(blob)
+    compressor, start = tg.COMPRESSORS[cid], tg.ARTIFACT_PREFIX.size
+    header = json.loads(tg.decompress(blob[start:start + header_len], compressor))
+    change(header)
+    header_blob = tg.compress(json.dumps(header).encode(), compressor)
+    prefix = tg.ARTIFACT_PREFIX.pack(magic, cid, len(header_blob), zlib.crc32(header_blob))
+    return prefix + header_blob + blob[start + header_len:]
+
+
+def test_artifact_format_is_written_and_an_older_one_is_refused_by_number():
+    blob = tiny_artifact()
+    assert blob[:4] == b"PGQ2"
+    assert tg.decode_artifact(with_header(blob, lambda h: None)).model_config["NUM_LAYERS"] == 2
+    older = with_header(blob, lambda h: h.update(format=1))
+    with pytest.raises(tg.ArtifactError, match="old.ptz: format 1 artifact, but this train_gpt.py reads format 2"):
+        tg.decode_artifact(older, "old.ptz")
+
+
+@pytest.mark.parametrize("knob, value, words", [
+    ("NUM_LAYERS", 100000, "NUM_LAYERS='100000' is out of range: accepted 1 <= NUM_LAYERS <= 256"),
+    ("MODEL_DIM", -32, "MODEL_DIM='-32' is out of range"),
+    ("NUM_LAYERS", 2.5, "NUM_LAYERS='2.5' is not a valid int"),
+    ("MLP_MULT", math.nan, "MLP_MULT='nan' is not a valid float"),
+    ("ROPE_BASE", "fast", "ROPE_BASE='fast' is not a valid float"),
+    ("MATRIX_LR", 0.1, "'MATRIX_LR', which is not a model knob"),
+])
+def test_header_model_knobs_are_checked_like_environment_knobs(knob, value, words):
+    edited = with_header(tiny_artifact(), lambda h: h["model_config"].update({knob: value}))
+    with pytest.raises(tg.ArtifactError) as err:
+        tg.decode_artifact(edited, "edited.ptz")
+    assert str(err.value).startswith("edited.ptz: header model_config") and words in str(err.value)
+
+
+@pytest.mark.parametrize("knob, value, words", [
+    ("NUM_HEADS", 3, "do not fit together: MODEL_DIM=32 must be divisible by NUM_HEADS=3"),
+    ("MODEL_DIM", 64, "or stores it in another shape"),
+])
+def test_header_knobs_that_disagree_with_the_weights_are_refused(knob, value, words):
+    edited = tg.decode_artifact(with_header(tiny_artifact(), lambda h: h["model_config"].update({knob: value})))
+    cfg = tg.config_from_env({"VOCAB_SIZE": "1024"})
+    with pytest.raises(tg.ArtifactError, match=f"edited.ptz: .*{words}"):
+        tg.model_from_artifact(edited, cfg, "sdpa", torch.device("cpu"), origin="edited.ptz")
 
 
 def test_compressed_size_does_not_grow_with_clip_sigmas():

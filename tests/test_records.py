@@ -226,3 +226,62 @@ def test_plot_is_a_png_with_one_series_per_seed(swept, tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1200, 800)
     assert series == {"train loss by step": 2, "train loss by time": 2, "val_bpb by step": 2, "val_bpb by time": 2}
+
+
+def fake_run(folder: Path, seed: int = 1, **changes) -> Path:
+    """A finished run's summary and log, as small as make_record accepts; changes edit the summary."""
+    folder.mkdir(exist_ok=True)
+    summary = dict(run_id=f"r{seed}", seed=seed, status="ok", config={"SEED": seed, "MATRIX_LR": 0.02},
+                   model_bytes=1000, train_seconds=100.0, steps=10, ms_per_step=10.0, val_loss=3.0, val_bpb=1.2,
+                   score_source="sliding")
+    summary.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del summary[key]
+    (folder / f"r{seed}.txt").write_text("print('trainer')" + make_record.SEPARATOR + "run\n")
+    (folder / f"r{seed}.json").write_text(json.dumps(summary))
+    return folder / f"r{seed}.json"
+
+
+def test_record_from_minimal_summaries(tmp_path):
+    paths = [fake_run(tmp_path / "runs", seed) for seed in (1, 2)]
+    folder = make_record.make_record(paths, "Ok", date="2026-01-02", out=tmp_path / "records")
+    assert json.loads((folder / "submission.json").read_text())["seeds"] == [1, 2]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (None, "no such run summary"), ("{'seed': 2", "not a readable run summary"), ("[1, 2]", "not a run summary"),
+    (dict(model_bytes=None), "model_bytes is None, not a finite number"),
+    (dict(val_bpb=math.nan), "val_bpb is nan, not a finite number"),
+    (dict(val_loss="low"), "val_loss is 'low', not a finite number"),
+    (dict(config=None), "lacks its config or score_source"),
+], ids=["missing", "malformed", "not_an_object", "no_model_bytes", "nan_score", "text_score", "no_config"])
+def test_record_refuses_bad_summaries_in_one_line(tmp_path, content, reason):
+    """content: the second summary's changes, or its raw text, or None for no file at all."""
+    runs = tmp_path / "runs"
+    good, bad = fake_run(runs, 1), runs / "r2.json"
+    if isinstance(content, dict):
+        fake_run(runs, 2, **content)
+    elif content is not None:
+        bad.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        make_record.main([str(good), str(bad), "--name", "Bad", "--out", str(tmp_path / "records")])
+    assert str(exit_.value).startswith(f"refused: {bad}: ") and reason in str(exit_.value)
+    assert "\n" not in str(exit_.value) and not (tmp_path / "records").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--name", "../escape"), ("--name", "a/b"), ("--name", "a\\b"),
+                                           ("--name", ""), ("--date", "../../2026-01-01")])
+def test_record_folder_name_stays_inside_the_track(tmp_path, option, value):
+    path = fake_run(tmp_path / "runs")
+    args = {"--name": "Ok", "--date": "2026-01-02", option: value}
+    with pytest.raises(SystemExit, match=f"refused: {option} "):
+        make_record.main([str(path), *[x for kv in args.items() for x in kv], "--out", str(tmp_path / "records")])
+    assert not (tmp_path / "records").exists()
+
+
+@pytest.mark.parametrize("reference", ["abc", "nan", "1.0x"])
+def test_reference_that_is_neither_a_number_nor_summaries(tmp_path, reference):
+    with pytest.raises(SystemExit, match=f"--reference '{reference}' is neither a finite val_bpb nor an existing"):
+        make_record.main([str(fake_run(tmp_path / "runs")), "--name", "N", "--reference", reference,
+                          "--out", str(tmp_path / "records")])
+    assert not (tmp_path / "records").exists()

@@ -23,13 +23,17 @@ import train_gpt as tg  # noqa: E402
 def evaluate_file(env, path: Path, max_tokens: int = 0, log=print) -> dict:
     cfg = tg.config_from_env(env)
     rt = tg.init_runtime(env)
+    backend = tg.pick_attention_backend(rt.device)
+    # The artifact first: a model for another vocabulary fails here, before the data is read.
+    model = tg.model_from_artifact(tg.load_artifact(path), cfg, backend, rt.device, origin=str(path))
     data_path, tokenizer_path = tg.resolve_paths(cfg)
     tables = tg.byte_tables(tg.load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
     tokens = tg.load_validation_tokens(data_path)
+    if int(tokens.max()) >= cfg.VOCAB_SIZE:
+        raise tg.ConfigError(f"validation shards in {data_path} hold token id {int(tokens.max())} >= VOCAB_SIZE="
+                             f"{cfg.VOCAB_SIZE}: DATA_PATH is another vocabulary's data")
     if max_tokens:
         tokens = tokens[:max_tokens]
-    backend = tg.pick_attention_backend(rt.device)
-    model = tg.model_from_artifact(tg.load_artifact(path), cfg, backend, rt.device)
     batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
     summary = dict(artifact=str(path), tokens=tokens.numel())
     tg.evaluate_artifact_model(cfg, model, tokens, tables, batch_seqs, rt, log if rt.is_main else (lambda _: None), summary)

@@ -29,14 +29,42 @@ LIMIT_BYTES, LIMIT_SECONDS = 16_000_000, 600.0
 SEPARATOR = "\n" + "=" * 100 + "\n"  # the trainer's log: its script text, this line, then the run
 TRACKS = {"10min_16mb": True, "non_record_16mb": False}  # track -> is a record track
 PER_SEED_KEYS = ("SEED", "RUN_ID", "LOG_DIR")
+# What a finished run's summary must hold for the checks and the record; the numbers must be finite.
+REQUIRED_NUMBERS = ("seed", "model_bytes", "train_seconds", "steps", "ms_per_step", "val_loss", "val_bpb")
 
 
 class Refused(Exception):
     pass
 
 
+def read_summary(summary_path: Path) -> dict:
+    try:
+        run = json.loads(summary_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Refused(f"{summary_path}: no such run summary") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Refused(f"{summary_path}: not a readable run summary ({e})") from None
+    if not isinstance(run, dict):
+        raise Refused(f"{summary_path}: not a run summary (a JSON object)")
+    return run
+
+
+def check_finished_fields(run: dict, summary_path: Path) -> None:
+    """A finished run's summary holds every field the record uses; an unfinished one is refused later, by check()."""
+    if run.get("status") != "ok":
+        return
+    for key in REQUIRED_NUMBERS:
+        value = run.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Refused(f"{summary_path}: {key} is {value!r}, not a finite number; the run diverged or its "
+                          "summary is incomplete")
+    if not isinstance(run.get("config"), dict) or not isinstance(run.get("score_source"), str):
+        raise Refused(f"{summary_path}: lacks its config or score_source; it was not written by a finished run")
+
+
 def load_run(summary_path: Path) -> dict:
-    run = json.loads(summary_path.read_text())
+    run = read_summary(summary_path)
+    check_finished_fields(run, summary_path)
     log_path = summary_path.with_suffix(".txt")
     if not log_path.is_file():
         raise Refused(f"{summary_path}: its log {log_path} is missing")
@@ -144,12 +172,23 @@ def submission(name: str, track: str, runs: list[dict], author: str, github_id: 
     return sub
 
 
+def check_folder_name(name: str, date: str) -> None:
+    """The record folder is <date>_<name> under the track: neither part may lead out of it."""
+    if not name or any(bad in name for bad in ("/", "\\", "..", "\0")):
+        raise Refused(f"--name {name!r} must be a plain, non-empty folder name (no '/', '\\' or '..')")
+    try:
+        datetime.date.fromisoformat(date)
+    except ValueError:
+        raise Refused(f"--date {date!r} is not a date in the form YYYY-MM-DD") from None
+
+
 def make_record(summaries: list[Path], name: str, track: str = "10min_16mb", author: str = "", github_id: str = "",
                 date: str | None = None, reference=None, out: Path = REPO_ROOT / "records") -> Path:
+    date = date or datetime.date.today().isoformat()
+    check_folder_name(name, date)
     runs = [load_run(Path(p)) for p in summaries]
     check(runs, track)
     runs.sort(key=lambda r: r["seed"])
-    date = date or datetime.date.today().isoformat()
     folder = out / f"track_{track}" / f"{date}_{name}"
     if folder.exists():
         raise Refused(f"{folder} already exists; pick another --name or remove it")
@@ -165,6 +204,20 @@ def make_record(summaries: list[Path], name: str, track: str = "10min_16mb", aut
     return folder
 
 
+def parse_reference(text: str):
+    """Summaries from an existing file or folder, else a finite val_bpb."""
+    if Path(text).exists():
+        return significance.load_summaries([text])
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise SystemExit(f"error: --reference {text!r} is neither a finite val_bpb nor an existing file or folder of "
+                         "run summaries")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("summaries", nargs="+", type=Path, help="logs/<RUN_ID>.json, one per seed (the .txt beside each)")
@@ -176,9 +229,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", help="val_bpb of the record to beat, or a folder of its summaries")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "records")
     args = parser.parse_args(argv)
-    reference = None
-    if args.reference:
-        reference = significance.load_summaries([args.reference]) if Path(args.reference).exists() else float(args.reference)
+    reference = parse_reference(args.reference) if args.reference else None
     try:
         folder = make_record(args.summaries, args.name, args.track, args.author, args.github_id, args.date, reference, args.out)
     except Refused as e:
