@@ -2500,16 +2500,6 @@ def lock_holder(lock: Path) -> int | None:
         return None
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 def shared_ids(rt: Runtime) -> tuple[str, str]:
     """(a random run id, this run's start id), chosen by rank 0 and used by every rank, so all ranks
     name the same files and the log, JSON and artifact of one run carry one start id."""
@@ -2551,10 +2541,6 @@ def record_early_failure(env, error: ConfigError) -> None:
         write_json_atomic(log_dir / f"{run_id}.json", dict(run_id=run_id, status="failed", error=f"ConfigError: {error}"))
     except OSError:
         pass  # the error itself still reaches stderr
-
-
-def is_plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def main(env=None) -> dict:
