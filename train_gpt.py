@@ -1392,6 +1392,7 @@ class QuantizedModel:
     quantized: dict[str, dict]       # name -> dict(q=int8, scale=fp16, bits, group)
     passthrough: dict[str, Tensor]   # name -> fp16
     model_config: dict
+    run_start_id: str = ""           # the run that wrote it, as in its log and JSON
 
     def state_dict(self, template: dict[str, Tensor]) -> dict[str, Tensor]:
         """Dequantized weights in the template's dtypes: exactly what the artifact decodes to."""
@@ -1514,7 +1515,7 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict]:
     for key in ("scales", "passthrough"):
         streams.append((done[(key, "fp16")], jobs[(key, "fp16")]))
         by_group[key] += len(done[(key, "fp16")])
-    header = dict(format=ARTIFACT_FORMAT, model_config=qm.model_config, tensors=tensors,
+    header = dict(format=ARTIFACT_FORMAT, model_config=qm.model_config, run_start_id=qm.run_start_id, tensors=tensors,
                   streams=[[len(c), len(r), zlib.crc32(r)] for c, r in streams])
     header_blob = compress(json.dumps(header, separators=(",", ":")).encode(), compressor)
     prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, COMPRESSORS.index(compressor), len(header_blob), zlib.crc32(header_blob))
@@ -1608,7 +1609,7 @@ def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
         s_at += shape[0]
     if s_at != scales.size or p_at != flat.size:
         raise ValueError(f"{scales.size} scales and {flat.size} pass-through values for {s_at} rows and {p_at} values")
-    return QuantizedModel(quantized, passthrough, header["model_config"])
+    return QuantizedModel(quantized, passthrough, header["model_config"], str(header.get("run_start_id", "")))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -1656,8 +1657,11 @@ def load_quantized_model(cfg: Config, path: Path, backend: str, rt: Runtime, sum
     t0 = time.perf_counter()
     qm = load_artifact(path)
     summary["decompress_seconds"] = time.perf_counter() - t0
+    if qm.run_start_id != summary["run_start_id"]:
+        raise ArtifactError(f"{path} was written by run {qm.run_start_id or '(unnamed)'}, not by this run "
+                            f"{summary['run_start_id']}; another run of RUN_ID={cfg.RUN_ID} replaced it")
     model = model_from_artifact(qm, cfg, backend, rt.device)
-    log(f"artifact: decoded {path} in {summary['decompress_seconds']:.2f}s into a fresh model")
+    log(f"artifact: decoded {path} (run_start_id:{qm.run_start_id}) in {summary['decompress_seconds']:.2f}s into a fresh model")
     return model
 
 
@@ -1792,7 +1796,7 @@ def pack_on_main_rank(cfg: Config, model: GPT, plan, factors, rt: Runtime, log, 
 
     def pack(sigma_scale: float) -> PackedArtifact:
         t0 = time.perf_counter()
-        qm = quantize_model(cfg, model, plan, factors, sigma_scale)
+        qm = dataclasses.replace(quantize_model(cfg, model, plan, factors, sigma_scale), run_start_id=summary["run_start_id"])
         rt.sync()
         t1 = time.perf_counter()
         blob, accounting = encode_artifact(qm, cfg.COMPRESSOR)

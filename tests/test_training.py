@@ -57,6 +57,14 @@ def test_run_writes_log_and_summary(reference_run):
                 "val_bpb", "val_loss", "score_source"):
         assert key in on_disk, key
     assert on_disk["status"] == "ok" and on_disk["score_source"] == "ttt" and on_disk["steps"] == 8
+    # The log, the JSON and the artifact name one run; an artifact of another run is refused.
+    assert f"run_start_id:{on_disk['run_start_id']}\n" in log
+    artifact = tmp / "logs" / "run.ptz"
+    assert tg.load_artifact(artifact).run_start_id == on_disk["run_start_id"]
+    cfg = tg.Config(**on_disk["config"])
+    with pytest.raises(tg.ArtifactError, match="was written by run .*, not by this run 0+"):
+        tg.load_quantized_model(cfg, artifact, "sdpa", tg.Runtime(0, 1, torch.device("cpu")),
+                                dict(run_start_id="0" * 32), print)
     assert on_disk["config"]["NUM_LAYERS"] == 4 and on_disk["seed"] == 7
     assert math.isfinite(on_disk["val_bpb"]) and 0 < on_disk["val_bpb"] < 10
     assert on_disk["val_bpb"] == on_disk["ttt_val_bpb"] and on_disk["val_loss"] == on_disk["ttt_val_loss"]
