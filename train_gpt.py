@@ -1697,7 +1697,7 @@ def evaluate(model_fn, val_tokens: Tensor, tables, seq_len: int, batch_seqs: int
     for start in range(lo, hi, batch_seqs):
         seq_ids = torch.arange(start, start + batch_seqs)
         rows = padded[seq_ids.clamp(max=n_seqs - 1)[:, None] * seq_len + offsets].to(rt.device)
-        x, y = rows[:, :-1], rows[:, 1:]
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:]  # the layout the compiled forward was warmed up on
         positions = seq_ids[:, None] * seq_len + offsets[1:]  # global index of each target token
         mask = ((positions <= n_targets) & (seq_ids < hi)[:, None]).to(rt.device)
         with rt.autocast():
@@ -1731,7 +1731,7 @@ def window_rows(tokens: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, T
     offsets = torch.arange(seq_len + 1)
     index = starts[:, None] + offsets
     rows = tokens[index.clamp(max=tokens.numel() - 1)].long()
-    return rows[:, :-1], rows[:, 1:], index[:, 1:]
+    return rows[:, :-1].contiguous(), rows[:, 1:], index[:, 1:]  # contiguous: the compiled forward's layout
 
 
 @dataclasses.dataclass
@@ -1993,9 +1993,10 @@ def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, us
     chunk_of = (starts + first) // cfg.TTT_CHUNK_TOKENS
     n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
     scores = new_scores(n_targets, rt.device, with_mass)
-    for i, block in enumerate(model.blocks):  # their bank rows are frozen by zeroing gradients
-        block.requires_grad_(i >= cfg.TTT_FREEZE_BLOCKS)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Frozen blocks are left out of the optimizer (their bank rows get zeroed gradients), not marked
+    # requires_grad=False: the compiled forward guards on that flag and would recompile mid-evaluation.
+    frozen = {id(p) for block in model.blocks[:cfg.TTT_FREEZE_BLOCKS] for p in block.parameters()}
+    trainable = [p for p in model.parameters() if id(p) not in frozen]
     opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
     score_s = train_s = 0.0
     trained = 0
@@ -2047,7 +2048,7 @@ def train_on_chunk(cfg: Config, model: GPT, tokens: Tensor, c: int, trainable, o
         if cfg.TTT_GRAD_CLIP > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.TTT_GRAD_CLIP)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # the frozen blocks' gradients too
     model.eval()
 
 
@@ -2077,12 +2078,15 @@ def stream_byte_counts(tables, tokens: Tensor) -> Tensor:
     return target_bytes(tables, tokens[:-1].long(), tokens[1:].long()).double()
 
 
-def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes):
-    """forward_hidden, compiled on CUDA and warmed up on random tokens (never validation
-    tokens) at every batch shape evaluation will use, under inference mode as it runs."""
-    if not (rt.device.type == "cuda" and cfg.COMPILE == 1):
+def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes, backend=None):
+    """forward_hidden, compiled (on CUDA with COMPILE=1, or with the torch.compile `backend` given)
+    and warmed up on random tokens (never validation tokens) at every batch shape evaluation will
+    use, under inference mode as it runs. Every scored pass feeds it contiguous int64 (rows, length)
+    tensors of exactly these shapes, so nothing compiles once the evaluation clock runs."""
+    backend = backend or ("inductor" if rt.device.type == "cuda" and cfg.COMPILE == 1 else None)
+    if backend is None:
         return model.forward_hidden
-    fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False)
+    fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False, backend=backend)
     for rows, length in shapes:
         with torch.inference_mode(), rt.autocast():
             fn(torch.randint(0, cfg.VOCAB_SIZE, (rows, length), device=rt.device))

@@ -243,3 +243,44 @@ def test_non_compliant_mode_says_so_everywhere(small_sample, tmp_path):
     log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]
     assert "is NON-COMPLIANT" in log and "slot (non-compliant) val_loss:" in log
     assert [line for line in log.splitlines() if line.startswith("final_score")][0].endswith("NON-COMPLIANT")
+
+
+def uniform_byte_tables(vocab: int):
+    """Every token one byte, no leading space, no control tokens."""
+    no = torch.zeros(vocab, dtype=torch.bool)
+    return torch.ones(vocab, dtype=torch.int64), no, no
+
+
+@pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=1, SLOT_ENABLED=1, TTT_FREEZE_BLOCKS=1),
+                                   dict(TTT_ENABLED=0, SLOT_ENABLED=1)], ids=["ttt+slot", "slot"])
+def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monkeypatch):
+    """Compiled on CPU (a counting backend): the warm-up compiles one graph per batch shape, and the
+    plain, sliding, TTT and SLOT passes after the clock starts recompile nothing: not for partial
+    last batches (300 tokens in batches of 4 sequences and of 6 windows), nor for TTT's frozen blocks."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_eval_forward, real_clock = tg.eval_forward, tg.EvalClock
+    monkeypatch.setattr(tg, "eval_forward", lambda *args: real_eval_forward(*args, backend=counting_backend))
+    warmed = []
+
+    def clock_after_warm_up(budget):  # from here on any recompilation is an error
+        warmed.append(len(graphs))
+        torch._dynamo.config.error_on_recompile = True
+        return real_clock(budget)
+
+    monkeypatch.setattr(tg, "EvalClock", clock_after_warm_up)
+    cfg, model, tokens = setup(EVAL_SLIDING_ALSO=1, **knobs)
+    summary = {}
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=False):  # restored on the way out
+            tg.evaluate_artifact_model(cfg, model, tokens, uniform_byte_tables(cfg.VOCAB_SIZE), 4, CPU, lambda _: None,
+                                       summary)
+    finally:
+        torch._dynamo.reset()
+    assert warmed == [2] and len(graphs) == 2
+    assert "sliding_val_bpb" in summary and ("ttt_val_bpb" if knobs["TTT_ENABLED"] else "slot_val_bpb") in summary
