@@ -2012,7 +2012,9 @@ def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, us
             break
         estimate = torch.tensor([clock.elapsed(), score_s / (c + 1), train_s / max(1, trained)], device=rt.device)
         elapsed, per_score, per_train = all_reduce_(estimate, rt, dist.ReduceOp.MAX).tolist()
-        per_train = per_train or per_score  # before the first update, guess it costs one scoring
+        # Measured costs only: until the first update has run (it is the measurement) training counts as
+        # nothing, so only scoring alone can stop it. Guessing an update costs one scoring (SLOT included)
+        # projected far over budget and stopped adapting after the first chunk.
         clock.stop_adapting_if(elapsed + (n_chunks - c - 1) * (per_score + per_train), "ttt", log)
         if not clock.adapting:
             continue

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,26 @@ def test_budget_overrun_stops_adapting_and_keeps_scoring():
     assert info["ttt_chunks_trained"] == 0 and torch.equal(ttt.nll[cfg.TTT_CHUNK_TOKENS:], sliding.nll[cfg.TTT_CHUNK_TOKENS:])
     assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
     assert any("EVAL_TIME_BUDGET" in line and "without adapting" in line for line in said)
+
+
+def test_slow_scoring_does_not_stop_ttt_before_an_update_is_measured(monkeypatch):
+    """Scoring the first of 5 chunks takes 3 s (as a slow SLOT can); an update takes far less. Guessing
+    that the first update costs one scoring projects 3 + 4 * (3 + 3) = 27 s > 20 s and never adapts;
+    with measured costs only the projection is about 3 + 4 * 3 = 15 s, and TTT adapts."""
+    real = tg.score_window_range
+    slow = [3.0]
+
+    def slow_first_scoring(*args, **kwargs):
+        time.sleep(slow.pop() if slow else 0)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(tg, "score_window_range", slow_first_scoring)
+    cfg, model, tokens = setup(EVAL_TIME_BUDGET=20, SLOT_ENABLED=1)
+    torch.optim.SGD(model.parameters())  # the first optimizer in a process imports torch._dynamo: seconds, untimed
+    said = []
+    ttt, info = run(cfg, model, tokens, ttt=True, slot=True, log=said.append)
+    assert info["ttt_chunks"] == 5 and info["ttt_chunks_trained"] > 1, said
+    assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
 
 
 @pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0, SLOT_ENABLED=1), dict(TTT_ENABLED=1, SLOT_ENABLED=1)],
