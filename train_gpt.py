@@ -125,6 +125,7 @@ class Config:
     EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
     EVAL_BATCH_WINDOWS: int = knob(32, 1, 1 << 16, doc="windows per forward on each rank")
     EVAL_TIME_BUDGET: float = knob(600.0, 0.0, INF, doc="seconds for all evaluation of the artifact; TTT/SLOT stop adapting when they would overrun; 0 = no limit")
+    EVAL_SLIDING_ALSO: int = knob(0, 0, 1, doc="also run the plain sliding-window pass before the adapted one")
     TTT_ENABLED: int = knob(1, 0, 1, doc="score-first test-time training over chunks of the validation stream")
     TTT_CHUNK_TOKENS: int = knob(32768, 1, 1 << 30, doc="tokens per TTT chunk (a multiple of EVAL_STRIDE keeps windows inside chunks)")
     TTT_LR: float = knob(0.005, 0.0, 10.0, doc="SGD LR, cosine-decayed across chunks")
@@ -2055,13 +2056,14 @@ def train_on_chunk(cfg: Config, model: GPT, tokens: Tensor, c: int, trainable, o
 
 
 def eval_passes(cfg: Config) -> list[tuple[str, bool, bool]]:
-    """(name, TTT on, SLOT on) for each pass, in order: sliding, then the adapted one if any."""
-    passes = [("sliding", False, False)]
+    """(name, TTT on, SLOT on) for each pass, in order: sliding, then the adapted one if any. The
+    sliding pass only runs alone or when EVAL_SLIDING_ALSO asks: an adapted pass replaces its score."""
     if cfg.TTT_ENABLED:
-        passes.append(("ttt", True, bool(cfg.SLOT_ENABLED)))
-    elif cfg.SLOT_ENABLED:
-        passes.append(("slot", False, True))
-    return passes
+        adapted = [("ttt", True, bool(cfg.SLOT_ENABLED))]
+    else:
+        adapted = [("slot", False, True)] if cfg.SLOT_ENABLED else []
+    sliding = [("sliding", False, False)] if cfg.EVAL_SLIDING_ALSO or not adapted else []
+    return sliding + adapted
 
 
 def run_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, ttt: bool, slot: bool, clock: EvalClock,
@@ -2102,9 +2104,10 @@ def nll_function(model: GPT, hidden_fn):
 
 def evaluate_artifact_model(cfg: Config, model: GPT, tokens: Tensor, tables, batch_seqs: int, rt: Runtime,
                             log, summary: dict) -> None:
-    """Compile and warm up, start the EVAL_TIME_BUDGET clock, then the plain pass, the sliding-window
-    pass and the adapted pass the knobs ask for (SLOT, TTT or both); the last pass run is the
-    score. Every figure lands in `summary` (with the quantization gap if it holds pre_quant_val_bpb)."""
+    """Compile and warm up, start the EVAL_TIME_BUDGET clock, then the plain pass and the passes
+    eval_passes names (sliding window, or the adapted one the knobs ask for: SLOT, TTT or both);
+    the last pass run is the score. Every figure lands in `summary` (with the quantization gap if it
+    holds pre_quant_val_bpb)."""
     hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
     clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
     result = evaluate(nll_function(model, hidden_fn), tokens, tables, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)

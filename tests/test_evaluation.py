@@ -220,6 +220,15 @@ def test_slow_scoring_does_not_stop_ttt_before_an_update_is_measured(monkeypatch
     assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
 
 
+@pytest.mark.parametrize("knobs,names", [(dict(TTT_ENABLED=0), ["sliding"]), (dict(TTT_ENABLED=1), ["ttt"]),
+                                         (dict(TTT_ENABLED=0, SLOT_ENABLED=1), ["slot"]),
+                                         (dict(SLOT_ENABLED=1, EVAL_SLIDING_ALSO=1), ["sliding", "ttt"]),
+                                         (dict(TTT_ENABLED=0, EVAL_SLIDING_ALSO=1), ["sliding"])])
+def test_the_sliding_pass_runs_alone_or_when_asked_for(knobs, names):
+    cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
+    assert [name for name, _, _ in tg.eval_passes(cfg)] == names
+
+
 @pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0, SLOT_ENABLED=1), dict(TTT_ENABLED=1, SLOT_ENABLED=1)],
                          ids=["sliding and slot", "ttt+slot"])
 def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
@@ -240,7 +249,7 @@ def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
 
 
 def test_run_reports_every_pass_and_the_artifact_alone_reproduces_them(small_sample, tmp_path):
-    env = tiny_env(small_sample, tmp_path, SLOT_ENABLED=1)
+    env = tiny_env(small_sample, tmp_path, SLOT_ENABLED=1, EVAL_SLIDING_ALSO=1)
     summary = tg.main(env)
     log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]  # what the run said, after its source
     for key in ("sliding_val_bpb", "sliding_val_loss", "ttt_val_bpb", "ttt_val_loss", "sliding_seconds", "ttt_seconds",
