@@ -2097,6 +2097,13 @@ def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes, backend=None):
     return fn
 
 
+def wait_for_every_rank(rt: Runtime) -> None:
+    """Finish this rank's queued GPU work, then meet every other rank."""
+    rt.sync()
+    if rt.world_size > 1:
+        dist.barrier()
+
+
 def nll_function(model: GPT, hidden_fn):
     """Per-token NLL (the model's own forward) with forward_hidden swapped for hidden_fn."""
     return lambda x, y: token_nll(model.compute_logits(hidden_fn(x)), y)
@@ -2104,11 +2111,12 @@ def nll_function(model: GPT, hidden_fn):
 
 def evaluate_artifact_model(cfg: Config, model: GPT, tokens: Tensor, tables, batch_seqs: int, rt: Runtime,
                             log, summary: dict) -> None:
-    """Compile and warm up, start the EVAL_TIME_BUDGET clock, then the plain pass and the passes
-    eval_passes names (sliding window, or the adapted one the knobs ask for: SLOT, TTT or both);
-    the last pass run is the score. Every figure lands in `summary` (with the quantization gap if it
-    holds pre_quant_val_bpb)."""
+    """Compile and warm up, wait for every rank, start the EVAL_TIME_BUDGET clock, then the plain pass
+    and the passes eval_passes names (sliding window, or the adapted one the knobs ask for: SLOT,
+    TTT or both); the last pass run is the score. Every figure lands in `summary` (with the
+    quantization gap if it holds pre_quant_val_bpb)."""
     hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
+    wait_for_every_rank(rt)  # a rank that warmed up sooner would otherwise charge the wait to its budget
     clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
     result = evaluate(nll_function(model, hidden_fn), tokens, tables, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)
     summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"], quantized_eval_seconds=clock.elapsed(),
@@ -2234,11 +2242,12 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     quant_model = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
     if packed_qm is not None:
         check_round_trip(packed_qm, quant_model, log)
-    if unfitted is not None:  # what auto-fit's larger sigmas cost (rank 0 alone: no collective; eager, untimed)
+    evaluate_artifact_model(cfg, quant_model, val_tokens, tables, val_batch_seqs, rt, log, summary)
+    # What auto-fit's larger sigmas cost: a diagnostic, so after the scored evaluation and outside its
+    # clock; rank 0 alone (no collective, eager) while the other ranks wait at main's closing barrier.
+    if unfitted is not None:
         plain_bpb = evaluate(model_from_artifact(unfitted, cfg, backend, rt.device), val_tokens, tables,
                              cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1, rt.device))["val_bpb"]
-    evaluate_artifact_model(cfg, quant_model, val_tokens, tables, val_batch_seqs, rt, log, summary)
-    if unfitted is not None:
         fitted = summary["quantized_val_bpb"]
         summary["autofit_bpb_cost"] = fitted - plain_bpb
         log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> {fitted:.6f} fitted, "

@@ -229,6 +229,19 @@ def test_the_sliding_pass_runs_alone_or_when_asked_for(knobs, names):
     assert [name for name, _, _ in tg.eval_passes(cfg)] == names
 
 
+def test_every_rank_starts_the_eval_clock_after_the_slowest_warm_up(tmp_path):
+    """Rank 0 warms up 3 s longer than rank 1. Rank 1's clock must not start before rank 0 is ready,
+    or its budget would pay for rank 0's warm-up (it would wait in the first collective)."""
+    env = {**os.environ, "TTT_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO_ROOT / "tests" / "eval_clock_worker.py"), str(tmp_path / "rank"), "3"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["ready"] - ranks[1]["ready"] > 2  # the delay was there
+    assert all(r["clock_start"] >= ranks[0]["ready"] for r in ranks)
+
+
 @pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0, SLOT_ENABLED=1), dict(TTT_ENABLED=1, SLOT_ENABLED=1)],
                          ids=["sliding and slot", "ttt+slot"])
 def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
