@@ -125,6 +125,7 @@ class Config:
     EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
     EVAL_BATCH_WINDOWS: int = knob(32, 1, 1 << 16, doc="windows per forward on each rank")
     EVAL_TIME_BUDGET: float = knob(600.0, 0.0, INF, doc="seconds for all evaluation of the artifact; TTT/SLOT stop adapting when they would overrun; 0 = no limit")
+    EVAL_SLIDING_ALSO: int = knob(0, 0, 1, doc="also run the plain sliding-window pass before the adapted one")
     TTT_ENABLED: int = knob(1, 0, 1, doc="score-first test-time training over chunks of the validation stream")
     TTT_CHUNK_TOKENS: int = knob(32768, 1, 1 << 30, doc="tokens per TTT chunk (a multiple of EVAL_STRIDE keeps windows inside chunks)")
     TTT_LR: float = knob(0.005, 0.0, 10.0, doc="SGD LR, cosine-decayed across chunks")
@@ -1863,7 +1864,7 @@ def evaluate(model_fn, val_tokens: Tensor, tables, seq_len: int, batch_seqs: int
     for start in range(lo, hi, batch_seqs):
         seq_ids = torch.arange(start, start + batch_seqs)
         rows = padded[seq_ids.clamp(max=n_seqs - 1)[:, None] * seq_len + offsets].to(rt.device)
-        x, y = rows[:, :-1], rows[:, 1:]
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:]  # the layout the compiled forward was warmed up on
         positions = seq_ids[:, None] * seq_len + offsets[1:]  # global index of each target token
         mask = ((positions <= n_targets) & (seq_ids < hi)[:, None]).to(rt.device)
         with rt.autocast():
@@ -1897,7 +1898,7 @@ def window_rows(tokens: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, T
     offsets = torch.arange(seq_len + 1)
     index = starts[:, None] + offsets
     rows = tokens[index.clamp(max=tokens.numel() - 1)].long()
-    return rows[:, :-1], rows[:, 1:], index[:, 1:]
+    return rows[:, :-1].contiguous(), rows[:, 1:], index[:, 1:]  # contiguous: the compiled forward's layout
 
 
 @dataclasses.dataclass
@@ -2159,9 +2160,10 @@ def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, us
     chunk_of = (starts + first) // cfg.TTT_CHUNK_TOKENS
     n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
     scores = new_scores(n_targets, rt.device, with_mass)
-    for i, block in enumerate(model.blocks):  # their bank rows are frozen by zeroing gradients
-        block.requires_grad_(i >= cfg.TTT_FREEZE_BLOCKS)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Frozen blocks are left out of the optimizer (their bank rows get zeroed gradients), not marked
+    # requires_grad=False: the compiled forward guards on that flag and would recompile mid-evaluation.
+    frozen = {id(p) for block in model.blocks[:cfg.TTT_FREEZE_BLOCKS] for p in block.parameters()}
+    trainable = [p for p in model.parameters() if id(p) not in frozen]
     opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
     score_s = train_s = 0.0
     trained = 0
@@ -2177,7 +2179,9 @@ def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, us
             break
         estimate = torch.tensor([clock.elapsed(), score_s / (c + 1), train_s / max(1, trained)], device=rt.device)
         elapsed, per_score, per_train = all_reduce_(estimate, rt, dist.ReduceOp.MAX).tolist()
-        per_train = per_train or per_score  # before the first update, guess it costs one scoring
+        # Measured costs only: until the first update has run (it is the measurement) training counts as
+        # nothing, so only scoring alone can stop it. Guessing an update costs one scoring (SLOT included)
+        # projected far over budget and stopped adapting after the first chunk.
         clock.stop_adapting_if(elapsed + (n_chunks - c - 1) * (per_score + per_train), "ttt", log)
         if not clock.adapting:
             continue
@@ -2213,18 +2217,19 @@ def train_on_chunk(cfg: Config, model: GPT, tokens: Tensor, c: int, trainable, o
         if cfg.TTT_GRAD_CLIP > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.TTT_GRAD_CLIP)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # the frozen blocks' gradients too
     model.eval()
 
 
 def eval_passes(cfg: Config) -> list[tuple[str, bool, bool]]:
-    """(name, TTT on, SLOT on) for each pass, in order: sliding, then the adapted one if any."""
-    passes = [("sliding", False, False)]
+    """(name, TTT on, SLOT on) for each pass, in order: sliding, then the adapted one if any. The
+    sliding pass only runs alone or when EVAL_SLIDING_ALSO asks: an adapted pass replaces its score."""
     if cfg.TTT_ENABLED:
-        passes.append(("ttt", True, bool(cfg.SLOT_ENABLED)))
-    elif cfg.SLOT_ENABLED:
-        passes.append(("slot", False, True))
-    return passes
+        adapted = [("ttt", True, bool(cfg.SLOT_ENABLED))]
+    else:
+        adapted = [("slot", False, True)] if cfg.SLOT_ENABLED else []
+    sliding = [("sliding", False, False)] if cfg.EVAL_SLIDING_ALSO or not adapted else []
+    return sliding + adapted
 
 
 def run_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, ttt: bool, slot: bool, clock: EvalClock,
@@ -2243,16 +2248,26 @@ def stream_byte_counts(tables, tokens: Tensor) -> Tensor:
     return target_bytes(tables, tokens[:-1].long(), tokens[1:].long()).double()
 
 
-def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes):
-    """forward_hidden, compiled on CUDA and warmed up on random tokens (never validation
-    tokens) at every batch shape evaluation will use, under inference mode as it runs."""
-    if not (rt.device.type == "cuda" and cfg.COMPILE == 1):
+def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes, backend=None):
+    """forward_hidden, compiled (on CUDA with COMPILE=1, or with the torch.compile `backend` given)
+    and warmed up on random tokens (never validation tokens) at every batch shape evaluation will
+    use, under inference mode as it runs. Every scored pass feeds it contiguous int64 (rows, length)
+    tensors of exactly these shapes, so nothing compiles once the evaluation clock runs."""
+    backend = backend or ("inductor" if rt.device.type == "cuda" and cfg.COMPILE == 1 else None)
+    if backend is None:
         return model.forward_hidden
-    fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False)
+    fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False, backend=backend)
     for rows, length in shapes:
         with torch.inference_mode(), rt.autocast():
             fn(torch.randint(0, cfg.VOCAB_SIZE, (rows, length), device=rt.device))
     return fn
+
+
+def wait_for_every_rank(rt: Runtime) -> None:
+    """Finish this rank's queued GPU work, then meet every other rank."""
+    rt.sync()
+    if rt.world_size > 1:
+        dist.barrier()
 
 
 def nll_function(model: GPT, hidden_fn):
@@ -2262,10 +2277,12 @@ def nll_function(model: GPT, hidden_fn):
 
 def evaluate_artifact_model(cfg: Config, model: GPT, tokens: Tensor, tables, batch_seqs: int, rt: Runtime,
                             log, summary: dict) -> None:
-    """Compile and warm up, start the EVAL_TIME_BUDGET clock, then the plain pass, the sliding-window
-    pass and the adapted pass the knobs ask for (SLOT, TTT or both); the last pass run is the
-    score. Every figure lands in `summary` (with the quantization gap if it holds pre_quant_val_bpb)."""
+    """Compile and warm up, wait for every rank, start the EVAL_TIME_BUDGET clock, then the plain pass
+    and the passes eval_passes names (sliding window, or the adapted one the knobs ask for: SLOT,
+    TTT or both); the last pass run is the score. Every figure lands in `summary` (with the
+    quantization gap if it holds pre_quant_val_bpb)."""
     hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
+    wait_for_every_rank(rt)  # a rank that warmed up sooner would otherwise charge the wait to its budget
     clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
     result = evaluate(nll_function(model, hidden_fn), tokens, tables, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)
     summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"], quantized_eval_seconds=clock.elapsed(),
@@ -2422,11 +2439,12 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     quant_model = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
     if packed_qm is not None:
         check_round_trip(packed_qm, quant_model, log)
-    if unfitted is not None:  # what auto-fit's larger sigmas cost (rank 0 alone: no collective; eager, untimed)
+    evaluate_artifact_model(cfg, quant_model, val_tokens, tables, val_batch_seqs, rt, log, summary)
+    # What auto-fit's larger sigmas cost: a diagnostic, so after the scored evaluation and outside its
+    # clock; rank 0 alone (no collective, eager) while the other ranks wait at main's closing barrier.
+    if unfitted is not None:
         plain_bpb = evaluate(model_from_artifact(unfitted, cfg, backend, rt.device), val_tokens, tables,
                              cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1, rt.device))["val_bpb"]
-    evaluate_artifact_model(cfg, quant_model, val_tokens, tables, val_batch_seqs, rt, log, summary)
-    if unfitted is not None:
         fitted = summary["quantized_val_bpb"]
         summary["autofit_bpb_cost"] = fitted - plain_bpb
         log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> {fitted:.6f} fitted, "

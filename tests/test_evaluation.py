@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,48 @@ def test_budget_overrun_stops_adapting_and_keeps_scoring():
     assert any("EVAL_TIME_BUDGET" in line and "without adapting" in line for line in said)
 
 
+def test_slow_scoring_does_not_stop_ttt_before_an_update_is_measured(monkeypatch):
+    """Scoring the first of 5 chunks takes 3 s (as a slow SLOT can); an update takes far less. Guessing
+    that the first update costs one scoring projects 3 + 4 * (3 + 3) = 27 s > 20 s and never adapts;
+    with measured costs only the projection is about 3 + 4 * 3 = 15 s, and TTT adapts."""
+    real = tg.score_window_range
+    slow = [3.0]
+
+    def slow_first_scoring(*args, **kwargs):
+        time.sleep(slow.pop() if slow else 0)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(tg, "score_window_range", slow_first_scoring)
+    cfg, model, tokens = setup(EVAL_TIME_BUDGET=20, SLOT_ENABLED=1)
+    torch.optim.SGD(model.parameters())  # the first optimizer in a process imports torch._dynamo: seconds, untimed
+    said = []
+    ttt, info = run(cfg, model, tokens, ttt=True, slot=True, log=said.append)
+    assert info["ttt_chunks"] == 5 and info["ttt_chunks_trained"] > 1, said
+    assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
+
+
+@pytest.mark.parametrize("knobs,names", [(dict(TTT_ENABLED=0), ["sliding"]), (dict(TTT_ENABLED=1), ["ttt"]),
+                                         (dict(TTT_ENABLED=0, SLOT_ENABLED=1), ["slot"]),
+                                         (dict(SLOT_ENABLED=1, EVAL_SLIDING_ALSO=1), ["sliding", "ttt"]),
+                                         (dict(TTT_ENABLED=0, EVAL_SLIDING_ALSO=1), ["sliding"])])
+def test_the_sliding_pass_runs_alone_or_when_asked_for(knobs, names):
+    cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
+    assert [name for name, _, _ in tg.eval_passes(cfg)] == names
+
+
+def test_every_rank_starts_the_eval_clock_after_the_slowest_warm_up(tmp_path):
+    """Rank 0 warms up 3 s longer than rank 1. Rank 1's clock must not start before rank 0 is ready,
+    or its budget would pay for rank 0's warm-up (it would wait in the first collective)."""
+    env = {**os.environ, "TTT_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO_ROOT / "tests" / "eval_clock_worker.py"), str(tmp_path / "rank"), "3"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["ready"] - ranks[1]["ready"] > 2  # the delay was there
+    assert all(r["clock_start"] >= ranks[0]["ready"] for r in ranks)
+
+
 @pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=0, SLOT_ENABLED=1), dict(TTT_ENABLED=1, SLOT_ENABLED=1)],
                          ids=["sliding and slot", "ttt+slot"])
 def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
@@ -220,7 +263,7 @@ def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
 
 
 def test_run_reports_every_pass_and_the_artifact_alone_reproduces_them(small_sample, tmp_path):
-    env = tiny_env(small_sample, tmp_path, SLOT_ENABLED=1)
+    env = tiny_env(small_sample, tmp_path, SLOT_ENABLED=1, EVAL_SLIDING_ALSO=1)
     summary = tg.main(env)
     log = (tmp_path / "logs" / "run.txt").read_text().split("=" * 100)[1]  # what the run said, after its source
     for key in ("sliding_val_bpb", "sliding_val_loss", "ttt_val_bpb", "ttt_val_loss", "sliding_seconds", "ttt_seconds",
@@ -278,3 +321,44 @@ def test_eval_tool_refuses_data_of_another_vocabulary(small_sample, tmp_path):
     path.write_bytes(tiny_artifact(1024))
     with pytest.raises(tg.ConfigError, match="token id 1500 >= VOCAB_SIZE=1024"):
         eval_artifact.evaluate_file(tiny_env(small_sample, tmp_path, DATA_PATH=data), path, log=lambda _: None)
+
+
+def uniform_byte_tables(vocab: int):
+    """Every token one byte, no leading space, no control tokens."""
+    no = torch.zeros(vocab, dtype=torch.bool)
+    return torch.ones(vocab, dtype=torch.int64), no, no
+
+
+@pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=1, SLOT_ENABLED=1, TTT_FREEZE_BLOCKS=1),
+                                   dict(TTT_ENABLED=0, SLOT_ENABLED=1)], ids=["ttt+slot", "slot"])
+def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monkeypatch):
+    """Compiled on CPU (a counting backend): the warm-up compiles one graph per batch shape, and the
+    plain, sliding, TTT and SLOT passes after the clock starts recompile nothing: not for partial
+    last batches (300 tokens in batches of 4 sequences and of 6 windows), nor for TTT's frozen blocks."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_eval_forward, real_clock = tg.eval_forward, tg.EvalClock
+    monkeypatch.setattr(tg, "eval_forward", lambda *args: real_eval_forward(*args, backend=counting_backend))
+    warmed = []
+
+    def clock_after_warm_up(budget):  # from here on any recompilation is an error
+        warmed.append(len(graphs))
+        torch._dynamo.config.error_on_recompile = True
+        return real_clock(budget)
+
+    monkeypatch.setattr(tg, "EvalClock", clock_after_warm_up)
+    cfg, model, tokens = setup(EVAL_SLIDING_ALSO=1, **knobs)
+    summary = {}
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=False):  # restored on the way out
+            tg.evaluate_artifact_model(cfg, model, tokens, uniform_byte_tables(cfg.VOCAB_SIZE), 4, CPU, lambda _: None,
+                                       summary)
+    finally:
+        torch._dynamo.reset()
+    assert warmed == [2] and len(graphs) == 2
+    assert "sliding_val_bpb" in summary and ("ttt_val_bpb" if knobs["TTT_ENABLED"] else "slot_val_bpb") in summary

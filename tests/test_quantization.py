@@ -264,10 +264,16 @@ def test_calibration_reads_training_shards_only(small_sample, tmp_path, monkeypa
         torch.testing.assert_close(hessians[key], x.T @ x / tokens, rtol=1e-4, atol=1e-6)
 
 
-def test_autofit_lands_under_the_target_and_reports_its_cost(artifact_run, small_sample, tmp_path):
+def test_autofit_lands_under_the_target_and_reports_its_cost(artifact_run, small_sample, tmp_path, monkeypatch):
     reference, _ = artifact_run
     target = int(reference["artifact_bytes_total"] * 0.85)
+    calls = []
+    for name in ("model_from_artifact", "evaluate_artifact_model"):
+        real = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     summary = tg.main(tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=target))
+    # the model at the configured sigmas is rebuilt for its diagnostic after the scored evaluation, not in its way
+    assert calls == ["model_from_artifact", "evaluate_artifact_model", "model_from_artifact"]
     assert summary["artifact_bytes_total"] <= target < reference["artifact_bytes_total"]
     assert summary["autofit_sigma_scale"] > 1 and summary["autofit_probes"][0][1] == reference["artifact_bytes_total"]
     assert summary["clip_sigmas"]["mlp"] == pytest.approx(12.85 * summary["autofit_sigma_scale"])

@@ -27,12 +27,13 @@ sys.path.insert(0, str(REPO_ROOT))
 import train_gpt as tg  # noqa: E402
 
 # A small model and stream that still exercise every mechanism: several windows per batch,
-# several TTT chunks, context and scored positions in every window. Environment knobs win.
+# several TTT chunks, context and scored positions in every window. The sliding pass always runs
+# too, as the control beside an adapted pass. Environment knobs win.
 CHECK_DEFAULTS = dict(VOCAB_SIZE=128, NUM_LAYERS=3, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8,
                       XSA_LAST_N=3, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1, PARALLEL_RESIDUAL_START=2,
                       TRAIN_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, EVAL_SEQ_LEN=32, EVAL_STRIDE=8,
                       EVAL_BATCH_WINDOWS=6, TTT_CHUNK_TOKENS=64, TTT_EPOCHS=2, TTT_LR=0.05, SLOT_STEPS=3,
-                      SLOT_LR=0.05, EVAL_TIME_BUDGET=0)
+                      SLOT_LR=0.05, EVAL_TIME_BUDGET=0, EVAL_SLIDING_ALSO=1)
 STREAM_TOKENS = 300
 
 

@@ -4,8 +4,9 @@
     SLOT_ENABLED=1 SLOT_OPTIMIZER=lbfgs TTT_ENABLED=0 python3 tools/eval_artifact.py logs/RUN.ptz --max-tokens 50000
 
 The model is rebuilt from the artifact alone (its own shape knobs); the run's evaluation passes
-(plain, sliding, then TTT and/or SLOT as configured) score the validation stream, or its first
---max-tokens tokens. Prints one line per pass and the summary as JSON. Works under torchrun.
+(plain, then TTT and/or SLOT as configured; sliding window when neither is on, or with
+EVAL_SLIDING_ALSO=1) score the validation stream, or its first --max-tokens tokens. Prints one
+line per pass and the summary as JSON. Works under torchrun.
 """
 import argparse
 import json
