@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import importlib
 import json
 import lzma
 import math
@@ -120,6 +121,8 @@ class Config:
     VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
     TRAIN_LOG_EVERY: int = knob(500, 1, 10**9)
     COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
+    ATTENTION_BACKEND: str = knob("auto", choices=("auto", "fa3", "fa2", "sdpa"),
+                                  doc="auto = FA3 on Hopper, else FA2, else SDPA; one that cannot run stops the run")
     # Evaluation of the artifact: sliding window, score-first TTT, context-only SLOT
     EVAL_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="sliding-window length")
     EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
@@ -428,21 +431,46 @@ def target_bytes(tables, inputs: Tensor, targets: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def pick_attention_backend(device: torch.device) -> str:
-    """FlashAttention 3 on Hopper when importable, else FlashAttention 2 on CUDA, else SDPA."""
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] == 9:
-            try:
-                import flash_attn_interface  # noqa: F401
-                return "fa3"
-            except ImportError:
-                pass
-        try:
-            import flash_attn  # noqa: F401
-            return "fa2"
-        except ImportError:
-            pass
-    return "sdpa"
+ATTENTION_INSTALL = {
+    "fa3": "FlashAttention 3 (module flash_attn_interface), built from the hopper/ folder of the flash-attention "
+           "repository: git clone https://github.com/Dao-AILab/flash-attention && cd flash-attention/hopper && "
+           "python setup.py install",
+    "fa2": "FlashAttention 2 (module flash_attn): pip install flash-attn --no-build-isolation",
+}
+
+
+def attention_backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device`, or None when it can. Checked before any work starts,
+    so a missing kernel never surfaces as a crash in the first compiled step."""
+    if backend == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU and this run is on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
+    if backend == "fa3" and major != 9:
+        return f"it needs a Hopper GPU (compute capability 9.x) and {gpu}"
+    if backend == "fa2" and major < 8:
+        return f"it needs compute capability 8.0 or newer and {gpu}"
+    module = "flash_attn_interface" if backend == "fa3" else "flash_attn"
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"module {module} cannot be imported ({e})"
+    return None
+
+
+def pick_attention_backend(device: torch.device, requested: str = "auto") -> str:
+    """ATTENTION_BACKEND: auto takes FlashAttention 3 on Hopper when importable, else FlashAttention 2
+    on CUDA, else SDPA; a named backend must work here or the run stops, saying what to install."""
+    if requested == "auto":
+        return next(b for b in ("fa3", "fa2", "sdpa") if attention_backend_problem(b, device) is None)
+    problem = attention_backend_problem(requested, device)
+    if problem is not None:
+        raise ConfigError(f"ATTENTION_BACKEND={requested} cannot be used: {problem}. "
+                          f"Install {ATTENTION_INSTALL[requested]}; or set ATTENTION_BACKEND=auto (takes what is "
+                          "available) or sdpa (runs everywhere)")
+    return requested
 
 
 def attention_function(backend: str):
@@ -2174,7 +2202,7 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
     for w in warnings:
         log(w)
-    backend = pick_attention_backend(rt.device)
+    backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     summary["versions"] = versions(rt, backend)
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))

@@ -1,4 +1,5 @@
 """Knobs: parsing, ranges, cross-checks, near-miss warnings, and input checks before any work."""
+import json
 import os
 import subprocess
 import sys
@@ -117,6 +118,18 @@ def test_validation_token_beyond_vocab_is_refused_before_training(sample, tmp_pa
     with pytest.raises(ConfigError, match="token id 1500 >= VOCAB_SIZE=1024"):
         tg.main(env)
     assert "token id 1500" in (tmp_path / "logs" / "bad.txt").read_text()
+
+
+def test_an_attention_backend_that_cannot_run_stops_the_run_before_any_input_is_read(tmp_path):
+    """On a CPU, ATTENTION_BACKEND=fa3 fails first: the data and tokenizer paths do not even exist."""
+    env = {"PRESET": "sample", "ATTENTION_BACKEND": "fa3", "DATA_PATH": str(tmp_path / "nowhere"),
+           "TOKENIZER_PATH": str(tmp_path / "nowhere.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "fa3"}
+    with pytest.raises(ConfigError, match="ATTENTION_BACKEND=fa3 cannot be used: it needs a CUDA GPU"):
+        tg.main(env)
+    summary = json.loads((tmp_path / "logs" / "fa3.json").read_text())
+    assert summary["status"] == "failed" and "flash-attention/hopper" in summary["error"]
+    said = (tmp_path / "logs" / "fa3.txt").read_text().split("=" * 100)[-1]  # the log after the script's source
+    assert "error: ATTENTION_BACKEND=fa3 cannot be used" in said and "train_shards:" not in said
 
 
 def test_import_has_no_side_effects(tmp_path):
