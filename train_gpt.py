@@ -12,6 +12,7 @@ import base64
 import copy
 import dataclasses
 import difflib
+import importlib
 import json
 import lzma
 import math
@@ -120,6 +121,8 @@ class Config:
     VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
     TRAIN_LOG_EVERY: int = knob(500, 1, 10**9)
     COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
+    ATTENTION_BACKEND: str = knob("auto", choices=("auto", "fa3", "fa2", "sdpa"),
+                                  doc="auto = FA3 on Hopper, else FA2, else SDPA; one that cannot run stops the run")
     # Evaluation of the artifact: sliding window, score-first TTT, context-only SLOT
     EVAL_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="sliding-window length")
     EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
@@ -443,21 +446,46 @@ def target_bytes(tables, inputs: Tensor, targets: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def pick_attention_backend(device: torch.device) -> str:
-    """FlashAttention 3 on Hopper when importable, else FlashAttention 2 on CUDA, else SDPA."""
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device)[0] == 9:
-            try:
-                import flash_attn_interface  # noqa: F401
-                return "fa3"
-            except ImportError:
-                pass
-        try:
-            import flash_attn  # noqa: F401
-            return "fa2"
-        except ImportError:
-            pass
-    return "sdpa"
+ATTENTION_INSTALL = {
+    "fa3": "FlashAttention 3 (module flash_attn_interface), built from the hopper/ folder of the flash-attention "
+           "repository: git clone https://github.com/Dao-AILab/flash-attention && cd flash-attention/hopper && "
+           "python setup.py install",
+    "fa2": "FlashAttention 2 (module flash_attn): pip install flash-attn --no-build-isolation",
+}
+
+
+def attention_backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device`, or None when it can. Checked before any work starts,
+    so a missing kernel never surfaces as a crash in the first compiled step."""
+    if backend == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU and this run is on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}"
+    if backend == "fa3" and major != 9:
+        return f"it needs a Hopper GPU (compute capability 9.x) and {gpu}"
+    if backend == "fa2" and major < 8:
+        return f"it needs compute capability 8.0 or newer and {gpu}"
+    module = "flash_attn_interface" if backend == "fa3" else "flash_attn"
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"module {module} cannot be imported ({e})"
+    return None
+
+
+def pick_attention_backend(device: torch.device, requested: str = "auto") -> str:
+    """ATTENTION_BACKEND: auto takes FlashAttention 3 on Hopper when importable, else FlashAttention 2
+    on CUDA, else SDPA; a named backend must work here or the run stops, saying what to install."""
+    if requested == "auto":
+        return next(b for b in ("fa3", "fa2", "sdpa") if attention_backend_problem(b, device) is None)
+    problem = attention_backend_problem(requested, device)
+    if problem is not None:
+        raise ConfigError(f"ATTENTION_BACKEND={requested} cannot be used: {problem}. "
+                          f"Install {ATTENTION_INSTALL[requested]}; or set ATTENTION_BACKEND=auto (takes what is "
+                          "available) or sdpa (runs everywhere)")
+    return requested
 
 
 def attention_function(backend: str):
@@ -485,15 +513,17 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(seq_len: int, rope_dims: int, base: float, device, dtype) -> tuple[Tensor, Tensor]:
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     inv_freq = base ** (-torch.arange(0, rope_dims, 2, device=device, dtype=torch.float32) / rope_dims)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos()[None, :, None, :].to(dtype), angles.sin()[None, :, None, :].to(dtype)
 
 
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first rope_dims of each head, half-split layout (dim j pairs with j + rope_dims/2)."""
+    """Rotate the first rope_dims of each head, half-split layout (dim j pairs with j + rope_dims/2).
+    The tables are cast to x's dtype, so float32 tables serve a bf16 stream too."""
     half = cos.size(-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
@@ -520,19 +550,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config, xsa: bool, backend: str):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.head_dim
-        self.rope_dims, self.rope_base = cfg.ROPE_DIMS, cfg.ROPE_BASE
         self.xsa, self.attend = xsa, attention_function(backend)
         self.c_q, self.c_k, self.c_v, self.proj = BankedLinear(), BankedLinear(), BankedLinear(), BankedLinear()
         self.q_gain = nn.Parameter(torch.full((cfg.NUM_HEADS,), cfg.QK_GAIN_INIT))
 
-    def forward(self, x: Tensor, w: LayerWeights) -> Tensor:
+    def forward(self, x: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         B, T, _ = x.shape
         q = rms_norm(self.c_q(x, w.q).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.c_k(x, w.k).view(B, T, self.kv_heads, self.head_dim))
         v = self.c_v(x, w.v).view(B, T, self.kv_heads, self.head_dim)
-        if self.rope_dims:
-            cos, sin = rotary_tables(T, self.rope_dims, self.rope_base, x.device, q.dtype)
-            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
         q = (q * self.q_gain[:, None]).to(v.dtype)  # QK-norm makes the gain the logit temperature
         y = self.attend(q, k.to(v.dtype), v)
         if self.xsa:
@@ -569,9 +597,9 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
 
-    def forward(self, x: Tensor, x0: Tensor, w: LayerWeights) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        attn_out = self.attn_scale * self.attn(rms_norm(x) * self.norm_scale, w)
+        attn_out = self.attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope)
         if self.parallel:  # GPT-J style: attention and MLP both read the block input
             return x + attn_out + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
         x = x + attn_out
@@ -605,7 +633,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: Config, attention_backend: str = "sdpa"):
         super().__init__()
         L, D, kv, hidden = cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_KV_HEADS * cfg.head_dim, int(cfg.MLP_MULT * cfg.MODEL_DIM)
-        self.softcap = cfg.LOGIT_SOFTCAP
+        self.softcap, self.rope_dims, self.rope_base = cfg.LOGIT_SOFTCAP, cfg.ROPE_DIMS, cfg.ROPE_BASE
         self.tok_emb = nn.Embedding(cfg.VOCAB_SIZE, D)
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, D))
@@ -652,10 +680,14 @@ class GPT(nn.Module):
             if all(k in state for k in keys):
                 state[prefix + bank] = torch.stack([state.pop(k) for k in keys])
 
-    def layer_weights(self, layer: int) -> LayerWeights:
+    def layer_weights(self) -> list[LayerWeights]:
+        """Every physical layer's matrices, from one unbind per bank and forward pass. The backward of
+        an unbind stacks the slices' gradients once per bank; indexing a slice per layer instead makes
+        every slice's backward write into its own full-bank zero tensor, then add that to the bank."""
         L = len(self.blocks)
-        return LayerWeights(self.qo_bank[layer], self.kv_bank[layer], self.kv_bank[L + layer], self.qo_bank[L + layer],
-                            self.mlp_up_bank[layer], self.mlp_down_bank[layer])
+        banks = (self.qo_bank, self.kv_bank, self.mlp_up_bank, self.mlp_down_bank)
+        qo, kv, up, down = (bank.unbind(0) for bank in banks)
+        return [LayerWeights(qo[i], kv[i], kv[L + i], qo[L + i], up[i], down[i]) for i in range(L)]
 
     def zero_layer_grads(self, layers: range) -> None:
         """Zero these physical layers' rows of every bank gradient (a bank cannot be frozen in part).
@@ -666,23 +698,28 @@ class GPT(nn.Module):
             if grad is not None:
                 grad[[j for j in range(grad.size(0)) if j % L in layers]] = 0
 
+    def rotary(self, seq_len: int, device) -> tuple[Tensor, Tensor] | None:
+        """RoPE cos/sin for this sequence length, built once per forward and shared by every layer."""
+        return rotary_tables(seq_len, self.rope_dims, self.rope_base, device) if self.rope_dims else None
+
     def layer_order(self) -> list[int]:
         return self.loop_order if self.looping else self.plain_order
 
     def forward_hidden(self, input_ids: Tensor) -> Tensor:
         """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam."""
         x = x0 = rms_norm(self.tok_emb(input_ids))
+        weights, rope = self.layer_weights(), self.rotary(input_ids.size(1), input_ids.device)
         order = self.layer_order()
         n_encoder = len(order) // 2
         skips = []
         for layer in order[:n_encoder]:
-            x = self.blocks[layer](x, x0, self.layer_weights(layer))
+            x = self.blocks[layer](x, x0, weights[layer], rope)
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot])
                 x = gate * x + (1 - gate) * self.skip_weights[slot] * skips.pop()
-            x = self.blocks[layer](x, x0, self.layer_weights(layer))
+            x = self.blocks[layer](x, x0, weights[layer], rope)
         return rms_norm(x)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
@@ -838,7 +875,8 @@ def apply_update(p: nn.Parameter, gathered: Tensor, work, lr: float, wd: float) 
 
 def build_optimizers(cfg: Config, model: GPT, world_size: int = 1) -> Optimizers:
     """Parallel Muon for the four banks; AdamW for the embedding and every other parameter.
-    Gradients travel in bf16 on CUDA, as in the records, and in float32 on CPU."""
+    Gradients travel in bf16 on CUDA, as in the records, and in float32 on CPU. AdamW is fused on CUDA
+    and foreach on CPU (where PyTorch would default to a Python loop over the parameters)."""
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     bank_ids = {id(p) for p in banks} | {id(model.tok_emb.weight)}
     controls = [p for p in model.parameters() if id(p) not in bank_ids]
@@ -846,7 +884,7 @@ def build_optimizers(cfg: Config, model: GPT, world_size: int = 1) -> Optimizers
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=cfg.TIED_EMBED_LR, weight_decay=cfg.EMBED_WD),
          dict(params=controls, lr=cfg.SCALAR_LR, weight_decay=cfg.ADAM_WD)],
-        betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS, **(dict(fused=True) if cuda else {}))
+        betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS, **(dict(fused=True) if cuda else dict(foreach=True)))
     muon = ParallelMuon(banks, lr=cfg.MATRIX_LR, momentum=cfg.MUON_MOMENTUM, weight_decay=cfg.MUON_WD,
                         row_normalize=bool(cfg.MUON_ROW_NORMALIZE),
                         coeffs=newton_schulz_coeffs(cfg.MUON_NS_COEFFS, cfg.MUON_BACKEND_STEPS),
@@ -2386,7 +2424,7 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     if rt.is_main:
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
-    backend = pick_attention_backend(rt.device)
+    backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     summary["versions"] = versions(rt, backend)
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))

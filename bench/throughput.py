@@ -6,7 +6,7 @@ backend, and what Newton-Schulz and communication cost per step.
     torchrun --standalone --nproc_per_node=8 bench/throughput.py      # 8 GPUs
     PRESET=sample python3 bench/throughput.py --steps 5 --warmup 1    # small, runs on a CPU
 
-Every knob of train_gpt.py applies (NUM_LAYERS, TRAIN_BATCH_TOKENS, COMPILE, ...). The steps are the
+Every knob of train_gpt.py applies (NUM_LAYERS, TRAIN_BATCH_TOKENS, COMPILE, ATTENTION_BACKEND, ...). The steps are the
 trainer's own train_step (forward, backward, gradient averaging, global-norm clip, AdamW and
 Parallel Muon); only the data is synthetic, so the loader's cost is left out. Newton-Schulz and
 communication are timed on their own with this step's shapes: inside the step they overlap, so
@@ -86,7 +86,7 @@ def communication_seconds(optimizers: tg.Optimizers, rt: tg.Runtime, repeats: in
 
 
 def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int) -> dict:
-    backend = tg.pick_attention_backend(rt.device)
+    backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     torch.manual_seed(cfg.SEED)
     model = tg.GPT(cfg, backend).to(rt.device)
     compiled = rt.device.type == "cuda" and cfg.COMPILE == 1

@@ -1,4 +1,5 @@
 """Knobs: parsing, ranges, cross-checks, near-miss warnings, and input checks before any work."""
+import json
 import os
 import subprocess
 import sys
@@ -179,6 +180,18 @@ def test_run_start_removes_temporaries_of_killed_writes_only(tmp_path):
         tg.main(env)
     assert not dead.exists() and alive.exists() and all(p.exists() for p in unrelated)
     assert f"removed {dead}, left by a write that was killed" in (logs / "r.txt").read_text()
+
+
+def test_an_attention_backend_that_cannot_run_stops_the_run_before_any_input_is_read(tmp_path):
+    """On a CPU, ATTENTION_BACKEND=fa3 fails first: the data and tokenizer paths do not even exist."""
+    env = {"PRESET": "sample", "ATTENTION_BACKEND": "fa3", "DATA_PATH": str(tmp_path / "nowhere"),
+           "TOKENIZER_PATH": str(tmp_path / "nowhere.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "fa3"}
+    with pytest.raises(ConfigError, match="ATTENTION_BACKEND=fa3 cannot be used: it needs a CUDA GPU"):
+        tg.main(env)
+    summary = json.loads((tmp_path / "logs" / "fa3.json").read_text())
+    assert summary["status"] == "failed" and "flash-attention/hopper" in summary["error"]
+    said = (tmp_path / "logs" / "fa3.txt").read_text().split("=" * 100)[-1]  # the log after the script's source
+    assert "error: ATTENTION_BACKEND=fa3 cannot be used" in said and "train_shards:" not in said
 
 
 def test_import_has_no_side_effects(tmp_path):

@@ -1,4 +1,7 @@
-"""Model: causality with every option, recurrence without new weights, XSA, seams."""
+"""Model: causality with every option, recurrence without new weights, XSA, seams, attention backends."""
+import sys
+import types
+
 import pytest
 import torch
 
@@ -114,5 +117,59 @@ def test_zero_init_and_orthogonal_init():
     assert [b.attn.xsa for b in tg.GPT(config_from_env({**FULL_OPTIONS, "XSA_LAST_N": "2"})).blocks] == [False] * 3 + [True] * 2
 
 
-def test_attention_backend_is_sdpa_without_cuda():
-    assert tg.pick_attention_backend(torch.device("cpu")) == "sdpa"
+@pytest.mark.parametrize("requested", ["auto", "sdpa"])
+def test_attention_backend_is_sdpa_without_cuda(requested):
+    assert tg.pick_attention_backend(torch.device("cpu"), requested) == "sdpa"
+
+
+FA3_INSTALL = ("flash_attn_interface), built from the hopper/ folder of the flash-attention repository: git clone "
+               "https://github.com/Dao-AILab/flash-attention && cd flash-attention/hopper && python setup.py install")
+FA2_INSTALL = "(module flash_attn): pip install flash-attn"
+
+
+@pytest.mark.parametrize("requested, install", [("fa3", FA3_INSTALL), ("fa2", FA2_INSTALL)])
+def test_a_named_flash_backend_on_cpu_stops_saying_what_to_install(requested, install):
+    with pytest.raises(tg.ConfigError) as error:
+        tg.pick_attention_backend(torch.device("cpu"), requested)
+    message = str(error.value)
+    assert message.startswith(f"ATTENTION_BACKEND={requested} cannot be used: ")
+    assert "it needs a CUDA GPU and this run is on cpu" in message and install in message
+
+
+BOTH = ("flash_attn_interface", "flash_attn")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of the given compute capability on which only `modules` can be imported."""
+    def make(capability: tuple[int, int], modules=()):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+        for name in ("flash_attn_interface", "flash_attn"):  # None in sys.modules makes an import fail
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name) if name in modules else None)
+        return torch.device("cuda", 0)
+    return make
+
+
+@pytest.mark.parametrize("capability, modules, expected", [
+    ((9, 0), BOTH, "fa3"), ((9, 0), ("flash_attn",), "fa2"), ((9, 0), (), "sdpa"),
+    ((8, 0), BOTH, "fa2"), ((7, 5), ("flash_attn",), "sdpa")])
+def test_auto_takes_the_best_backend_that_can_run(fake_gpu, capability, modules, expected):
+    assert tg.pick_attention_backend(fake_gpu(capability, modules), "auto") == expected
+
+
+@pytest.mark.parametrize("requested, capability, modules, why", [
+    ("fa3", (8, 0), BOTH, "it needs a Hopper GPU (compute capability 9.x) and Test GPU has compute capability 8.0"),
+    ("fa3", (9, 0), ("flash_attn",), "module flash_attn_interface cannot be imported"),
+    ("fa2", (9, 0), ("flash_attn_interface",), "module flash_attn cannot be imported"),
+    ("fa2", (7, 5), BOTH, "it needs compute capability 8.0 or newer and Test GPU has compute capability 7.5")])
+def test_a_named_backend_that_cannot_run_on_this_gpu_stops(fake_gpu, requested, capability, modules, why):
+    with pytest.raises(tg.ConfigError) as error:
+        tg.pick_attention_backend(fake_gpu(capability, modules), requested)
+    assert str(error.value).startswith(f"ATTENTION_BACKEND={requested} cannot be used: {why}")
+    assert tg.ATTENTION_INSTALL[requested] in str(error.value)
+
+
+@pytest.mark.parametrize("requested", ["fa3", "fa2", "sdpa"])
+def test_a_named_backend_that_can_run_is_taken(fake_gpu, requested):
+    assert tg.pick_attention_backend(fake_gpu((9, 0), BOTH), requested) == requested

@@ -52,3 +52,17 @@ def test_benchmark_runs_under_torchrun_and_its_figures_agree(tmp_path):
         assert flops == throughput.model_flops_per_token(tg.config_from_env(TINY), phase == "looping")
         assert r[f"{phase}_mfu"] == pytest.approx(flops * r[f"{phase}_tokens_per_second"] / (2 * 989e12))
     assert r["communication_ms"] > 0 and r["newton_schulz_ms"] > 0
+
+
+@pytest.mark.parametrize("requested", ["fa3", "fa2"])
+def test_benchmark_refuses_a_named_attention_backend_that_cannot_run(requested, monkeypatch):
+    for name, value in {**TINY, "ATTENTION_BACKEND": requested}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tg.ConfigError, match=f"ATTENTION_BACKEND={requested} cannot be used"):
+        throughput.main(["--steps", "1", "--warmup", "0"])
+
+
+def test_benchmark_runs_the_named_attention_backend(monkeypatch):
+    for name, value in {**TINY, "ATTENTION_BACKEND": "sdpa"}.items():
+        monkeypatch.setenv(name, value)
+    assert throughput.main(["--steps", "1", "--warmup", "0"])["attention_backend"] == "sdpa"

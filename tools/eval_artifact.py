@@ -24,7 +24,7 @@ import train_gpt as tg  # noqa: E402
 def evaluate_file(env, path: Path, max_tokens: int = 0, log=print) -> dict:
     cfg = tg.config_from_env(env)
     rt = tg.init_runtime(env)
-    backend = tg.pick_attention_backend(rt.device)
+    backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     # The artifact first: a model for another vocabulary fails here, before the data is read.
     model = tg.model_from_artifact(tg.load_artifact(path), cfg, backend, rt.device, origin=str(path))
     data_path, tokenizer_path = tg.resolve_paths(cfg)
