@@ -337,6 +337,18 @@ def find_shards(data_path: Path, split: str) -> list[Path]:
     return files
 
 
+SHARD_SAMPLE_TOKENS = 1 << 20  # ids checked at start per training shard; the loader checks every batch
+
+
+def check_training_shards(files: list[Path], vocab_size: int) -> None:
+    """Every shard's header and size, and the ids at the start of each, before any time is spent."""
+    for f in files:
+        sample = read_shard(f)[:SHARD_SAMPLE_TOKENS]
+        if sample.size and int(sample.max()) >= vocab_size:
+            raise ConfigError(f"{f}: token id {int(sample.max())} >= VOCAB_SIZE={vocab_size}; "
+                              "the shard was tokenized with another vocabulary")
+
+
 def load_validation_tokens(data_path: Path) -> Tensor:
     """Every validation token, in order, as one int32 tensor (documents start with BOS)."""
     tokens = np.concatenate([read_shard(f) for f in find_shards(data_path, "val")])
@@ -353,8 +365,9 @@ class TrainLoader:
     reads its contiguous slice, so ranks never share a window and the global batch is the same
     for any world size (one GPU with accumulation reproduces eight)."""
 
-    def __init__(self, files: list[Path], seq_len: int, seed: int):
-        self.shards = [read_shard(f) for f in files]
+    def __init__(self, files: list[Path], seq_len: int, seed: int, vocab_size: int | None = None):
+        self.files, self.shards = files, [read_shard(f) for f in files]
+        self.vocab_size = vocab_size
         self.seq_len, self.seed = seq_len, seed
         self.epoch, self.cursor = 0, 0
         self._plan_epoch()
@@ -393,8 +406,12 @@ class TrainLoader:
         per_rank = global_seqs // world_size
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         span = self.seq_len + 1
-        rows = [self.shards[s][o:o + span] for s, o in zip(shards[mine], starts[mine])]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        rows = np.stack([self.shards[s][o:o + span] for s, o in zip(shards[mine], starts[mine])])
+        if self.vocab_size is not None and rows.max() >= self.vocab_size:  # else an index error deep in the model
+            bad = int(np.flatnonzero(rows.max(1) >= self.vocab_size)[0])
+            raise ConfigError(f"{self.files[shards[mine][bad]]}: token id {int(rows[bad].max())} >= VOCAB_SIZE="
+                              f"{self.vocab_size}; the shard was tokenized with another vocabulary")
+        return torch.from_numpy(rows.astype(np.int64))
 
 
 def load_tokenizer(path: Path, vocab_size: int):
@@ -1112,7 +1129,7 @@ def prime_compilation(cfg: Config, model_fn, model: GPT, optimizers, train_files
         return
     initial_model = copy.deepcopy(model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED, cfg.VOCAB_SIZE)
     for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
         model.looping = looping
         for i in range(cfg.WARMUP_STEPS):
@@ -1188,7 +1205,7 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
     """The timed loop, stopped before a step that would end past `budget` seconds. Returns the EMA
     (or None when EMA_DECAY=0); figures go into `summary`."""
     prime_compilation(cfg, model_fn, model, optimizers, train_files, rt, log)
-    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED, cfg.VOCAB_SIZE)
     ema = EMA(model, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
     step, train_seconds, loop_step, loop_seconds = 0, 0.0, None, 0.0
     recent_steps: list[float] = []
@@ -1334,7 +1351,7 @@ def accumulate_hessians(model: GPT, plan: list[QuantGroup], batches, rt: Runtime
 
 def calibration_batches(cfg: Config, train_files, rt: Runtime):
     """This rank's share of GPTQ_CALIBRATION_BATCHES global batches of training windows."""
-    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED)
+    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED, cfg.VOCAB_SIZE)
     for _ in range(cfg.GPTQ_CALIBRATION_BATCHES):
         yield loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size)
 
@@ -2434,6 +2451,7 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     data_path, tokenizer_path = resolve_paths(cfg)
     tables = byte_tables(load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
     train_files = find_shards(data_path, "train")
+    check_training_shards(train_files, cfg.VOCAB_SIZE)
     val_tokens = load_validation_tokens(data_path)
     if int(val_tokens.max()) >= cfg.VOCAB_SIZE:
         raise ConfigError(f"validation shards in {data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE={cfg.VOCAB_SIZE}")

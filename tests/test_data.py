@@ -169,3 +169,20 @@ def test_validation_stream_keeps_every_token(tmp_path):
     tg.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 3])
     tg.write_shard(tmp_path / "fineweb_val_000001.bin", [4, 5])
     assert tg.load_validation_tokens(tmp_path).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_training_ids_beyond_the_vocabulary_stop_the_run_naming_the_shard(tmp_path, monkeypatch):
+    """At start, the first ids of every shard; while training, every batch (an id past the sample)."""
+    good, bad_early, bad_late = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
+    tg.write_shard(good, np.arange(4000) % 1000)
+    tg.write_shard(bad_early, np.r_[np.arange(100), 1500, np.arange(100)])
+    with pytest.raises(ConfigError, match=f"{bad_early}: token id 1500 >= VOCAB_SIZE=1024"):
+        tg.check_training_shards([good, bad_early], 1024)
+    late = np.arange(4000) % 1000
+    late[-50] = 2000
+    tg.write_shard(bad_late, late)
+    monkeypatch.setattr(tg, "SHARD_SAMPLE_TOKENS", 1000)
+    tg.check_training_shards([bad_late], 1024)  # past the sampled start: only the loader can see it
+    loader = tg.TrainLoader([bad_late], 63, seed=0, vocab_size=1024)
+    with pytest.raises(ConfigError, match=f"{bad_late}: token id 2000 >= VOCAB_SIZE=1024"):
+        loader.next_batch(loader.window_start.size, 0, 1)  # the whole epoch: some window holds the bad id
