@@ -547,10 +547,11 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class BankedLinear(nn.Module):
     """x @ W^T for a weight the caller slices from a bank. It holds no parameter: it exists so that
-    GPTQ's forward hooks can see the input of every matrix, as they would on an nn.Linear."""
+    GPTQ's forward hooks can see the input of every matrix, as they would on an nn.Linear. The float32
+    weight is cast to the activations' dtype, as the records' CastedLinear does (a no-op in float32)."""
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight)
+        return F.linear(x, weight.to(x.dtype))
 
 
 class LayerWeights(NamedTuple):
@@ -578,7 +579,7 @@ class Attention(nn.Module):
         v = self.c_v(x, w.v).view(B, T, self.kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
-        q = (q * self.q_gain[:, None]).to(v.dtype)  # QK-norm makes the gain the logit temperature
+        q = (q * self.q_gain[:, None].to(q.dtype)).to(v.dtype)  # QK-norm makes the gain the logit temperature
         y = self.attend(q, k.to(v.dtype), v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -615,12 +616,14 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
 
     def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        attn_out = self.attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope)
+        """The float32 mixes and scales are cast to the stream's dtype, so a bf16 stream stays bf16."""
+        mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
+        x = mix[0] * x + mix[1] * x0
+        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope)
         if self.parallel:  # GPT-J style: attention and MLP both read the block input
-            return x + attn_out + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
+            return x + attn_out + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
         x = x + attn_out
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
+        return x + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
 
 
 def looped_layer_order(cfg: Config) -> list[int]:
@@ -660,6 +663,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, attention_backend) for i in range(L))
         self.plain_order, self.loop_order = list(range(L)), looped_layer_order(cfg)
         self.looping = False
+        self._dtype_override: torch.dtype | None = None
         # U-Net skip slots are sized for the looped schedule, which has the most encoder layers.
         num_skips = len(self.loop_order) // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, D))
@@ -722,9 +726,26 @@ class GPT(nn.Module):
     def layer_order(self) -> list[int]:
         return self.loop_order if self.looping else self.plain_order
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The residual stream's dtype. On CUDA it is bf16, as in the records: the matmuls run in bf16
+        under autocast anyway, and a bf16 stream halves the stream tensors that backward keeps and the
+        memory traffic of every elementwise op on them. Elsewhere it is the parameters' dtype (float32),
+        as CPU bf16 is slow. Parameters stay in their own dtype either way, so the optimizers and the EMA
+        keep full-precision master weights. Assign a dtype to override, None to restore the default."""
+        if self._dtype_override is not None:
+            return self._dtype_override
+        return torch.bfloat16 if self.tok_emb.weight.is_cuda else self.tok_emb.weight.dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype | None) -> None:
+        self._dtype_override = dtype
+
     def forward_hidden(self, input_ids: Tensor) -> Tensor:
-        """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam."""
-        x = x0 = rms_norm(self.tok_emb(input_ids))
+        """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam. The residual
+        stream runs in compute_dtype; the final norm (like the logits) runs in the parameters' dtype."""
+        dtype = self.compute_dtype
+        x = x0 = rms_norm(self.tok_emb(input_ids)).to(dtype)
         weights, rope = self.layer_weights(), self.rotary(input_ids.size(1), input_ids.device)
         order = self.layer_order()
         n_encoder = len(order) // 2
@@ -734,10 +755,10 @@ class GPT(nn.Module):
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
             if skips:
-                gate = torch.sigmoid(self.skip_gates[slot])
-                x = gate * x + (1 - gate) * self.skip_weights[slot] * skips.pop()
+                gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
+                x = gate * x + (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
             x = self.blocks[layer](x, x0, weights[layer], rope)
-        return rms_norm(x)
+        return rms_norm(x.to(self.tok_emb.weight.dtype))
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         logits = F.linear(hidden, self.tok_emb.weight).float()

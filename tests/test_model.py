@@ -1,4 +1,5 @@
-"""Model: causality with every option, recurrence without new weights, XSA, seams, attention backends."""
+"""Model: causality with every option, recurrence without new weights, XSA, seams, attention backends,
+compute dtype."""
 import sys
 import types
 
@@ -173,3 +174,55 @@ def test_a_named_backend_that_cannot_run_on_this_gpu_stops(fake_gpu, requested, 
 @pytest.mark.parametrize("requested", ["fa3", "fa2", "sdpa"])
 def test_a_named_backend_that_can_run_is_taken(fake_gpu, requested):
     assert tg.pick_attention_backend(fake_gpu((9, 0), BOTH), requested) == requested
+
+
+def stream_dtypes(model: tg.GPT, tokens: torch.Tensor) -> tuple[set, torch.Tensor, torch.Tensor]:
+    """The dtypes of every block's output, the hidden state and the per-token loss of one forward."""
+    seen = set()
+    hooks = [b.register_forward_hook(lambda _m, _args, out: seen.add(out.dtype)) for b in model.blocks]
+    hidden = model.forward_hidden(tokens[:, :-1])
+    nll = model(tokens[:, :-1], tokens[:, 1:])
+    for h in hooks:
+        h.remove()
+    return seen, hidden, nll
+
+
+def test_compute_dtype_is_the_parameters_dtype_on_cpu():
+    model = tg.GPT(config_from_env(FULL_OPTIONS))
+    assert model.compute_dtype == torch.float32 and model.double().compute_dtype == torch.float64
+    model.compute_dtype = torch.bfloat16
+    assert model.compute_dtype == torch.bfloat16
+    model.compute_dtype = None  # back to the default
+    assert model.compute_dtype == torch.float64
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_a_bf16_residual_stream_keeps_float32_weights_head_and_loss(looping):
+    """What CUDA runs, on the CPU: the stream between blocks is bf16, while the parameters, their
+    gradients, the final norm, the logits and the loss stay float32, and the loss moves by bf16 noise."""
+    model = randomized_model().float()
+    model.looping = looping
+    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(2))
+    dtypes, hidden, reference = stream_dtypes(model, tokens)
+    assert dtypes == {torch.float32} and hidden.dtype == torch.float32
+    model.compute_dtype = torch.bfloat16
+    dtypes, hidden, nll = stream_dtypes(model, tokens)
+    assert dtypes == {torch.bfloat16} and hidden.dtype == nll.dtype == torch.float32
+    nll.mean().backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(nll, reference)  # the bf16 path really ran
+    assert abs(nll.mean().item() - reference.mean().item()) < 0.01 * reference.mean().item()
+    torch.testing.assert_close(nll, reference, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_stream_is_bf16_by_default_and_the_loss_stays_close():
+    model = randomized_model().float().cuda()
+    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(2)).cuda()
+    assert model.compute_dtype == torch.bfloat16
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        dtypes, hidden, nll = stream_dtypes(model, tokens)
+        model.compute_dtype = torch.float32
+        _, _, reference = stream_dtypes(model, tokens)
+    assert dtypes == {torch.bfloat16} and hidden.dtype == nll.dtype == torch.float32
+    assert abs(nll.mean().item() - reference.mean().item()) < 0.01 * reference.mean().item()
