@@ -63,11 +63,14 @@ def test_ending_a_sweep_ends_its_trainer(small_sample, tmp_path):
     logs = tmp_path / "sweep_logs"
     runner = subprocess.Popen([sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), "--name", "k", "--log-dir", str(logs)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while "step:1/" not in ((logs / "k_s5.txt").read_text() if (logs / "k_s5.txt").is_file() else "") and time.time() < deadline:
-        time.sleep(0.2)
-    runner.send_signal(signal.SIGTERM)
-    assert runner.wait(timeout=120) == 128 + signal.SIGTERM
+    try:
+        deadline = time.time() + 300
+        while "step:1/" not in ((logs / "k_s5.txt").read_text() if (logs / "k_s5.txt").is_file() else "") and time.time() < deadline:
+            time.sleep(0.2)
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        runner.kill()
     summary = json.loads((logs / "k_s5.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RunKilled: killed by SIGTERM"
     assert not (logs / "k_s6.json").exists() and not (logs / "k_s5.lock").exists()

@@ -235,13 +235,16 @@ def test_a_killed_run_records_the_signal_and_replaces_an_earlier_result(referenc
     env = {**os.environ, **tiny_env(small_sample, tmp_path, ITERATIONS=100000, VAL_LOSS_EVERY=0)}
     trainer = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_gpt.py")], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while "step:1/" not in read_or_empty(logs / "run.txt") and time.time() < deadline:
-        time.sleep(0.2)
-    running = json.loads((logs / "run.json").read_text())
-    assert running["status"] == "running" and not (logs / "run.ptz").exists()  # the earlier artifact is gone
-    trainer.send_signal(signal.SIGTERM)
-    assert trainer.wait(timeout=120) == 128 + signal.SIGTERM and "error: killed by SIGTERM" in trainer.stderr.read()
+    try:
+        deadline = time.time() + 300
+        while "step:1/" not in read_or_empty(logs / "run.txt") and time.time() < deadline:
+            time.sleep(0.2)
+        running = json.loads((logs / "run.json").read_text())
+        assert running["status"] == "running" and not (logs / "run.ptz").exists()  # the earlier artifact is gone
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=120) == 128 + signal.SIGTERM and "error: killed by SIGTERM" in trainer.stderr.read()
+    finally:
+        trainer.kill()  # never leave a 100000-step trainer behind a failed assertion
     summary = json.loads((logs / "run.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RunKilled: killed by SIGTERM"
     assert summary["run_start_id"] != json.loads((reference_run[1] / "logs" / "run.json").read_text())["run_start_id"]
