@@ -244,7 +244,7 @@ def test_calibration_reads_training_shards_only(small_sample, tmp_path, monkeypa
     model.looping = True
     plan = tg.quantization_plan(model, cfg)
     rt = tg.Runtime(0, 1, torch.device("cpu"))
-    hessians, tokens = tg.collect_hessians(cfg, model, plan, tg.find_shards(data, "train"), rt)
+    hessians, tokens = tg.collect_hessians(cfg, model, plan, tg.calibration_batches(cfg, tg.find_shards(data, "train"), rt), rt)
     assert opened and all(name.startswith("fineweb_train_") for name in opened)
     assert tokens == 2 * cfg.TRAIN_BATCH_TOKENS and set(hessians) == {g.hessian for g in plan}
 
@@ -275,7 +275,7 @@ def test_autofit_lands_under_the_target_and_reports_its_cost(artifact_run, small
     # the model at the configured sigmas is rebuilt for its diagnostic after the scored evaluation, not in its way
     assert calls == ["model_from_artifact", "evaluate_artifact_model", "model_from_artifact"]
     assert summary["artifact_bytes_total"] <= target < reference["artifact_bytes_total"]
-    assert summary["autofit_sigma_scale"] > 1 and summary["autofit_probes"][0][1] == reference["artifact_bytes_total"]
+    assert summary["autofit_sigma_scale"] > 1 and abs(summary["autofit_probes"][0][1] - reference["artifact_bytes_total"]) <= 64
     assert summary["clip_sigmas"]["mlp"] == pytest.approx(12.85 * summary["autofit_sigma_scale"])
     assert "autofit_bpb_cost" in summary and "autofit: sigma_scale:" in (tmp_path / "logs" / "run.txt").read_text()
 

@@ -234,13 +234,13 @@ def test_plot_is_a_png_with_one_series_per_seed(swept, tmp_path):
 def fake_run(folder: Path, seed: int = 1, **changes) -> Path:
     """A finished run's summary and log, as small as make_record accepts; changes edit the summary."""
     folder.mkdir(exist_ok=True)
-    summary = dict(run_id=f"r{seed}", seed=seed, status="ok", config={"SEED": seed, "MATRIX_LR": 0.02},
+    summary = dict(run_id=f"r{seed}", run_start_id=f"start{seed}", seed=seed, status="ok", config={"SEED": seed, "MATRIX_LR": 0.02},
                    model_bytes=1000, train_seconds=100.0, steps=10, ms_per_step=10.0, val_loss=3.0, val_bpb=1.2,
                    score_source="sliding")
     summary.update(changes)
     for key in [k for k, v in changes.items() if v is None]:
         del summary[key]
-    (folder / f"r{seed}.txt").write_text("print('trainer')" + make_record.SEPARATOR + "run\n")
+    (folder / f"r{seed}.txt").write_text("print('trainer')" + make_record.SEPARATOR + f"run_start_id:start{seed}\nrun\n")
     (folder / f"r{seed}.json").write_text(json.dumps(summary))
     return folder / f"r{seed}.json"
 

@@ -304,7 +304,11 @@ def test_packed_script_gives_the_same_results_as_the_source(reference_run, small
     run = json.loads((tmp_path / "logs" / "packed.json").read_text())
     reference, _ = reference_run
     assert losses(run) == losses(reference)
-    for key in ("pre_quant_val_bpb", "quantized_val_bpb", "model_bytes", "code_bytes", "artifact_bytes_total"):
+    for key in ("pre_quant_val_bpb", "quantized_val_bpb", "code_bytes"):
         assert run[key] == reference[key], key
+    # Bytes per group agree exactly, but the header: it holds each run's random start id, so it
+    # compresses to a few bytes more or less.
+    same = lambda groups: {k: v for k, v in groups.items() if k != "header"}  # noqa: E731
+    assert same(run["artifact_bytes_by_group"]) == same(reference["artifact_bytes_by_group"])
     assert run["code_bytes_counted"] == "packed file" and reference["code_bytes_counted"].startswith("packed size computed")
     assert run["code_bytes_raw"] == sizes["minified"] and reference["code_bytes_raw"] == sizes["raw"]

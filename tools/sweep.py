@@ -82,18 +82,21 @@ def run_sweep(seeds: list[int], name: str, log_dir: Path, script: Path, nproc: i
 def run_trainer(cmd: list[str], env: dict, console) -> int:
     """Run one seed; if the sweep is told to stop, stop the trainer first (it records the signal)."""
     trainer = subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT)
+    stopped = []
 
-    def stop(signum, _frame):
+    def stop(signum, _frame):  # no wait() here: the interrupted wait() below holds Popen's lock
+        stopped.append(signum)
         trainer.send_signal(signal.SIGTERM)
-        trainer.wait()
-        raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return trainer.wait()
+        code = trainer.wait()  # resumes after the handler, until the trainer has recorded its end
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if stopped:
+        raise SystemExit(128 + stopped[0])
+    return code
 
 
 def parse_seeds(text: str) -> list[int]:
