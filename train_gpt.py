@@ -992,8 +992,7 @@ class Runtime:
 
     @property
     def accum_steps(self) -> int:
-        """Micro-batches per rank: 8 in all on up to 8 GPUs, one per rank beyond (multi-node runs)."""
-        return max(1, 8 // self.world_size)
+        return micro_batches_per_rank(self.world_size)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -1001,6 +1000,11 @@ class Runtime:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def micro_batches_per_rank(world_size: int) -> int:
+    """8 micro-batches in all on up to 8 ranks, one per rank beyond (multi-node runs)."""
+    return max(1, 8 // world_size)
 
 
 def launcher_ranks(env) -> tuple[int, int, int]:
@@ -1023,7 +1027,7 @@ def launcher_ranks(env) -> tuple[int, int, int]:
 
 def check_batch_split(cfg: Config, world_size: int) -> None:
     """The global batch must split into equal micro-batches: 8 in all on up to 8 ranks, one per rank beyond."""
-    seqs, micro = global_seqs(cfg), world_size * max(1, 8 // world_size)
+    seqs, micro = global_seqs(cfg), world_size * micro_batches_per_rank(world_size)
     if seqs % micro:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} is {seqs} sequences of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}, "
                           f"which WORLD_SIZE={world_size} cannot split into {micro} equal micro-batches; "
@@ -1248,7 +1252,7 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
         step_seconds = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt, dist.ReduceOp.MAX).item()
         train_seconds += step_seconds
         step += 1
-        recent_steps = (recent_steps + [step_seconds])[-RECENT_STEPS:]
+        recent_steps.append(step_seconds)
         done = step >= cfg.ITERATIONS or next_step_would_overrun(train_seconds, recent_steps, budget)
         if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done:
             mean_loss = all_reduce_(loss.detach().float().reshape(1), rt).item() / rt.world_size
@@ -2629,11 +2633,11 @@ def out_of_memory_error(e: BaseException, rt: Runtime) -> ConfigError | None:
 
 def record_early_failure(env, error: ConfigError) -> None:
     """A knob too broken to start with still leaves the log and JSON the README promises, where it can."""
+    if env.get("RANK", "0") != "0":
+        return
     run_id, log_dir = env.get("RUN_ID", ""), Path(env.get("LOG_DIR") or "logs")
     if not run_id or not is_plain_name(run_id):
         run_id = uuid.uuid4().hex[:12]
-    if env.get("RANK", "0") != "0":
-        return
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / f"{run_id}.txt").write_text(f"error: {error}\n", encoding="utf-8")
