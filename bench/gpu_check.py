@@ -7,9 +7,11 @@ Steps, each a row of the table (pass / fail / skip, seconds, figures):
   1. environment: torch, CUDA, GPU, FlashAttention 3/2, brotli, and the attention backend `auto` picks;
   2. the `cuda`-marked tests (tests/test_cuda.py): compiled == eager, FA3/FA2 == SDPA, Parallel Muon
      == the unbanked reference, GPTQ on the GPU == on the CPU, a bit-exact artifact round trip;
-  3. bench/throughput.py at the record shape (8 micro-batches on one GPU): ms/step, tok/s, MFU, memory;
-  4. a short training run through GPTQ, the artifact and every evaluation pass on a local corpus
-     (tokenized here by data/make_sample.py --jsonl), about 20 minutes in all.
+  3. a short training run through GPTQ, the artifact and every evaluation pass on a local corpus
+     (tokenized here by data/make_sample.py --jsonl, or one tokenized before: --corpus);
+  4. bench/throughput.py at the record shape (8 micro-batches on one GPU): ms/step, tok/s, MFU, memory.
+About 20 minutes in all with the defaults; `--time-limit S` stops a step that would run past S seconds from the
+start and records it as failed, so the table always comes out. gpu_check.json is rewritten after every step.
 Without brotli the runs fall back to COMPRESSOR=lzma, with a warning. `--out DIR` keeps gpu_check.json,
 the logs and the corpus there. The exit status is 1 when any step failed.
 """
@@ -57,11 +59,22 @@ def environment(args, _env: dict) -> dict:
     return dict(status="pass", figures=figures)
 
 
+class OutOfTime(Exception):
+    pass
+
+
+DEADLINE = [float("inf")]  # perf_counter time by which every step must have ended (--time-limit)
+
+
 def run_logged(cmd: list[str], env: dict, log: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run a command, keeping its whole output in `log`."""
+    """Run a command, keeping its whole output in `log`; stop it at its timeout or at the check's deadline."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO_ROOT)
+    timeout = min(timeout, DEADLINE[0] - time.perf_counter())
+    try:
+        with open(log, "w") as out:
+            return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=max(timeout, 1), cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        raise OutOfTime(f"stopped after {timeout:.0f}s; see {log.name}") from None
 
 
 def cuda_tests(args, env: dict) -> dict:
@@ -103,6 +116,8 @@ def throughput(args, env: dict) -> dict:
 def corpus(args, env: dict) -> tuple[Path, Path, int] | dict:
     """(shard folder, tokenizer, vocabulary) for the training run, or a failed step."""
     data = args.out / "data"
+    if args.corpus:
+        return corpus_made_before(args.corpus)
     if args.tiny:
         cmd = [sys.executable, "data/make_sample.py", "--out", str(data), "--max-text-bytes", "400000"]
         name, tokenizer, vocab = "sample_sp1024", "sample_1024_bpe", 1024
@@ -117,6 +132,16 @@ def corpus(args, env: dict) -> tuple[Path, Path, int] | dict:
     if done.returncode:
         return dict(status="fail", detail=f"data/make_sample.py exit {done.returncode}; see corpus.log")
     return data / "datasets" / name, data / "tokenizers" / f"{tokenizer}.model", vocab
+
+
+def corpus_made_before(root: Path) -> tuple[Path, Path, int] | dict:
+    """The one dataset and tokenizer under a data/make_sample.py --out folder."""
+    datasets, tokenizers = sorted((root / "datasets").glob("*")), sorted((root / "tokenizers").glob("*.model"))
+    if len(datasets) != 1 or len(tokenizers) != 1:
+        return dict(status="fail", detail=f"--corpus {root}: want one datasets/* folder and one tokenizers/*.model")
+    import sentencepiece as spm
+
+    return datasets[0], tokenizers[0], spm.SentencePieceProcessor(model_file=str(tokenizers[0])).vocab_size()
 
 
 def training_run(args, env: dict) -> dict:
@@ -168,17 +193,24 @@ def main(argv=None) -> int:
     parser.add_argument("--val-jsonl", nargs="+", type=Path, help="validation documents for the training run")
     parser.add_argument("--max-val-docs", type=int, default=500, help="validation documents to keep")
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer trained on the corpus")
+    parser.add_argument("--corpus", type=Path, help="a data/make_sample.py --out folder to train on as it is")
+    parser.add_argument("--time-limit", type=float, default=float("inf"), help="seconds for all the steps together")
     parser.add_argument("--train-seconds", type=float, default=300.0, help="MAX_WALLCLOCK_SECONDS of the training run")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    DEADLINE[0] = time.perf_counter() + args.time_limit
     steps = {}
-    for name, step in (("environment", environment), ("cuda tests", cuda_tests), ("throughput", throughput),
-                       ("training run", training_run)):
+    for name, step in (("environment", environment), ("cuda tests", cuda_tests), ("training run", training_run),
+                       ("throughput", throughput)):
         t0 = time.perf_counter()
-        steps[name] = step(args, env)
+        try:
+            steps[name] = step(args, env)
+        except OutOfTime as stopped:
+            steps[name] = dict(status="fail", detail=str(stopped))
         steps[name]["seconds"] = time.perf_counter() - t0
+        (args.out / "gpu_check.json").write_text(json.dumps(steps, indent=1) + "\n")
         if name == "environment":
             if steps[name]["status"] == "fail":
                 break
@@ -187,7 +219,6 @@ def main(argv=None) -> int:
                 env["COMPRESSOR"] = "lzma"
         print(f"{name}: {steps[name]['status']} ({steps[name]['seconds']:.1f}s)", flush=True)
     print(table(steps))
-    (args.out / "gpu_check.json").write_text(json.dumps(steps, indent=1) + "\n")
     return 1 if any(r["status"] == "fail" for r in steps.values()) else 0
 
 

@@ -12,7 +12,7 @@ def test_tiny_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(steps) == ["environment", "cuda tests", "throughput", "training run"]
+    assert list(steps) == ["environment", "cuda tests", "training run", "throughput"]
     env = steps["environment"]["figures"]
     assert env["attention_backend"] == "sdpa" and env["gpu"] == "none" and env["brotli"] != "missing"
     # Without a GPU every cuda check is collected and skipped, none fails.
