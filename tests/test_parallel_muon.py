@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def unbanked_copy(cfg, model: tg.GPT) -> unbanked.UnbankedGPT:
-    reference = unbanked.UnbankedGPT(cfg)
+    reference = unbanked.UnbankedGPT(cfg).to(model.tok_emb.weight.device)  # on the GPU when the model is
     reference.load_state_dict(model.state_dict())
     reference.looping = model.looping
     return reference
