@@ -1,8 +1,8 @@
 """Parameter Golf trainer: one file, read top to bottom in pipeline order.
 
-config -> data -> model -> optimizer -> training -> evaluation -> main.
+config -> data -> model -> optimizer -> training -> quantization and packing -> evaluation -> main.
 Run with `torchrun --standalone --nproc_per_node=8 train_gpt.py`, or plain `python3 train_gpt.py`
-for one process; every setting is an environment variable (see README.md, "Knobs").
+for one process; every setting is an environment variable (see docs/knobs.md).
 Importing this module has no side effects, so tests and tools can call its functions.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import traceback
 import uuid
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -48,17 +48,10 @@ INF = float("inf")
 
 
 @dataclasses.dataclass
-class Config:
-    # Run and data
-    PRESET: str = knob("record", choices=("record", "sample"), doc="default set: 'record' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
-    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt, .json and .ptz: a plain file name; random when empty")
-    SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
-    DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
-    DATA_PATH: str = knob("", doc="shard folder; default DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}")
-    TOKENIZER_PATH: str = knob("", doc="SentencePiece model; default DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
-    LOG_DIR: str = knob("logs", doc="where the log and the JSON summary go")
+class ModelConfig:
+    """The network's shape, architecture switches and initialization: everything GPT reads. The artifact
+    stores it whole and rebuilds its model from it alone; each field is also a knob, through Config."""
     VOCAB_SIZE: int = knob(8192, 2, 65536, doc="must equal the tokenizer's vocabulary")
-    # Model
     NUM_LAYERS: int = knob(11, 1, 256)
     MODEL_DIM: int = knob(512, 8, 65536)
     NUM_HEADS: int = knob(8, 1, 1024)
@@ -68,22 +61,50 @@ class Config:
     QK_GAIN_INIT: float = knob(5.25, 0.0, 100.0, doc="initial learned per-head query gain")
     ROPE_DIMS: int = knob(16, 0, 65536, doc="rotated dims per head (even, <= head dim)")
     ROPE_BASE: float = knob(10000.0, 1.0, 1e9)
-    XSA_LAST_N: int = knob(11, 0, 256, doc="exclusive self-attention on the last N physical layers (N >= NUM_LAYERS: all)")
+    XSA_LAST_N: int = knob(11, 0, 256,
+                           doc="exclusive self-attention on the last N physical layers (N >= NUM_LAYERS: all)")
     LOGIT_SOFTCAP: float = knob(30.0, 0.0, 1e4, doc="tanh cap on logits; 0 turns it off")
     NUM_LOOPS: int = knob(2, 0, 16, doc="extra passes over layers LOOP_START..LOOP_END; 0 = no recurrence")
     LOOP_START: int = knob(3, 0, 255)
     LOOP_END: int = knob(5, 0, 255)
-    ENABLE_LOOPING_AT: float = knob(0.35, 0.0, 1.0, doc="training fraction at which recurrence switches on")
-    PARALLEL_RESIDUAL_START: int = knob(7, 0, 256, doc="first physical layer with parallel attention+MLP; >= NUM_LAYERS = none")
+    PARALLEL_RESIDUAL_START: int = knob(7, 0, 256,
+                                        doc="first physical layer with parallel attention+MLP; >= NUM_LAYERS = none")
+
+    @property
+    def head_dim(self) -> int:
+        return self.MODEL_DIM // self.NUM_HEADS
+
+    @property
+    def model(self) -> "ModelConfig":
+        """The model's fields alone (a Config is also a ModelConfig, with every other knob besides)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclasses.dataclass
+class Config(ModelConfig):
+    """Every knob: the model's (inherited from ModelConfig) and the run's. Built once, in main, by config_from_env."""
+    # Run and data
+    PRESET: str = knob("record", choices=("record", "sample"),
+                       doc="default set: 'record' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
+    RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt, .json and .ptz: a plain file name; random when empty")
+    SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
+    DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
+    DATA_PATH: str = knob("", doc="shard folder; default DATA_DIR/datasets/fineweb10B_sp{VOCAB_SIZE}")
+    TOKENIZER_PATH: str = knob("",
+                               doc="SentencePiece model; default DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
+    LOG_DIR: str = knob("logs", doc="where the log and the JSON summary go")
     # Training length and batch
     TRAIN_SEQ_LEN: int = knob(2048, 2, 1 << 20)
     TRAIN_BATCH_TOKENS: int = knob(786432, 2, 1 << 30, doc="global tokens per optimizer step")
     ITERATIONS: int = knob(20000, 1, 10**9, doc="step cap")
     MAX_WALLCLOCK_SECONDS: float = knob(600.0, 0.0, INF, doc="training time cap; 0 = steps only")
-    GPTQ_RESERVE_SECONDS: float = knob(12.0, 0.0, INF, doc="least seconds cut from the training cap for GPTQ calibration (more if its measured cost projects more)")
+    GPTQ_RESERVE_SECONDS: float = knob(12.0, 0.0, INF,
+                                       doc="least seconds cut from the training cap for GPTQ calibration (more if its "
+                                           "measured cost projects more)")
     WARMUP_STEPS: int = knob(20, 0, 10**6, doc="compile-priming steps, rolled back afterwards")
     WARMDOWN_FRAC: float = knob(0.72, 0.0, 1.0, doc="final fraction of training with decaying LR")
     MIN_LR: float = knob(0.0, 0.0, 1.0, doc="LR multiplier floor during warmdown")
+    ENABLE_LOOPING_AT: float = knob(0.35, 0.0, 1.0, doc="training fraction at which recurrence switches on")
     # Optimizer
     MATRIX_LR: float = knob(0.022, 0.0, 10.0, doc="Muon LR for block matrices")
     SCALAR_LR: float = knob(0.02, 0.0, 10.0, doc="AdamW LR for gains, mixes and gates")
@@ -110,12 +131,16 @@ class Config:
     ATTN_CLIP_SIGMAS: float = knob(0.0, 0.0, 1000.0, doc="attention matrices only; 0 = MATRIX_CLIP_SIGMAS")
     MLP_CLIP_SIGMAS: float = knob(0.0, 0.0, 1000.0, doc="MLP matrices only; 0 = MATRIX_CLIP_SIGMAS")
     EMBED_CLIP_SIGMAS: float = knob(20.0, 0.1, 1000.0, doc="k for the tied embedding")
-    QUANT_PASSTHROUGH_NUMEL: int = knob(65536, 0, 1 << 40, doc="tensors with at most this many elements are stored as fp16")
-    GPTQ_CALIBRATION_BATCHES: int = knob(64, 1, 10**6, doc="global training batches whose activations build the Hessians")
+    QUANT_PASSTHROUGH_NUMEL: int = knob(65536, 0, 1 << 40,
+                                        doc="tensors with at most this many elements are stored as fp16")
+    GPTQ_CALIBRATION_BATCHES: int = knob(64, 1, 10**6,
+                                         doc="global training batches whose activations build the Hessians")
     GPTQ_DAMP: float = knob(0.01, 0.0, 10.0, doc="Hessian damping, as a fraction of its mean diagonal")
     GPTQ_BLOCK_SIZE: int = knob(128, 1, 1 << 20, doc="columns per lazy-update block")
     COMPRESSOR: str = knob("brotli", choices=("brotli", "lzma"), doc="brotli quality 11, or raw LZMA2 preset 9|extreme")
-    ARTIFACT_TARGET_BYTES: int = knob(16_000_000, 0, 16_000_000, doc="if code+model is over this size, raise the clip sigmas until it fits; 0 = off (over 16,000,000 fails)")
+    ARTIFACT_TARGET_BYTES: int = knob(16_000_000, 0, 16_000_000,
+                                      doc="if code+model is over this size, raise the clip sigmas until it fits; 0 = "
+                                          "off (over 16,000,000 fails)")
     # Evaluation and logging
     VAL_BATCH_TOKENS: int = knob(524288, 2, 1 << 30, doc="global tokens per validation batch")
     VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
@@ -127,10 +152,13 @@ class Config:
     EVAL_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="sliding-window length")
     EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
     EVAL_BATCH_WINDOWS: int = knob(32, 1, 1 << 16, doc="windows per forward on each rank")
-    EVAL_TIME_BUDGET: float = knob(600.0, 0.0, INF, doc="seconds for all evaluation of the artifact; TTT/SLOT stop adapting when they would overrun; 0 = no limit")
+    EVAL_TIME_BUDGET: float = knob(600.0, 0.0, INF,
+                                   doc="seconds for all evaluation of the artifact; TTT/SLOT stop adapting when they "
+                                       "would overrun; 0 = no limit")
     EVAL_SLIDING_ALSO: int = knob(0, 0, 1, doc="also run the plain sliding-window pass before the adapted one")
     TTT_ENABLED: int = knob(1, 0, 1, doc="score-first test-time training over chunks of the validation stream")
-    TTT_CHUNK_TOKENS: int = knob(32768, 1, 1 << 30, doc="tokens per TTT chunk (a multiple of EVAL_STRIDE keeps windows inside chunks)")
+    TTT_CHUNK_TOKENS: int = knob(32768, 1, 1 << 30,
+                                 doc="tokens per TTT chunk (a multiple of EVAL_STRIDE keeps windows inside chunks)")
     TTT_LR: float = knob(0.005, 0.0, 10.0, doc="SGD LR, cosine-decayed across chunks")
     TTT_MOMENTUM: float = knob(0.9, 0.0, 0.99999)
     TTT_EPOCHS: int = knob(3, 1, 1000, doc="passes over each chunk after it is scored")
@@ -139,16 +167,17 @@ class Config:
     SLOT_ENABLED: int = knob(0, 0, 1, doc="fit a per-window hidden delta (and optional logit bias) before scoring")
     SLOT_STEPS: int = knob(8, 0, 1000, doc="optimizer steps per window batch")
     SLOT_LR: float = knob(0.005, 0.0, 100.0)
-    SLOT_OPTIMIZER: str = knob("adamw", choices=("adamw", "lbfgs"), doc="AdamW, or L-BFGS with a strong-Wolfe line search per window")
+    SLOT_OPTIMIZER: str = knob("adamw", choices=("adamw", "lbfgs"),
+                               doc="AdamW, or L-BFGS with a strong-Wolfe line search per window")
     SLOT_LOGIT_BIAS: int = knob(0, 0, 1, doc="also fit a per-window bias over the vocabulary")
-    SLOT_WARM_START: int = knob(0, 0, 1, doc="start each batch from the mean fitted delta of this rank's previous batch")
-    SLOT_MODE: str = knob("context", choices=("context", "full"), doc="context = fit on already-scored positions only; full = also on the scored ones (NON-COMPLIANT, research)")
-    SLOT_DELTA_SCOPE: str = knob("window", choices=("window", "batch"), doc="window = one delta per window; batch = one shared by the batch (NON-COMPLIANT, research)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.MODEL_DIM // self.NUM_HEADS
-
+    SLOT_WARM_START: int = knob(0, 0, 1,
+                                doc="start each batch from the mean fitted delta of this rank's previous batch")
+    SLOT_MODE: str = knob("context", choices=("context", "full"),
+                          doc="context = fit on already-scored positions only; full = also on the scored ones "
+                              "(NON-COMPLIANT, research)")
+    SLOT_DELTA_SCOPE: str = knob("window", choices=("window", "batch"),
+                                 doc="window = one delta per window; batch = one shared by the batch (NON-COMPLIANT, "
+                                     "research)")
 
 
 # Defaults swapped in by PRESET=sample: a small model that exercises every architecture option
@@ -168,10 +197,12 @@ SAMPLE_PRESET = dict(
 
 # Variables set by launchers, libraries and this repository's tools (SEEDS: tools/sweep.py): never knobs,
 # never near-misses.
-FOREIGN_ENV_PREFIXES = ("TORCH", "CUDA", "NCCL", "OMP_", "MKL_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_", "TRITON", "HF_", "PYTEST")
+FOREIGN_ENV_PREFIXES = ("TORCH", "CUDA", "NCCL", "OMP_", "MKL_", "PYTHON", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
+                        "TRITON", "HF_", "PYTEST")
 LAUNCHER_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OUT", "CI", "SEEDS"}
 # Common spellings that plain similarity misses.
-KNOB_ALIASES = {"WEIGHT_DECAY": "WD", "LEARNING_RATE": "LR", "WARMUP_ITERS": "WARMUP_STEPS", "WARMDOWN_ITERS": "WARMDOWN_FRAC"}
+KNOB_ALIASES = {"WEIGHT_DECAY": "WD", "LEARNING_RATE": "LR", "WARMUP_ITERS": "WARMUP_STEPS",
+                "WARMDOWN_ITERS": "WARMDOWN_FRAC"}
 
 
 class ConfigError(ValueError):
@@ -221,25 +252,34 @@ def is_plain_name(name: str) -> bool:
     return not any(bad in name for bad in ("/", "\\", "..", "\0"))
 
 
-def validate_config(cfg: Config) -> None:
-    def need(ok: bool, message: str):
-        if not ok:
-            raise ConfigError(message)
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
+
+def validate_model_config(mc: ModelConfig) -> None:
+    """The shape knobs that must fit together (an artifact's header is checked the same way)."""
+    need(mc.MODEL_DIM % mc.NUM_HEADS == 0, f"MODEL_DIM={mc.MODEL_DIM} must be divisible by NUM_HEADS={mc.NUM_HEADS}")
+    need(mc.NUM_HEADS % mc.NUM_KV_HEADS == 0, f"NUM_KV_HEADS={mc.NUM_KV_HEADS} must divide NUM_HEADS={mc.NUM_HEADS}")
+    need(mc.ROPE_DIMS % 2 == 0 and mc.ROPE_DIMS <= mc.head_dim,
+         f"ROPE_DIMS={mc.ROPE_DIMS} must be even and at most the head dim {mc.head_dim}")
+    if mc.NUM_LOOPS > 0:
+        need(mc.LOOP_START <= mc.LOOP_END < mc.NUM_LAYERS,
+             f"LOOP_START={mc.LOOP_START}, LOOP_END={mc.LOOP_END}: "
+             f"need LOOP_START <= LOOP_END < NUM_LAYERS={mc.NUM_LAYERS}")
+
+
+def validate_config(cfg: Config) -> None:
     need(cfg.RUN_ID == "" or is_plain_name(cfg.RUN_ID),
          f"RUN_ID={cfg.RUN_ID!r} must be a plain file name (no '/', '\\' or '..'): it names "
          "LOG_DIR/<RUN_ID>.txt, .json and .ptz; leave it empty for a random one")
-    need(cfg.MODEL_DIM % cfg.NUM_HEADS == 0, f"MODEL_DIM={cfg.MODEL_DIM} must be divisible by NUM_HEADS={cfg.NUM_HEADS}")
-    need(cfg.NUM_HEADS % cfg.NUM_KV_HEADS == 0, f"NUM_KV_HEADS={cfg.NUM_KV_HEADS} must divide NUM_HEADS={cfg.NUM_HEADS}")
-    need(cfg.ROPE_DIMS % 2 == 0 and cfg.ROPE_DIMS <= cfg.head_dim,
-         f"ROPE_DIMS={cfg.ROPE_DIMS} must be even and at most the head dim {cfg.head_dim}")
-    if cfg.NUM_LOOPS > 0:
-        need(cfg.LOOP_START <= cfg.LOOP_END < cfg.NUM_LAYERS,
-             f"LOOP_START={cfg.LOOP_START}, LOOP_END={cfg.LOOP_END}: need LOOP_START <= LOOP_END < NUM_LAYERS={cfg.NUM_LAYERS}")
+    validate_model_config(cfg)
     need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0,
          f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}")
-    need(cfg.VAL_BATCH_TOKENS >= cfg.TRAIN_SEQ_LEN, f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
-    need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN, f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
+    need(cfg.VAL_BATCH_TOKENS >= cfg.TRAIN_SEQ_LEN,
+         f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
+    need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN,
+         f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
     need(cfg.MAX_WALLCLOCK_SECONDS <= 0 or cfg.GPTQ_RESERVE_SECONDS < cfg.MAX_WALLCLOCK_SECONDS,
          f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of "
          f"MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
@@ -267,7 +307,8 @@ def near_miss_warnings(env) -> list[str]:
             best = difflib.get_close_matches(canonical, names, n=1, cutoff=0.75)
             best = best or [n for n in names if len(var) >= 5 and n.startswith(var + "_")][:1]
         if best:
-            warnings.append(f"WARNING: environment variable {var} is not a knob and is ignored; did you mean {best[0]}?")
+            warnings.append(f"WARNING: environment variable {var} is not a knob and is ignored; "
+                            f"did you mean {best[0]}?")
     return warnings
 
 
@@ -305,7 +346,8 @@ def shard_token_count(path) -> int:
                           "remove it or fix DATA_PATH")
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header (truncated or not a shard)")
+        raise ConfigError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header "
+                          "(truncated or not a shard)")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise ConfigError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
@@ -419,16 +461,19 @@ def load_tokenizer(path: Path, vocab_size: int):
     import sentencepiece as spm
 
     if not path.is_file():
-        raise ConfigError(f"tokenizer {path} not found: set TOKENIZER_PATH, or fetch it with data/cached_challenge_fineweb.py")
+        raise ConfigError(f"tokenizer {path} not found: set TOKENIZER_PATH, or fetch it with "
+                          "data/cached_challenge_fineweb.py")
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:
         raise ConfigError(f"tokenizer {path} is not a SentencePiece model ({e}): point TOKENIZER_PATH at the .model "
                           "file, or fetch it again with data/cached_challenge_fineweb.py") from None
     if sp.vocab_size() != vocab_size:
-        raise ConfigError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; set VOCAB_SIZE={sp.vocab_size()}")
+        raise ConfigError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                          f"set VOCAB_SIZE={sp.vocab_size()}")
     if sp.piece_to_id("\u2581") == sp.unk_id():
-        raise ConfigError(f"tokenizer {path} has no bare '\u2581' piece, so leading-space bytes cannot be counted exactly")
+        raise ConfigError(f"tokenizer {path} has no bare '\u2581' piece, so leading-space bytes cannot be "
+                          "counted exactly")
     return sp
 
 
@@ -456,6 +501,23 @@ def target_bytes(tables, inputs: Tensor, targets: Tensor) -> Tensor:
     """Bytes each target token stands for; its space counts unless it follows a control token."""
     base, leading_space, boundary = tables
     return base[targets] + (leading_space[targets] & ~boundary[inputs]).long()
+
+
+@dataclasses.dataclass
+class ValidationData:
+    """The validation stream (every document, in order) and the byte tables that charge each target token
+    the UTF-8 bytes it stands for."""
+    tokens: Tensor
+    tables: tuple[Tensor, Tensor, Tensor]
+
+    @property
+    def n_targets(self) -> int:
+        return self.tokens.numel() - 1
+
+    def byte_counts(self, device: torch.device) -> Tensor:
+        """Bytes of every target 1..N-1 of the stream, as float64 on `device`."""
+        tables, tokens = [t.to(device) for t in self.tables], self.tokens.to(device)
+        return target_bytes(tables, tokens[:-1].long(), tokens[1:].long()).double()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,7 +627,7 @@ class LayerWeights(NamedTuple):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, xsa: bool, backend: str):
+    def __init__(self, cfg: ModelConfig, xsa: bool, backend: str):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.head_dim
         self.xsa, self.attend = xsa, attention_function(backend)
@@ -605,7 +667,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer: int, backend: str):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: str):
         super().__init__()
         self.norm_scale = 1.0 / math.sqrt(layer + 1)
         self.parallel = layer >= cfg.PARALLEL_RESIDUAL_START
@@ -626,7 +688,7 @@ class Block(nn.Module):
         return x + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
 
 
-def looped_layer_order(cfg: Config) -> list[int]:
+def looped_layer_order(cfg: ModelConfig) -> list[int]:
     """Physical layer per virtual position: LOOP_START..LOOP_END run 1 + NUM_LOOPS times."""
     layers = list(range(cfg.NUM_LAYERS))
     if cfg.NUM_LOOPS == 0:
@@ -639,7 +701,8 @@ def bank_layout(num_layers: int) -> dict[str, list[str]]:
     """The per-layer matrix each slot of each bank holds, under its state-dict name."""
     def per_layer(module: str) -> list[str]:
         return [f"blocks.{i}.{module}.weight" for i in range(num_layers)]
-    return {"qo_bank": per_layer("attn.c_q") + per_layer("attn.proj"), "kv_bank": per_layer("attn.c_k") + per_layer("attn.c_v"),
+    return {"qo_bank": per_layer("attn.c_q") + per_layer("attn.proj"),
+            "kv_bank": per_layer("attn.c_k") + per_layer("attn.c_v"),
             "mlp_up_bank": per_layer("mlp.fc"), "mlp_down_bank": per_layer("mlp.proj")}
 
 
@@ -650,9 +713,10 @@ class GPT(nn.Module):
     speak per-matrix names (blocks.{i}.attn.c_q.weight, ...), so checkpoints, GPTQ and the artifact
     see one tensor per matrix, as in an unbanked model."""
 
-    def __init__(self, cfg: Config, attention_backend: str = "sdpa"):
+    def __init__(self, cfg: ModelConfig, attention_backend: str = "sdpa"):
         super().__init__()
-        L, D, kv, hidden = cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_KV_HEADS * cfg.head_dim, int(cfg.MLP_MULT * cfg.MODEL_DIM)
+        L, D = cfg.NUM_LAYERS, cfg.MODEL_DIM
+        kv, hidden = cfg.NUM_KV_HEADS * cfg.head_dim, int(cfg.MLP_MULT * cfg.MODEL_DIM)
         self.softcap, self.rope_dims, self.rope_base = cfg.LOGIT_SOFTCAP, cfg.ROPE_DIMS, cfg.ROPE_BASE
         self.tok_emb = nn.Embedding(cfg.VOCAB_SIZE, D)
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
@@ -834,17 +898,21 @@ class ParallelMuon(torch.optim.Optimizer):
     Momentum lives for the owned matrices only. On one rank nothing is communicated or rounded."""
 
     def __init__(self, banks: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, row_normalize: bool,
-                 coeffs, world_size: int = 1, comm_dtype: torch.dtype = torch.float32, compile_direction: bool = False):
+                 coeffs, world_size: int = 1, compile_direction: bool = False):
         banks = sorted(banks, key=lambda p: -p.numel())
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.row_normalize, self.coeffs = row_normalize, coeffs
-        self.world_size, self.comm_dtype = world_size, comm_dtype
-        self.direction = torch.compile(muon_direction, fullgraph=True, dynamic=False) if compile_direction else muon_direction
+        # Updates travel in bf16 between GPUs (NCCL), in fp32 over gloo on CPUs.
+        self.world_size, self.comm_dtype = world_size, torch.bfloat16 if banks[0].is_cuda else torch.float32
+        compiled = torch.compile(muon_direction, fullgraph=True, dynamic=False) if compile_direction else None
+        self.direction = compiled or muon_direction
         self._grad_shards: dict[nn.Parameter, tuple] = {}
 
     def describe(self) -> str:
         banks = " ".join(f"{'x'.join(map(str, p.shape))}/{self.owned(p)}" for p in self.param_groups[0]["params"])
-        comm = f"{str(self.comm_dtype).removeprefix('torch.')} over {self.world_size} ranks" if self.world_size > 1 else "none"
+        comm = "none"
+        if self.world_size > 1:
+            comm = f"{str(self.comm_dtype).removeprefix('torch.')} over {self.world_size} ranks"
         return f"parallel_muon: banks (matrices x rows x cols / owned per rank) {banks}; communication {comm}"
 
     def owned(self, bank: Tensor) -> int:
@@ -892,7 +960,8 @@ class ParallelMuon(torch.optim.Optimizer):
             update = self.direction(g.add(buf, alpha=mu), self.row_normalize, self.coeffs)
             if self.world_size > 1:
                 sent = update.to(self.comm_dtype)
-                gathered = torch.empty(sent.size(0) * self.world_size, *sent.shape[1:], dtype=sent.dtype, device=p.device)
+                gathered = torch.empty(sent.size(0) * self.world_size, *sent.shape[1:], dtype=sent.dtype,
+                                       device=p.device)
                 work = all_gather(gathered, sent, async_op=True)
             else:
                 gathered, work, sent = update, None, None
@@ -926,8 +995,8 @@ def build_optimizers(cfg: Config, model: GPT, world_size: int = 1) -> Optimizers
     muon = ParallelMuon(banks, lr=cfg.MATRIX_LR, momentum=cfg.MUON_MOMENTUM, weight_decay=cfg.MUON_WD,
                         row_normalize=bool(cfg.MUON_ROW_NORMALIZE),
                         coeffs=newton_schulz_coeffs(cfg.MUON_NS_COEFFS, cfg.MUON_BACKEND_STEPS),
-                        world_size=world_size, comm_dtype=torch.bfloat16 if cuda else torch.float32,
-                        compile_direction=cuda and cfg.COMPILE == 1)
+                        world_size=world_size,
+                        compile_direction=compiles(cfg, model.tok_emb.weight.device))
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -1016,8 +1085,9 @@ def launcher_ranks(env) -> tuple[int, int, int]:
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not an integer; launch with torchrun or leave {name} unset") from None
         if value < lo or (hi is not None and value > hi):
-            raise ConfigError(f"{name}={raw!r} is out of range: need {lo} <= {name}" + (f" <= {hi}" if hi is not None else "")
-                              + "; launch with torchrun or leave it unset")
+            upper = f" <= {hi}" if hi is not None else ""
+            raise ConfigError(f"{name}={raw!r} is out of range: need {lo} <= {name}{upper}; "
+                              "launch with torchrun or leave it unset")
         return value
 
     world_size = read("WORLD_SIZE", 1, 1, None)
@@ -1029,7 +1099,8 @@ def check_batch_split(cfg: Config, world_size: int) -> None:
     """The global batch must split into equal micro-batches: 8 in all on up to 8 ranks, one per rank beyond."""
     seqs, micro = global_seqs(cfg), world_size * micro_batches_per_rank(world_size)
     if seqs % micro:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} is {seqs} sequences of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}, "
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} is {seqs} sequences of "
+                          f"TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}, "
                           f"which WORLD_SIZE={world_size} cannot split into {micro} equal micro-batches; "
                           f"make it a multiple of {micro * cfg.TRAIN_SEQ_LEN} tokens")
 
@@ -1136,6 +1207,12 @@ def train_step(cfg: Config, model_fn, model: GPT, optimizers: Optimizers, batch:
     return total / rt.accum_steps
 
 
+def compiles(cfg: Config, device: torch.device) -> bool:
+    """The one decision to torch.compile (model, evaluation forward, Newton-Schulz): on CUDA with COMPILE=1.
+    The CPU runs eager, the reference every compiled path is tested against."""
+    return device.type == "cuda" and cfg.COMPILE == 1
+
+
 def compile_model(model: GPT, backend: str = "inductor"):
     """One static-shape graph per looping state and grad mode. The LR and momentum live in the
     optimizers' param groups and the step runs outside the graph, so steps never recompile."""
@@ -1144,28 +1221,6 @@ def compile_model(model: GPT, backend: str = "inductor"):
 
 def global_seqs(cfg: Config) -> int:
     return cfg.TRAIN_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN
-
-
-def prime_compilation(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: Runtime, log) -> None:
-    """Run WARMUP_STEPS real steps (and as many with recurrence on, if any) so every graph is
-    compiled before the clock starts, then restore the model and optimizers exactly. The caller
-    builds a fresh loader afterwards, so the data order is unaffected too."""
-    if cfg.WARMUP_STEPS == 0:
-        return
-    initial_model = copy.deepcopy(model.state_dict())
-    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED, cfg.VOCAB_SIZE)
-    for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
-        model.looping = looping
-        for i in range(cfg.WARMUP_STEPS):
-            set_schedule(cfg, optimizers, i, 0.0)
-            train_step(cfg, model_fn, model, optimizers, loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size), rt)
-        log(f"warmup: primed {cfg.WARMUP_STEPS} steps looping={looping}")
-    model.looping = False
-    model.load_state_dict(initial_model)
-    for opt, state in zip(optimizers, initial_opts):
-        opt.load_state_dict(state)
-    log("warmup: model and optimizer state restored")
 
 
 def training_fraction(cfg: Config, step: int, train_seconds: float, budget: float) -> float:
@@ -1183,11 +1238,6 @@ def next_step_would_overrun(train_seconds: float, recent_steps: list[float], bud
     return train_seconds + max(recent_steps[-RECENT_STEPS:]) > budget
 
 
-def train_data_seconds(summary: dict) -> float:
-    """Seconds during which training data was read: the timed steps plus GPTQ calibration."""
-    return summary["train_seconds"] + summary.get("hessian_seconds", 0.0)
-
-
 def train_time_violation(data_seconds: float, cap: float = TRAIN_TIME_LIMIT_SECONDS) -> str | None:
     """The training time rule records are audited by: everything that reads training data (the
     timed steps and GPTQ calibration) ends within the cap. Quantization and compression read no
@@ -1197,11 +1247,36 @@ def train_time_violation(data_seconds: float, cap: float = TRAIN_TIME_LIMIT_SECO
     return None
 
 
-def training_budget(cfg: Config, model: GPT, rt: Runtime, log, summary: dict) -> float:
+IN_MEMORY = dict(in_memory=True)  # a stage result's field that stays out of the JSON summary
+
+
+def summary_fields(result) -> dict:
+    """A stage result's JSON fields: its dataclass fields less the in-memory objects, `flatten` ones merged in."""
+    fields = {}
+    for f in dataclasses.fields(result):
+        if f.metadata.get("flatten"):
+            fields.update(getattr(result, f.name))
+        elif not f.metadata.get("in_memory"):
+            fields[f.name] = getattr(result, f.name)
+    return fields
+
+
+@dataclasses.dataclass
+class TimeBudget:
+    """How MAX_WALLCLOCK_SECONDS splits between the training loop and GPTQ calibration (None: no cap)."""
+    calibration_reserve_seconds: float | None = None
+    train_budget_seconds: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return INF if self.train_budget_seconds is None else self.train_budget_seconds
+
+
+def training_budget(cfg: Config, model: GPT, rt: Runtime, log) -> TimeBudget:
     """Seconds the loop may train: MAX_WALLCLOCK_SECONDS less the GPTQ calibration that must still
-    fit under it, measured now (GPTQ_RESERVE_SECONDS is the least reserved). Infinite without a cap."""
+    fit under it, measured now (GPTQ_RESERVE_SECONDS is the least reserved)."""
     if cfg.MAX_WALLCLOCK_SECONDS <= 0:
-        return INF
+        return TimeBudget()
     reserve = cfg.GPTQ_RESERVE_SECONDS
     if cfg.QUANT_METHOD == "gptq":
         projected = project_calibration_seconds(cfg, model, rt)
@@ -1209,71 +1284,120 @@ def training_budget(cfg: Config, model: GPT, rt: Runtime, log, summary: dict) ->
         log(f"gptq: calibration of {cfg.GPTQ_CALIBRATION_BATCHES} batches projected at {projected:.1f}s; "
             f"reserving {reserve:.1f}s (GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS:g} is the least)")
     if reserve >= cfg.MAX_WALLCLOCK_SECONDS:
-        raise ConfigError(f"GPTQ calibration needs {reserve:.1f}s of MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS:g}; "
-                          "raise the cap or lower GPTQ_CALIBRATION_BATCHES")
-    summary.update(calibration_reserve_seconds=reserve, train_budget_seconds=cfg.MAX_WALLCLOCK_SECONDS - reserve)
-    return cfg.MAX_WALLCLOCK_SECONDS - reserve
+        raise ConfigError(f"GPTQ calibration needs {reserve:.1f}s of MAX_WALLCLOCK_SECONDS="
+                          f"{cfg.MAX_WALLCLOCK_SECONDS:g}; raise the cap or lower GPTQ_CALIBRATION_BATCHES")
+    return TimeBudget(reserve, cfg.MAX_WALLCLOCK_SECONDS - reserve)
 
 
-def apply_time_rule(cfg: Config, summary: dict, log) -> None:
-    """Record the seconds of training-data access and say loudly when they broke the cap."""
-    summary["train_data_seconds"] = train_data_seconds(summary)
-    cap = cfg.MAX_WALLCLOCK_SECONDS or INF
-    summary["train_time_violation"] = violation = train_time_violation(summary["train_data_seconds"], cap)
-    log(f"train_data_seconds:{summary['train_data_seconds']:.1f} (steps + calibration) cap:{cap:g}")
-    if violation:
-        log(f"TIME RULE BROKEN: {violation}; raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+@dataclasses.dataclass
+class TrainingResult:
+    steps: int
+    train_seconds: float
+    ms_per_step: float
+    tokens_per_second: float
+    looping_enabled_step: int | None
+    ms_per_step_before_looping: float | None
+    ms_per_step_after_looping: float | None
+    peak_memory_mib: int | None
+    train_curve: list  # [step, seconds, mean train loss]
+    val_curve: list    # [step, seconds, val_loss, val_bpb] on the live weights
+    ema: EMA | None = dataclasses.field(default=None, metadata=IN_MEMORY)
 
 
-def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: Runtime, log, validate, summary,
-                budget: float) -> EMA | None:
-    """The timed loop, stopped before a step that would end past `budget` seconds. Returns the EMA
-    (or None when EMA_DECAY=0); figures go into `summary`."""
-    prime_compilation(cfg, model_fn, model, optimizers, train_files, rt, log)
-    loader = TrainLoader(train_files, cfg.TRAIN_SEQ_LEN, cfg.SEED, cfg.VOCAB_SIZE)
-    ema = EMA(model, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
-    step, train_seconds, loop_step, loop_seconds = 0, 0.0, None, 0.0
-    recent_steps: list[float] = []
-    train_curve, val_curve = [], []
-    summary.update(train_curve=train_curve, val_curve=val_curve)
-    while True:
-        frac = training_fraction(cfg, step, train_seconds, budget)
-        if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
-            model.looping, loop_step, loop_seconds = True, step, train_seconds
-            log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
-        set_schedule(cfg, optimizers, step, frac)
-        rt.sync()
-        t0 = time.perf_counter()
-        loss = train_step(cfg, model_fn, model, optimizers, loader.next_batch(global_seqs(cfg), rt.rank, rt.world_size), rt)
-        if ema is not None:
-            ema.update()
-        rt.sync()
-        # All ranks agree on the clock (slowest rank), so they switch looping and stop together.
-        step_seconds = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt, dist.ReduceOp.MAX).item()
-        train_seconds += step_seconds
-        step += 1
-        recent_steps.append(step_seconds)
-        done = step >= cfg.ITERATIONS or next_step_would_overrun(train_seconds, recent_steps, budget)
-        if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done:
-            mean_loss = all_reduce_(loss.detach().float().reshape(1), rt).item() / rt.world_size
-            remaining = min(budget - train_seconds, (cfg.ITERATIONS - step) * train_seconds / step)
-            train_curve.append([step, round(train_seconds, 4), mean_loss])
-            log(f"step:{step}/{cfg.ITERATIONS} train_loss:{mean_loss:.4f} train_time:{train_seconds:.1f}s "
-                f"tok/s:{step * cfg.TRAIN_BATCH_TOKENS / train_seconds:.0f} eta:{max(0.0, remaining):.0f}s")
-        if cfg.VAL_LOSS_EVERY > 0 and (step % cfg.VAL_LOSS_EVERY == 0 or done):
-            result = validate()
-            val_curve.append([step, round(train_seconds, 4), result["val_loss"], result["val_bpb"]])
-            log(f"step:{step}/{cfg.ITERATIONS} val_loss:{result['val_loss']:.4f} val_bpb:{result['val_bpb']:.4f} (live weights)")
-        if done:
-            break
-    if step < cfg.ITERATIONS:
-        log(f"stopping_early: wallclock_cap train_time:{train_seconds:.1f}s step:{step}/{cfg.ITERATIONS}")
-    summary.update(steps=step, train_seconds=train_seconds, ms_per_step=1000 * train_seconds / step,
-                   tokens_per_second=step * cfg.TRAIN_BATCH_TOKENS / train_seconds, looping_enabled_step=loop_step)
-    if loop_step is not None and 0 < loop_step < step:
-        summary.update(ms_per_step_before_looping=1000 * loop_seconds / loop_step,
-                       ms_per_step_after_looping=1000 * (train_seconds - loop_seconds) / (step - loop_step))
-    return ema
+@dataclasses.dataclass
+class Trainer:
+    """The model in training: the module, the function that runs it (compiled or not), its optimizers and
+    the training shards, on one runtime, logging to one log."""
+    cfg: Config
+    model_fn: Callable
+    model: GPT
+    optimizers: Optimizers
+    train_files: list[Path]
+    rt: Runtime
+    log: Callable[[str], None]
+
+    def new_loader(self) -> TrainLoader:
+        return TrainLoader(self.train_files, self.cfg.TRAIN_SEQ_LEN, self.cfg.SEED, self.cfg.VOCAB_SIZE)
+
+    def step(self, loader: TrainLoader) -> Tensor:
+        batch = loader.next_batch(global_seqs(self.cfg), self.rt.rank, self.rt.world_size)
+        return train_step(self.cfg, self.model_fn, self.model, self.optimizers, batch, self.rt)
+
+    def prime_compilation(self) -> None:
+        """Run WARMUP_STEPS real steps (and as many with recurrence on, if any) so every graph is
+        compiled before the clock starts, then restore the model and optimizers exactly. Training
+        builds a fresh loader afterwards, so the data order is unaffected too."""
+        cfg, model, optimizers = self.cfg, self.model, self.optimizers
+        if cfg.WARMUP_STEPS == 0:
+            return
+        initial_model = copy.deepcopy(model.state_dict())
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        loader = self.new_loader()
+        for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
+            model.looping = looping
+            for i in range(cfg.WARMUP_STEPS):
+                set_schedule(cfg, optimizers, i, 0.0)
+                self.step(loader)
+            self.log(f"warmup: primed {cfg.WARMUP_STEPS} steps looping={looping}")
+        model.looping = False
+        model.load_state_dict(initial_model)
+        for opt, state in zip(optimizers, initial_opts):
+            opt.load_state_dict(state)
+        self.log("warmup: model and optimizer state restored")
+
+    def train(self, validate: Callable[[], dict], budget: float) -> TrainingResult:
+        """The timed loop, stopped before a step that would end past `budget` seconds."""
+        cfg, model, rt, log = self.cfg, self.model, self.rt, self.log
+        self.prime_compilation()
+        loader = self.new_loader()
+        ema = EMA(model, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
+        step, train_seconds, loop_step, loop_seconds = 0, 0.0, None, 0.0
+        recent_steps: list[float] = []
+        train_curve, val_curve = [], []
+        while True:
+            frac = training_fraction(cfg, step, train_seconds, budget)
+            if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
+                model.looping, loop_step, loop_seconds = True, step, train_seconds
+                log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
+            set_schedule(cfg, self.optimizers, step, frac)
+            rt.sync()
+            t0 = time.perf_counter()
+            loss = self.step(loader)
+            if ema is not None:
+                ema.update()
+            rt.sync()
+            # All ranks agree on the clock (slowest rank), so they switch looping and stop together.
+            step_seconds = all_reduce_(torch.tensor([time.perf_counter() - t0], device=rt.device), rt,
+                                       dist.ReduceOp.MAX).item()
+            train_seconds += step_seconds
+            step += 1
+            recent_steps.append(step_seconds)
+            done = step >= cfg.ITERATIONS or next_step_would_overrun(train_seconds, recent_steps, budget)
+            if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done:
+                mean_loss = all_reduce_(loss.detach().float().reshape(1), rt).item() / rt.world_size
+                remaining = min(budget - train_seconds, (cfg.ITERATIONS - step) * train_seconds / step)
+                train_curve.append([step, round(train_seconds, 4), mean_loss])
+                log(f"step:{step}/{cfg.ITERATIONS} train_loss:{mean_loss:.4f} train_time:{train_seconds:.1f}s "
+                    f"tok/s:{step * cfg.TRAIN_BATCH_TOKENS / train_seconds:.0f} eta:{max(0.0, remaining):.0f}s")
+            if cfg.VAL_LOSS_EVERY > 0 and (step % cfg.VAL_LOSS_EVERY == 0 or done):
+                result = validate()
+                val_curve.append([step, round(train_seconds, 4), result["val_loss"], result["val_bpb"]])
+                log(f"step:{step}/{cfg.ITERATIONS} val_loss:{result['val_loss']:.4f} val_bpb:{result['val_bpb']:.4f} "
+                    "(live weights)")
+            if done:
+                break
+        if step < cfg.ITERATIONS:
+            log(f"stopping_early: wallclock_cap train_time:{train_seconds:.1f}s step:{step}/{cfg.ITERATIONS}")
+        looped = loop_step is not None and 0 < loop_step < step
+        peak_memory = torch.cuda.max_memory_allocated(rt.device) // 2**20 if rt.device.type == "cuda" else None
+        if peak_memory is not None:
+            log(f"peak memory allocated: {peak_memory} MiB")
+        return TrainingResult(
+            steps=step, train_seconds=train_seconds, ms_per_step=1000 * train_seconds / step,
+            tokens_per_second=step * cfg.TRAIN_BATCH_TOKENS / train_seconds, looping_enabled_step=loop_step,
+            ms_per_step_before_looping=1000 * loop_seconds / loop_step if looped else None,
+            ms_per_step_after_looping=1000 * (train_seconds - loop_seconds) / (step - loop_step) if looped else None,
+            peak_memory_mib=peak_memory, train_curve=train_curve, val_curve=val_curve, ema=ema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1281,15 +1405,11 @@ def train_model(cfg: Config, model_fn, model: GPT, optimizers, train_files, rt: 
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARTIFACT_FORMAT = 2  # the header's "format" and the magic's digit; 2: header CRC in the prefix
+ARTIFACT_FORMAT = 3  # the header's "format" and the magic's digit; 3: the whole ModelConfig, one byte per value
 ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-# The knobs that shape the network: stored in the artifact so it rebuilds its own model.
-MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "ROPE_DIMS",
-               "ROPE_BASE", "XSA_LAST_N", "LOGIT_SOFTCAP", "NUM_LOOPS", "LOOP_START", "LOOP_END",
-               "PARALLEL_RESIDUAL_START")
 
 
 class ArtifactError(ValueError):
@@ -1311,7 +1431,8 @@ def quantization_plan(model: GPT, cfg: Config) -> list[QuantGroup]:
     plan = []
     for i, block in enumerate(model.blocks):
         a, m = f"blocks.{i}.attn.", f"blocks.{i}.mlp."
-        plan += [QuantGroup(a + "qkv", [a + "c_q.weight", a + "c_k.weight", a + "c_v.weight"], "attention", block.attn.c_q),
+        plan += [QuantGroup(a + "qkv", [a + "c_q.weight", a + "c_k.weight", a + "c_v.weight"], "attention",
+                            block.attn.c_q),
                  QuantGroup(a + "proj", [a + "proj.weight"], "attention", block.attn.proj),
                  QuantGroup(m + "fc", [m + "fc.weight"], "mlp", block.mlp.fc),
                  QuantGroup(m + "proj", [m + "proj.weight"], "mlp", block.mlp.proj)]
@@ -1469,10 +1590,10 @@ def dequantize(q: Tensor, scale: Tensor) -> Tensor:
 @dataclasses.dataclass
 class QuantizedModel:
     """Everything the artifact holds: per quantized tensor int values, fp16 scales, bits and
-    group; fp16 pass-through tensors; the model knobs."""
+    group; fp16 pass-through tensors; the model's config."""
     quantized: dict[str, dict]       # name -> dict(q=int8, scale=fp16, bits, group)
     passthrough: dict[str, Tensor]   # name -> fp16
-    model_config: dict
+    model_config: ModelConfig
     run_start_id: str = ""           # the run that wrote it, as in its log and JSON
 
     def state_dict(self, template: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1504,7 +1625,7 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
         for n, qn, sn in zip(g.names, q.split(rows), scale.split(rows)):
             quantized[n] = dict(q=qn.cpu(), scale=sn.to(torch.float16).cpu(), bits=bits, group=g.group)
     passthrough = {k: v.to(torch.float16).cpu() for k, v in state.items() if k not in quantized}
-    return QuantizedModel(quantized, passthrough, {k: getattr(cfg, k) for k in MODEL_KNOBS})
+    return QuantizedModel(quantized, passthrough, cfg.model)
 
 
 # Container: magic, compressor id, u32 header length, u32 header CRC32, compressed JSON header, then compressed
@@ -1522,24 +1643,14 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
     return np.frombuffer(data, np.uint8).reshape(stride, -1).T.tobytes()
 
 
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Unsigned values < 2**bits, `bits` bits each, little-endian bit order."""
-    planes = np.unpackbits(values.astype(np.uint8).reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
-    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:count * bits].reshape(count, bits)
-    return np.packbits(planes, axis=1, bitorder="little").reshape(count)
-
-
 def check_compressor(compressor: str) -> None:
     """brotli is a separate package: find out at start, not after training, that it is missing."""
     if compressor == "brotli":
         try:
             import brotli  # noqa: F401
         except ImportError:
-            raise ConfigError("COMPRESSOR=brotli needs the brotli package: `pip install brotli`, or set COMPRESSOR=lzma") from None
+            raise ConfigError("COMPRESSOR=brotli needs the brotli package: `pip install brotli`, "
+                              "or set COMPRESSOR=lzma") from None
 
 
 def compress(data: bytes, compressor: str) -> bytes:
@@ -1556,54 +1667,33 @@ def decompress(data: bytes, compressor: str) -> bytes:
     return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
-def value_encodings(q: Tensor, bits: int) -> dict[str, bytes]:
-    """The two ways to lay out signed values: one byte each, or bit-packed (offset to unsigned)."""
-    raw = q.numpy().astype(np.int8).reshape(-1)
-    encodings = {"bytes": raw.tobytes()}
-    if bits < 8:
-        encodings["bits"] = pack_bits((raw.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8), bits)
-    return encodings
-
-
-def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict]:
-    """Serialize and compress; for each quantized tensor keep the smaller of its byte-per-value
-    and bit-packed streams. Returns the blob and its accounting (bytes per group, both packings)."""
+def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[str, int]]:
+    """Serialize and compress: one byte per quantized value (bit-packing the int6 values compressed 11 %
+    larger at the record shape: the compressor finds the unused high bits itself). Returns the blob and
+    its bytes per group."""
     from concurrent.futures import ThreadPoolExecutor
 
     qnames, pnames = sorted(qm.quantized), sorted(qm.passthrough)
-    jobs = {(n, how): data for n in qnames for how, data in value_encodings(qm.quantized[n]["q"], qm.quantized[n]["bits"]).items()}
-    jobs[("scales", "fp16")] = byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes() for n in qnames), 2)
-    jobs[("passthrough", "fp16")] = byte_shuffle(b"".join(qm.passthrough[n].numpy().tobytes() for n in pnames), 2)
+    raw = [qm.quantized[n]["q"].numpy().astype(np.int8).tobytes() for n in qnames]
+    raw.append(byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes() for n in qnames), 2))
+    raw.append(byte_shuffle(b"".join(qm.passthrough[n].numpy().tobytes() for n in pnames), 2))
     # brotli and lzma release the GIL, so threads compress the streams in parallel.
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        done = dict(zip(jobs, pool.map(lambda d: compress(d, compressor), jobs.values())))
-    packing_totals = {"bytes": 0, "bits": 0}
-    streams, tensors, chosen = [], [], []
-    for n in qnames:
-        e = qm.quantized[n]
-        options = {how: len(done[(n, how)]) for how in ("bytes", "bits") if (n, how) in done}
-        for how in packing_totals:
-            packing_totals[how] += options.get(how, options["bytes"])
-        how = min(options, key=lambda h: (options[h], h != "bytes"))
-        chosen.append((n, how, e["group"]))
-        tensors.append([n, "q", list(e["q"].shape), e["bits"], how])
-    for n in pnames:
-        tensors.append([n, "fp16", list(qm.passthrough[n].shape), 16, "bytes"])
-    by_group = dict(embedding=0, attention=0, mlp=0, scales=0, passthrough=0)
-    for n, how, group in chosen:
-        streams.append((done[(n, how)], jobs[(n, how)]))
-        by_group[group] += len(done[(n, how)])
-    for key in ("scales", "passthrough"):
-        streams.append((done[(key, "fp16")], jobs[(key, "fp16")]))
-        by_group[key] += len(done[(key, "fp16")])
-    header = dict(format=ARTIFACT_FORMAT, model_config=qm.model_config, run_start_id=qm.run_start_id, tensors=tensors,
-                  streams=[[len(c), len(r), zlib.crc32(r)] for c, r in streams])
+        packed = list(pool.map(lambda data: compress(data, compressor), raw))
+    by_group = dict(embedding=0, attention=0, mlp=0, scales=len(packed[-2]), passthrough=len(packed[-1]))
+    for n, stream in zip(qnames, packed):
+        by_group[qm.quantized[n]["group"]] += len(stream)
+    tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]] for n in qnames]
+    tensors += [[n, "fp16", list(qm.passthrough[n].shape), 16] for n in pnames]
+    header = dict(format=ARTIFACT_FORMAT, model_config=dataclasses.asdict(qm.model_config),
+                  run_start_id=qm.run_start_id,
+                  tensors=tensors, streams=[[len(c), len(r), zlib.crc32(r)] for c, r in zip(packed, raw)])
     header_blob = compress(json.dumps(header, separators=(",", ":")).encode(), compressor)
-    prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, COMPRESSORS.index(compressor), len(header_blob), zlib.crc32(header_blob))
-    blob = b"".join([prefix, header_blob] + [c for c, _ in streams])
+    prefix = ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, COMPRESSORS.index(compressor), len(header_blob),
+                                  zlib.crc32(header_blob))
+    blob = b"".join([prefix, header_blob, *packed])
     by_group["header"] = len(blob) - sum(by_group.values())
-    return blob, dict(by_group=by_group, packing_totals=packing_totals,
-                      packing_kept={h: sum(1 for _, how, _ in chosen if how == h) for h in ("bytes", "bits")})
+    return blob, by_group
 
 
 def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
@@ -1649,21 +1739,24 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         fail(f"header and streams disagree ({type(e).__name__}: {e})")
 
 
-def header_model_config(header: dict, origin: str) -> dict:
-    """The header's model knobs, parsed and range-checked like environment knobs: the CRC proves the
-    header is the one written, not that its writer (or a hand edit) kept the values in range."""
-    config, fields = header.get("model_config"), knob_fields()
+def header_model_config(header: dict, origin: str) -> ModelConfig:
+    """The header's ModelConfig, every field present and parsed and range-checked like an environment knob:
+    the CRC proves the header is the one written, not that its writer (or a hand edit) kept the values in range."""
+    config, fields = header.get("model_config"), {f.name: f for f in dataclasses.fields(ModelConfig)}
     if not isinstance(config, dict):
         raise ArtifactError(f"{origin}: header has no model_config; write the artifact again")
-    for name in config:
-        if name not in MODEL_KNOBS:
-            raise ArtifactError(f"{origin}: header model_config has {name!r}, which is not a model knob "
-                                f"({', '.join(MODEL_KNOBS)}); write the artifact again")
+    unknown, missing = sorted(set(config) - set(fields)), sorted(set(fields) - set(config))
+    if unknown or missing:
+        what = f"has {unknown[0]!r}, which is not a ModelConfig field" if unknown else f"lacks {missing[0]!r}"
+        raise ArtifactError(f"{origin}: header model_config {what}; write the artifact again with this train_gpt.py")
     try:
-        return {name: parse_knob(name, str(value), fields[name]) for name, value in config.items()}
+        parsed = {name: parse_knob(name, str(value), fields[name]) for name, value in config.items()}
+        model_config = ModelConfig(**parsed)
+        validate_model_config(model_config)
     except ConfigError as e:
         raise ArtifactError(f"{origin}: header model_config: {e}; the header was edited or written by another "
                             "version, write the artifact again") from None
+    return model_config
 
 
 def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
@@ -1674,18 +1767,16 @@ def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
     scales = np.frombuffer(byte_unshuffle(streams[-2], 2), np.float16)
     flat = np.frombuffer(byte_unshuffle(streams[-1], 2), np.float16)
     quantized, passthrough, s_at, p_at = {}, {}, 0, 0
-    for i, (name, kind, shape, bits, how) in enumerate(header["tensors"]):
+    for i, (name, kind, shape, bits) in enumerate(header["tensors"]):
         count = math.prod(shape)
         if kind == "fp16":
             passthrough[name] = torch.from_numpy(flat[p_at:p_at + count].copy()).view(shape)
             p_at += count
             continue
         raw = streams[i]
-        if not 2 <= bits <= 8 or how not in ("bytes", "bits") or len(raw) != (count if how == "bytes" else -(-count * bits // 8)):
-            raise ValueError(f"{name}: {len(raw)} bytes do not hold {count} {bits}-bit values as {how!r}")
-        values = (np.frombuffer(raw, np.int8) if how == "bytes"
-                  else unpack_bits(raw, bits, count).astype(np.int16) - (1 << (bits - 1)))
-        quantized[name] = dict(q=torch.from_numpy(values.astype(np.int8).copy()).view(shape),
+        if not 2 <= bits <= 8 or len(raw) != count:
+            raise ValueError(f"{name}: {len(raw)} bytes do not hold {count} {bits}-bit values")
+        quantized[name] = dict(q=torch.from_numpy(np.frombuffer(raw, np.int8).copy()).view(shape),
                                scale=torch.from_numpy(scales[s_at:s_at + shape[0]].copy()), bits=bits, group=None)
         s_at += shape[0]
     if s_at != scales.size or p_at != flat.size:
@@ -1700,6 +1791,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def artifact_path(cfg: Config) -> Path:
+    return Path(cfg.LOG_DIR) / f"{cfg.RUN_ID}.ptz"
+
+
 def load_artifact(path: Path) -> QuantizedModel:
     if not path.is_file():
         raise ArtifactError(f"artifact {path} not found")
@@ -1707,18 +1802,13 @@ def load_artifact(path: Path) -> QuantizedModel:
 
 
 def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device, origin: str = "artifact") -> GPT:
-    """A fresh model built from the artifact's own knobs and weights (recurrence on, as in eval).
+    """A fresh model built from the artifact's ModelConfig alone and its weights (recurrence on, as in eval).
     VOCAB_SIZE alone must agree with cfg: the tokenizer and the data were checked against cfg's."""
-    vocab = qm.model_config.get("VOCAB_SIZE", cfg.VOCAB_SIZE)
-    if vocab != cfg.VOCAB_SIZE:
-        raise ArtifactError(f"{origin}: its model has VOCAB_SIZE={vocab} but VOCAB_SIZE={cfg.VOCAB_SIZE} "
-                            f"(the tokenizer's and the data's); use VOCAB_SIZE={vocab} with that vocabulary's "
-                            "TOKENIZER_PATH and DATA_PATH")
-    model_cfg = dataclasses.replace(cfg, **qm.model_config)
-    try:
-        validate_config(model_cfg)
-    except ConfigError as e:
-        raise ArtifactError(f"{origin}: its model knobs do not fit together: {e}") from None
+    model_cfg = qm.model_config
+    if model_cfg.VOCAB_SIZE != cfg.VOCAB_SIZE:
+        raise ArtifactError(f"{origin}: its model has VOCAB_SIZE={model_cfg.VOCAB_SIZE} but "
+                            f"VOCAB_SIZE={cfg.VOCAB_SIZE} (the tokenizer's and the data's); use "
+                            f"VOCAB_SIZE={model_cfg.VOCAB_SIZE} with that vocabulary's TOKENIZER_PATH and DATA_PATH")
     with torch.device("meta"):
         model = GPT(model_cfg, backend)
     model = model.to_empty(device=device)
@@ -1733,17 +1823,18 @@ def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device, o
     return model.eval()
 
 
-def load_quantized_model(cfg: Config, path: Path, backend: str, rt: Runtime, summary: dict, log) -> GPT:
-    """Rebuild the model from the artifact file alone."""
+def load_quantized_model(cfg: Config, backend: str, rt: Runtime, run_start_id: str, log) -> tuple[GPT, float]:
+    """Rebuild the model from this run's artifact file alone; returns it and the seconds decoding took."""
+    path = artifact_path(cfg)
     t0 = time.perf_counter()
     qm = load_artifact(path)
-    summary["decompress_seconds"] = time.perf_counter() - t0
-    if qm.run_start_id != summary["run_start_id"]:
+    seconds = time.perf_counter() - t0
+    if qm.run_start_id != run_start_id:
         raise ArtifactError(f"{path} was written by run {qm.run_start_id or '(unnamed)'}, not by this run "
-                            f"{summary['run_start_id']}; another run of RUN_ID={cfg.RUN_ID} replaced it")
+                            f"{run_start_id}; another run of RUN_ID={cfg.RUN_ID} replaced it")
     model = model_from_artifact(qm, cfg, backend, rt.device)
-    log(f"artifact: decoded {path} (run_start_id:{qm.run_start_id}) in {summary['decompress_seconds']:.2f}s into a fresh model")
-    return model
+    log(f"artifact: decoded {path} (run_start_id:{qm.run_start_id}) in {seconds:.2f}s into a fresh model")
+    return model, seconds
 
 
 def check_round_trip(packed: QuantizedModel, model: GPT, log) -> None:
@@ -1752,7 +1843,8 @@ def check_round_trip(packed: QuantizedModel, model: GPT, log) -> None:
     expected = packed.state_dict(state)
     differ = [k for k, v in state.items() if not torch.equal(v.cpu(), expected[k].cpu())]
     if differ:
-        raise ArtifactError(f"round trip: {len(differ)} tensors decode differently from what was packed, e.g. {differ[0]}")
+        raise ArtifactError(f"round trip: {len(differ)} tensors decode differently from what was packed, "
+                            f"e.g. {differ[0]}")
     log(f"round trip: {len(state)} tensors decoded from the artifact equal the packed weights bit for bit")
 
 
@@ -1771,9 +1863,18 @@ def strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def strip_knob_docs(tree: ast.AST) -> ast.AST:
+    """Drop the doc= of every knob(...) call: documentation (docs/knobs.md is generated from the source), never read
+    by a run."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "knob":
+            node.keywords = [k for k in node.keywords if k.arg != "doc"]
+    return tree
+
+
 def minify_source(source: str) -> str:
-    """Docstrings and comments dropped, layout normalized; the syntax tree is otherwise unchanged."""
-    return ast.unparse(strip_docstrings(ast.parse(source))) + "\n"
+    """Docstrings, comments and knob docs dropped, layout normalized; the syntax tree is otherwise unchanged."""
+    return ast.unparse(strip_knob_docs(strip_docstrings(ast.parse(source)))) + "\n"
 
 
 def pack_source(source: str) -> str:
@@ -1801,7 +1902,7 @@ def shipped_code_bytes() -> tuple[int, int, str]:
 class PackedArtifact:
     qm: QuantizedModel
     blob: bytes
-    accounting: dict
+    bytes_by_group: dict[str, int]
     sigma_scale: float
     gptq_seconds: float
     compress_seconds: float
@@ -1814,10 +1915,10 @@ def fit_artifact(cfg: Config, pack, code_bytes: int, log) -> tuple[PackedArtifac
     bracket [over, fits]; the answer is always a probe that was measured to fit.
     Returns (the pack at the configured sigmas, the chosen pack, [(sigma_scale, total)])."""
     target = cfg.ARTIFACT_TARGET_BYTES
-    first = pack(1.0)
-    probes = [(1.0, code_bytes + len(first.blob))]
+    at_configured = pack(1.0)
+    probes = [(1.0, code_bytes + len(at_configured.blob))]
     if not target or probes[0][1] <= target:
-        return first, first, probes
+        return at_configured, at_configured, probes
     over, fits, best = (1.0, probes[0][1]), None, None
     while len(probes) < 24:
         if fits is None:
@@ -1841,84 +1942,115 @@ def fit_artifact(cfg: Config, pack, code_bytes: int, log) -> tuple[PackedArtifac
                                 "shrink the model or lower MATRIX_BITS/EMBED_BITS")
     if best is None:
         raise ArtifactError(f"ARTIFACT_TARGET_BYTES={target}: no setting fitted after {len(probes)} probes")
-    return first, best, probes
+    return at_configured, best, probes
 
 
-def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, summary: dict, path: Path):
-    """Hessians (all ranks, training data, inside the training budget), then on rank 0: GPTQ,
-    packing, auto-fit, the budget guard and an atomic write. Returns (the packed model, the
-    model at the configured sigmas when auto-fit raised them), both None off rank 0."""
+@dataclasses.dataclass
+class ArtifactReport:
+    """GPTQ calibration and the time rule (every rank), then the packed artifact's figures (rank 0 only)."""
+    hessian_seconds: float | None
+    train_data_seconds: float
+    train_time_violation: str | None
+    gptq_seconds: float | None = None
+    compress_seconds: float | None = None
+    model_bytes: int | None = None
+    code_bytes: int | None = None
+    code_bytes_raw: int | None = None
+    code_bytes_counted: str | None = None
+    artifact_bytes_total: int | None = None
+    artifact_bytes_by_group: dict | None = None
+    clip_sigmas: dict | None = None
+    autofit_sigma_scale: float | None = None
+    autofit_probes: list | None = None
+    artifact_path: str | None = None
+    artifact_production_seconds: float | None = None
+    packed: QuantizedModel | None = dataclasses.field(default=None, metadata=IN_MEMORY)
+    unfitted: QuantizedModel | None = dataclasses.field(default=None, metadata=IN_MEMORY)  # at the configured sigmas
+
+
+def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, train_seconds: float,
+                   run_start_id: str) -> tuple[ArtifactReport, Exception | None]:
+    """Hessians (all ranks, training data, inside the training budget) and the time rule, then on rank 0:
+    GPTQ, packing, auto-fit, an atomic write and the budget guard. Returns the report and rank 0's failure,
+    if any: the caller records the report (an oversized artifact's bytes too) before every rank stops."""
     plan = quantization_plan(model, cfg)
-    factors = None
+    factors = hessian_seconds = None
     if cfg.QUANT_METHOD == "gptq" and plan:
         rt.sync()
         t0 = time.perf_counter()
         hessians, tokens = collect_hessians(cfg, model, plan, calibration_batches(cfg, train_files, rt), rt)
         rt.sync()
-        summary["hessian_seconds"] = time.perf_counter() - t0
-        log(f"gptq: collected {len(hessians)} Hessians from {tokens} training tokens in {summary['hessian_seconds']:.1f}s "
-            f"(projected {summary.get('calibration_reserve_seconds', 0.0):.1f}s)")
+        hessian_seconds = time.perf_counter() - t0
+        log(f"gptq: collected {len(hessians)} Hessians from {tokens} training tokens in {hessian_seconds:.1f}s")
         factors = {k: gptq_factor(H, cfg.GPTQ_DAMP) for k, H in hessians.items()}
-    apply_time_rule(cfg, summary, log)
-    packed_qm = unfitted = None
+    report = time_rule_report(cfg, train_seconds, hessian_seconds, log)
     failure = None
     if rt.is_main:
         try:
-            packed_qm, unfitted = pack_on_main_rank(cfg, model, plan, factors, rt, log, summary, path)
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks hear of it
+            report = pack_on_main_rank(cfg, model, plan, factors, report, run_start_id, rt, log)
+            failure = over_budget_error(report)
+        except Exception as e:  # noqa: BLE001 - raised by the caller, after the other ranks hear of it
             failure = e
-    fail_together(failure, rt, "could not build the artifact")
-    return packed_qm, unfitted
+    return report, failure
 
 
-def pack_on_main_rank(cfg: Config, model: GPT, plan, factors, rt: Runtime, log, summary: dict, path: Path):
-    """GPTQ and packing at the configured sigmas (auto-fitted if asked), then the atomic write."""
+def time_rule_report(cfg: Config, train_seconds: float, hessian_seconds: float | None, log) -> ArtifactReport:
+    """The seconds of training-data access (steps + calibration), said loudly when they broke the cap."""
+    data_seconds = train_seconds + (hessian_seconds or 0.0)
+    cap = cfg.MAX_WALLCLOCK_SECONDS or INF
+    violation = train_time_violation(data_seconds, cap)
+    log(f"train_data_seconds:{data_seconds:.1f} (steps + calibration) cap:{cap:g}")
+    if violation:
+        log(f"TIME RULE BROKEN: {violation}; raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+    return ArtifactReport(hessian_seconds, data_seconds, violation)
+
+
+def pack_on_main_rank(cfg: Config, model: GPT, plan, factors, report: ArtifactReport, run_start_id: str, rt: Runtime,
+                      log) -> ArtifactReport:
+    """GPTQ and packing at the configured sigmas (auto-fitted if asked), the atomic write (an oversized
+    artifact too, so it is there to inspect), then every byte count logged."""
     code_bytes, code_raw, code_source = shipped_code_bytes()
 
     def pack(sigma_scale: float) -> PackedArtifact:
         t0 = time.perf_counter()
-        qm = dataclasses.replace(quantize_model(cfg, model, plan, factors, sigma_scale), run_start_id=summary["run_start_id"])
+        qm = dataclasses.replace(quantize_model(cfg, model, plan, factors, sigma_scale), run_start_id=run_start_id)
         rt.sync()
         t1 = time.perf_counter()
-        blob, accounting = encode_artifact(qm, cfg.COMPRESSOR)
-        return PackedArtifact(qm, blob, accounting, sigma_scale, t1 - t0, time.perf_counter() - t1)
+        blob, by_group = encode_artifact(qm, cfg.COMPRESSOR)
+        return PackedArtifact(qm, blob, by_group, sigma_scale, t1 - t0, time.perf_counter() - t1)
 
-    first, chosen, probes = fit_artifact(cfg, pack, code_bytes, log)
+    path = artifact_path(cfg)
+    at_configured, chosen, probes = fit_artifact(cfg, pack, code_bytes, log)
     write_bytes_atomic(path, chosen.blob)
-    report_artifact(cfg, chosen, probes, (code_bytes, code_raw, code_source), path, log, summary)
-    return chosen.qm, (first.qm if chosen is not first else None)
-
-
-def report_artifact(cfg: Config, packed: PackedArtifact, probes, code, path: Path, log, summary: dict) -> None:
-    """Log and record every byte count, then apply the 16,000,000-byte guard (after the write,
-    so an oversized artifact is still there to inspect)."""
-    code_bytes, code_raw, code_source = code
-    acct, model_bytes = packed.accounting, len(packed.blob)
+    model_bytes = len(chosen.blob)
     total = code_bytes + model_bytes
-    sigmas = {g: clip_sigmas(cfg, g) * packed.sigma_scale for g in ("attention", "mlp", "embedding")}
-    summary.update(gptq_seconds=packed.gptq_seconds, compress_seconds=packed.compress_seconds,
-                   model_bytes=model_bytes, code_bytes=code_bytes, code_bytes_raw=code_raw, code_bytes_counted=code_source,
-                   artifact_bytes_total=total, artifact_bytes_by_group=acct["by_group"],
-                   packing_bytes_per_value_total=acct["packing_totals"]["bytes"],
-                   packing_bitpacked_total=acct["packing_totals"]["bits"], packing_kept=acct["packing_kept"],
-                   clip_sigmas=sigmas, autofit_sigma_scale=packed.sigma_scale, autofit_probes=probes,
-                   artifact_path=str(path))
-    summary["artifact_production_seconds"] = (summary["train_seconds"] + summary.get("hessian_seconds", 0.0)
-                                              + packed.gptq_seconds + packed.compress_seconds)
+    sigmas = {g: clip_sigmas(cfg, g) * chosen.sigma_scale for g in ("attention", "mlp", "embedding")}
+    report = dataclasses.replace(
+        report, gptq_seconds=chosen.gptq_seconds, compress_seconds=chosen.compress_seconds, model_bytes=model_bytes,
+        code_bytes=code_bytes, code_bytes_raw=code_raw, code_bytes_counted=code_source, artifact_bytes_total=total,
+        artifact_bytes_by_group=chosen.bytes_by_group, clip_sigmas=sigmas, autofit_sigma_scale=chosen.sigma_scale,
+        autofit_probes=probes, artifact_path=str(path),
+        artifact_production_seconds=report.train_data_seconds + chosen.gptq_seconds + chosen.compress_seconds,
+        packed=chosen.qm, unfitted=at_configured.qm if chosen is not at_configured else None)
     log(f"quantize: {cfg.QUANT_METHOD} int{cfg.MATRIX_BITS} matrices (k attention {sigmas['attention']:.4g}, "
         f"mlp {sigmas['mlp']:.4g}), int{cfg.EMBED_BITS} embedding (k {sigmas['embedding']:.4g}), "
-        f"{len(packed.qm.quantized)} tensors in {packed.gptq_seconds:.1f}s")
-    log(f"packing: one byte per value {acct['packing_totals']['bytes']} B, bit-packed {acct['packing_totals']['bits']} B "
-        f"(values only); kept bytes for {acct['packing_kept']['bytes']} tensors, bits for {acct['packing_kept']['bits']}")
-    log(f"artifact: {cfg.COMPRESSOR} in {packed.compress_seconds:.1f}s -> {path} "
-        + " ".join(f"{k}:{v}" for k, v in acct["by_group"].items()))
-    log(f"artifact_production_seconds:{summary['artifact_production_seconds']:.1f} (train + calibration + quantization + compression)")
+        f"{len(chosen.qm.quantized)} tensors in {chosen.gptq_seconds:.1f}s")
+    log(f"artifact: {cfg.COMPRESSOR} in {chosen.compress_seconds:.1f}s -> {path} "
+        + " ".join(f"{k}:{v}" for k, v in chosen.bytes_by_group.items()))
+    log(f"artifact_production_seconds:{report.artifact_production_seconds:.1f} "
+        "(train + calibration + quantization + compression)")
     log(f"code_bytes:{code_bytes} ({code_source}; raw source {code_raw}) model_bytes:{model_bytes} "
         f"total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
-    if total > ARTIFACT_LIMIT_BYTES:
-        raise ArtifactError(
-            f"ARTIFACT OVER BUDGET: {total} bytes (code {code_bytes} + model {model_bytes}) > {ARTIFACT_LIMIT_BYTES}; "
-            f"raise MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS, shrink the model, or set ARTIFACT_TARGET_BYTES=16000000 to auto-fit")
+    return report
+
+
+def over_budget_error(report: ArtifactReport) -> ArtifactError | None:
+    if report.artifact_bytes_total <= ARTIFACT_LIMIT_BYTES:
+        return None
+    return ArtifactError(
+        f"ARTIFACT OVER BUDGET: {report.artifact_bytes_total} bytes (code {report.code_bytes} + model "
+        f"{report.model_bytes}) > {ARTIFACT_LIMIT_BYTES}; raise MATRIX_CLIP_SIGMAS/EMBED_CLIP_SIGMAS, shrink the "
+        "model, or set ARTIFACT_TARGET_BYTES=16000000 to auto-fit")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1927,19 +2059,20 @@ def report_artifact(cfg: Config, packed: PackedArtifact, probes, code, path: Pat
 
 
 @torch.inference_mode()  # the grad mode every evaluation forward runs in, so compiled graphs are shared
-def evaluate(model_fn, val_tokens: Tensor, tables, seq_len: int, batch_seqs: int, rt: Runtime) -> dict:
+def evaluate(nll_fn: Callable[[Tensor, Tensor], Tensor], data: ValidationData, seq_len: int, batch_seqs: int,
+             rt: Runtime) -> dict:
     """Exact val_loss and val_bpb over every target of the validation stream.
 
     The stream is cut into consecutive seq_len sequences; the last one is padded at its end and
     the padding is masked out, so every target token 1..N-1 is scored once and batch shapes stay
     fixed. Sequences are split contiguously across ranks; sums are float64/int64, all-reduced."""
-    n_targets = val_tokens.numel() - 1
+    val_tokens, n_targets = data.tokens, data.n_targets
     n_seqs = -(-n_targets // seq_len)
     padded = torch.zeros(n_seqs * seq_len + 1, dtype=torch.int64)
     padded[:val_tokens.numel()] = val_tokens
     lo, hi = rt.rank * n_seqs // rt.world_size, (rt.rank + 1) * n_seqs // rt.world_size
     offsets = torch.arange(seq_len + 1)
-    tables = [t.to(rt.device) for t in tables]
+    tables = [t.to(rt.device) for t in data.tables]
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, bytes, tokens
     for start in range(lo, hi, batch_seqs):
         seq_ids = torch.arange(start, start + batch_seqs)
@@ -1948,7 +2081,7 @@ def evaluate(model_fn, val_tokens: Tensor, tables, seq_len: int, batch_seqs: int
         positions = seq_ids[:, None] * seq_len + offsets[1:]  # global index of each target token
         mask = ((positions <= n_targets) & (seq_ids < hi)[:, None]).to(rt.device)
         with rt.autocast():
-            nll = model_fn(x, y)
+            nll = nll_fn(x, y)
         sums[0] += (nll.double() * mask).sum()
         sums[1] += (target_bytes(tables, x, y) * mask).sum()
         sums[2] += mask.sum()
@@ -1968,9 +2101,9 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> tuple[Tensor, 
     """(start token, index of the first scored target inside the window) per window."""
     count = 1 + max(0, -(-(n_targets - seq_len) // stride))
     starts = torch.arange(count) * stride
-    first = torch.full((count,), seq_len - stride)
-    first[0] = 0
-    return starts, first
+    first_scored = torch.full((count,), seq_len - stride)
+    first_scored[0] = 0
+    return starts, first_scored
 
 
 def window_rows(tokens: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -1992,10 +2125,11 @@ class EvalClock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def stop_adapting_if(self, projected: float, what: str, log) -> None:
+    def stop_adapting_if(self, projected: float, what: str, log: Callable[[str], None]) -> None:
         if self.adapting and self.budget > 0 and projected > self.budget:
             self.adapting = False
-            self.note = f"{what}: projected {projected:.0f}s > EVAL_TIME_BUDGET={self.budget:g}s at {self.elapsed():.0f}s; scoring on without adapting"
+            self.note = (f"{what}: projected {projected:.0f}s > EVAL_TIME_BUDGET={self.budget:g}s at "
+                         f"{self.elapsed():.0f}s; scoring on without adapting")
             log(self.note)
 
 
@@ -2020,7 +2154,7 @@ def slot_logits(model: GPT, hidden: Tensor, params: list[Tensor]) -> Tensor:
     return logits + params[1] if len(params) > 1 else logits
 
 
-def slot_window_losses(model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Tensor, params) -> Tensor:
+def slot_window_losses(model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Tensor, params: list[Tensor]) -> Tensor:
     """Mean NLL over each window's fitting positions, one value per window (0 without any).
     Summing these keeps every window's gradient its own: nothing is normalized across windows."""
     nll = F.cross_entropy(slot_logits(model, hidden, params).flatten(0, 1), targets.flatten(), reduction="none")
@@ -2028,7 +2162,8 @@ def slot_window_losses(model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Te
     return nll.sum(1) / fit_mask.sum(1).clamp_min(1)
 
 
-def fit_slot(cfg: Config, model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Tensor, warm) -> list[Tensor]:
+def fit_slot(cfg: Config, model: GPT, hidden: Tensor, targets: Tensor, fit_mask: Tensor,
+             warm: Tensor | None) -> list[Tensor]:
     """Optimize the SLOT parameters for a batch of windows; the model's weights stay fixed."""
     params = slot_parameters(cfg, hidden, model.tok_emb.weight.size(0), warm)
     if cfg.SLOT_STEPS == 0:
@@ -2056,7 +2191,11 @@ def fit_slot(cfg: Config, model: GPT, hidden: Tensor, targets: Tensor, fit_mask:
     return [x.reshape(p.shape) for x, p in zip(flat.split(sizes, dim=1), params)]
 
 
-def lbfgs_rows(objective, x: Tensor, steps: int, first_step: float, history: int = 8) -> Tensor:
+# objective(x) -> (per-row losses, per-row gradients), for a batch of independent problems, one per row.
+RowObjective = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def lbfgs_rows(objective: RowObjective, x: Tensor, steps: int, first_step: float, history: int = 8) -> Tensor:
     """L-BFGS on every row of x independently: own curvature pairs, own two-loop recursion, own
     strong-Wolfe line search. `objective` returns per-row losses and gradients."""
     loss, grad = objective(x)
@@ -2072,9 +2211,9 @@ def lbfgs_rows(objective, x: Tensor, steps: int, first_step: float, history: int
     return x
 
 
-def two_loop(grad: Tensor, pairs) -> Tensor:
+def two_loop(grad: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
     """H·grad for each row from its own (s, y) pairs; pairs without positive curvature are skipped."""
-    def dot(a, b):
+    def dot(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum(1)
 
     q, alphas = grad.clone(), []
@@ -2092,17 +2231,23 @@ def two_loop(grad: Tensor, pairs) -> Tensor:
     return q
 
 
-def strong_wolfe_rows(objective, x, f0, g0, d, t, c1=1e-4, c2=0.9, max_evals=12):
+# Strong-Wolfe constants: sufficient decrease, curvature, and the most objective evaluations per search.
+WOLFE_C1, WOLFE_C2, LINE_SEARCH_EVALS = 1e-4, 0.9, 12
+
+
+def strong_wolfe_rows(objective: RowObjective, x: Tensor, f0: Tensor, g0: Tensor, d: Tensor,
+                      t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row strong-Wolfe line search (bracket by doubling, then bisection zoom). Each row keeps
     its own step, bracket and acceptance; a row that never satisfies the conditions takes its
     best sufficient-decrease point, or stays put."""
+    c1, c2 = WOLFE_C1, WOLFE_C2
     dphi0 = (g0 * d).sum(1)
     done = torch.zeros_like(f0, dtype=torch.bool)
     zooming = torch.zeros_like(done)
     t_prev, f_prev, dphi_prev = torch.zeros_like(t), f0.clone(), dphi0.clone()
     lo, hi, f_lo, dphi_lo = torch.zeros_like(t), torch.zeros_like(t), f0.clone(), dphi0.clone()
     x_best, f_best, g_best = x.clone(), f0.clone(), g0.clone()
-    for i in range(max_evals):
+    for i in range(LINE_SEARCH_EVALS):
         x_try = x + t[:, None] * d
         f, g = objective(x_try)
         dphi = (g * d).sum(1)
@@ -2129,7 +2274,8 @@ def strong_wolfe_rows(objective, x, f0, g0, d, t, c1=1e-4, c2=0.9, max_evals=12)
         flip = low & (dphi * (hi - lo) >= 0)
         hi = torch.where(high, t, torch.where(flip, lo, hi))
         lo, f_lo, dphi_lo = (torch.where(low, t, lo), torch.where(low, f, f_lo), torch.where(low, dphi, dphi_lo))
-        t_prev, f_prev, dphi_prev = (torch.where(grow, t, t_prev), torch.where(grow, f, f_prev), torch.where(grow, dphi, dphi_prev))
+        t_prev, f_prev, dphi_prev = (torch.where(grow, t, t_prev), torch.where(grow, f, f_prev), torch.where(grow, dphi,
+                                                                                                             dphi_prev))
         done |= accept
         zooming |= to_zoom_a | to_zoom_b
         t = torch.where(grow, 2 * t, torch.where(zooming, (lo + hi) / 2, t))
@@ -2146,69 +2292,8 @@ class StreamScores:
     mass: Tensor | None = None  # total probability of each scored distribution (causality check)
 
 
-def score_windows(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, starts: Tensor, first: Tensor,
-                  scores: StreamScores, rt: Runtime, use_slot: bool, slot_state: dict) -> None:
-    """Score one batch of windows into `scores`: hidden states under inference mode, then (with
-    SLOT) fit the per-window parameters on the fitting positions, then log-softmax over the full
-    vocabulary at the scored positions only."""
-    n_targets = tokens.numel() - 1
-    x, y, pos = (t.to(rt.device) for t in window_rows(tokens, starts, cfg.EVAL_SEQ_LEN))
-    offsets = torch.arange(cfg.EVAL_SEQ_LEN, device=rt.device)
-    valid = pos <= n_targets
-    scored = valid & (offsets >= first.to(rt.device)[:, None])
-    with torch.inference_mode(), rt.autocast():  # pad to the one compiled batch shape
-        hidden = hidden_fn(F.pad(x, (0, 0, 0, cfg.EVAL_BATCH_WINDOWS - x.size(0))))[:x.size(0)]
-    hidden = hidden.float().clone()  # a normal tensor, so SLOT can differentiate through the head
-    params = None
-    if use_slot:
-        fit_mask = valid if cfg.SLOT_MODE == "full" else valid & ~scored
-        with rt.autocast():
-            params = fit_slot(cfg, model, hidden, y, fit_mask.float(), slot_state.get("warm"))
-        if cfg.SLOT_DELTA_SCOPE == "window":  # a window without context keeps delta zero
-            has_fit = fit_mask.any(1)[:, None, None]
-            params = [p * has_fit for p in params]
-        if cfg.SLOT_WARM_START:
-            slot_state["warm"] = params[0].mean(0, keepdim=True)
-    rows, cols = scored.nonzero(as_tuple=True)
-    with torch.no_grad(), rt.autocast():
-        h = hidden[rows, cols]
-        if params is None:
-            logits = model.compute_logits(h)
-        else:  # each scored position takes its window's parameters (a shared one broadcasts)
-            logits = slot_logits(model, h, [p.expand(x.size(0), -1, -1)[rows, 0] for p in params])
-        log_probs = logits.float().log_softmax(-1)
-    index = pos[rows, cols] - 1
-    nll = -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1)
-    scores.nll.index_add_(0, index, nll.double())
-    scores.count.index_add_(0, index, torch.ones_like(index, dtype=scores.count.dtype))
-    if scores.mass is not None:
-        scores.mass.index_add_(0, index, log_probs.double().logsumexp(1).exp())
-
-
 def rank_slice(n: int, rt: Runtime) -> range:
     return range(rt.rank * n // rt.world_size, (rt.rank + 1) * n // rt.world_size)
-
-
-def score_window_range(cfg, model, hidden_fn, tokens, starts, first, scores, rt, use_slot, clock, log, slot_state,
-                       own_budget: bool = True) -> None:
-    """This rank's contiguous share of the given windows, in batches of EVAL_BATCH_WINDOWS.
-    With own_budget, SLOT stops fitting when this rank's remaining batches would overrun."""
-    mine = rank_slice(starts.numel(), rt)
-    batch = cfg.EVAL_BATCH_WINDOWS
-    for b0 in range(mine.start, mine.stop, batch):
-        idx = torch.arange(b0, min(b0 + batch, mine.stop))
-        t0 = time.perf_counter()
-        adapt = use_slot and clock.adapting
-        score_windows(cfg, model, hidden_fn, tokens, starts[idx], first[idx], scores, rt, adapt, slot_state)
-        if adapt and own_budget:
-            left = -(-(mine.stop - b0 - idx.numel()) // batch)
-            clock.stop_adapting_if(clock.elapsed() + left * (time.perf_counter() - t0), "slot", log)
-
-
-def new_scores(n_targets: int, device, with_mass: bool) -> StreamScores:
-    return StreamScores(torch.zeros(n_targets, dtype=torch.float64, device=device),
-                        torch.zeros(n_targets, dtype=torch.int32, device=device),
-                        torch.zeros(n_targets, dtype=torch.float64, device=device) if with_mass else None)
 
 
 def gather_scores(scores: StreamScores, rt: Runtime) -> StreamScores:
@@ -2217,88 +2302,6 @@ def gather_scores(scores: StreamScores, rt: Runtime) -> StreamScores:
         if t is not None:
             all_reduce_(t, rt)
     return scores
-
-
-def sliding_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, use_slot: bool, clock: EvalClock,
-                 log, with_mass: bool = False) -> StreamScores:
-    """Sliding-window scoring of the whole stream, optionally with SLOT, no weight updates."""
-    starts, first = sliding_windows(tokens.numel() - 1, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
-    scores = new_scores(tokens.numel() - 1, rt.device, with_mass)
-    score_window_range(cfg, model, hidden_fn, tokens, starts, first, scores, rt, use_slot, clock, log, {})
-    return gather_scores(scores, rt)
-
-
-def ttt_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, use_slot: bool, clock: EvalClock,
-             log, with_mass: bool = False) -> tuple[StreamScores, dict]:
-    """Score-first TTT. The targets are cut into chunks of TTT_CHUNK_TOKENS; each window belongs to
-    the chunk of its first scored target. Chunk c is scored (inference mode, SLOT inside if on)
-    by weights trained on chunks 0..c-1 only, then trained on for TTT_EPOCHS; the last chunk is
-    never trained on. Gradients are summed over ranks and divided by the global token count, so
-    every rank holds the same weights and the result does not depend on the world size."""
-    n_targets = tokens.numel() - 1
-    starts, first = sliding_windows(n_targets, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
-    chunk_of = (starts + first) // cfg.TTT_CHUNK_TOKENS
-    n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
-    scores = new_scores(n_targets, rt.device, with_mass)
-    # Frozen blocks are left out of the optimizer (their bank rows get zeroed gradients), not marked
-    # requires_grad=False: the compiled forward guards on that flag and would recompile mid-evaluation.
-    frozen = {id(p) for block in model.blocks[:cfg.TTT_FREEZE_BLOCKS] for p in block.parameters()}
-    trainable = [p for p in model.parameters() if id(p) not in frozen]
-    opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
-    score_s = train_s = 0.0
-    trained = 0
-    slot_state: dict = {}
-    for c in range(n_chunks):
-        t0 = time.perf_counter()
-        here = (chunk_of == c).nonzero().flatten()
-        score_window_range(cfg, model, hidden_fn, tokens, starts[here], first[here], scores, rt, use_slot,
-                           clock, log, slot_state, own_budget=False)
-        rt.sync()
-        score_s += time.perf_counter() - t0
-        if c == n_chunks - 1:
-            break
-        estimate = torch.tensor([clock.elapsed(), score_s / (c + 1), train_s / max(1, trained)], device=rt.device)
-        elapsed, per_score, per_train = all_reduce_(estimate, rt, dist.ReduceOp.MAX).tolist()
-        # Measured costs only: until the first update has run (it is the measurement) training counts as
-        # nothing, so only scoring alone can stop it. Guessing an update costs one scoring (SLOT included)
-        # projected far over budget and stopped adapting after the first chunk.
-        clock.stop_adapting_if(elapsed + (n_chunks - c - 1) * (per_score + per_train), "ttt", log)
-        if not clock.adapting:
-            continue
-        t0 = time.perf_counter()
-        lr = cfg.TTT_LR * 0.5 * (1 + math.cos(math.pi * c / max(1, n_chunks - 1)))
-        train_on_chunk(cfg, model, tokens, c, trainable, opt, lr, rt)
-        rt.sync()
-        train_s += time.perf_counter() - t0
-        trained += 1
-    info = dict(ttt_chunks=n_chunks, ttt_chunks_trained=trained, ttt_score_seconds=score_s, ttt_train_seconds=train_s)
-    return gather_scores(scores, rt), info
-
-
-def train_on_chunk(cfg: Config, model: GPT, tokens: Tensor, c: int, trainable, opt, lr: float, rt: Runtime) -> None:
-    """TTT_EPOCHS SGD steps on chunk c's targets (already scored), cut into EVAL_SEQ_LEN rows."""
-    lo = c * cfg.TTT_CHUNK_TOKENS
-    hi = min(lo + cfg.TTT_CHUNK_TOKENS, tokens.numel() - 1)
-    n_rows = -(-(hi - lo) // cfg.EVAL_SEQ_LEN)
-    mine = rank_slice(n_rows, rt)
-    starts = lo + torch.arange(mine.start, mine.stop) * cfg.EVAL_SEQ_LEN
-    x, y, pos = (t.to(rt.device) for t in window_rows(tokens, starts, cfg.EVAL_SEQ_LEN))
-    mask = (pos <= hi).float()
-    count = all_reduce_(mask.sum().double(), rt)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    model.train()
-    for _ in range(cfg.TTT_EPOCHS):
-        if starts.numel():
-            with rt.autocast():
-                (model(x, y) * mask).sum().div(count).backward()
-            model.zero_layer_grads(range(cfg.TTT_FREEZE_BLOCKS))
-        all_reduce_gradients(trainable, rt, divisor=1)  # the loss is already over the global count
-        if cfg.TTT_GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.TTT_GRAD_CLIP)
-        opt.step()
-        model.zero_grad(set_to_none=True)  # the frozen blocks' gradients too
-    model.eval()
 
 
 def eval_passes(cfg: Config) -> list[tuple[str, bool, bool]]:
@@ -2312,28 +2315,17 @@ def eval_passes(cfg: Config) -> list[tuple[str, bool, bool]]:
     return sliding + adapted
 
 
-def run_pass(cfg: Config, model: GPT, hidden_fn, tokens: Tensor, rt: Runtime, ttt: bool, slot: bool, clock: EvalClock,
-             log, with_mass: bool = False) -> tuple[StreamScores, dict]:
-    if ttt:
-        return ttt_pass(cfg, model, hidden_fn, tokens, rt, slot, clock, log, with_mass)
-    return sliding_pass(cfg, model, hidden_fn, tokens, rt, slot, clock, log, with_mass), {}
-
-
 def summarize_scores(scores: StreamScores, byte_counts: Tensor) -> dict:
     nll_sum = float(scores.nll.sum())
     return dict(val_loss=nll_sum / scores.nll.numel(), val_bpb=nll_sum / (math.log(2) * float(byte_counts.sum())))
 
 
-def stream_byte_counts(tables, tokens: Tensor) -> Tensor:
-    return target_bytes(tables, tokens[:-1].long(), tokens[1:].long()).double()
-
-
-def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes, backend=None):
-    """forward_hidden, compiled (on CUDA with COMPILE=1, or with the torch.compile `backend` given)
+def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes: list[tuple[int, int]], backend: str | None = None):
+    """forward_hidden, compiled (where `compiles` says so, or with the torch.compile `backend` given)
     and warmed up on random tokens (never validation tokens) at every batch shape evaluation will
     use, under inference mode as it runs. Every scored pass feeds it contiguous int64 (rows, length)
     tensors of exactly these shapes, so nothing compiles once the evaluation clock runs."""
-    backend = backend or ("inductor" if rt.device.type == "cuda" and cfg.COMPILE == 1 else None)
+    backend = backend or ("inductor" if compiles(cfg, rt.device) else None)
     if backend is None:
         return model.forward_hidden
     fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False, backend=backend)
@@ -2350,48 +2342,225 @@ def wait_for_every_rank(rt: Runtime) -> None:
         dist.barrier()
 
 
-def nll_function(model: GPT, hidden_fn):
+def nll_function(model: GPT, hidden_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """Per-token NLL (the model's own forward) with forward_hidden swapped for hidden_fn."""
     return lambda x, y: token_nll(model.compute_logits(hidden_fn(x)), y)
 
 
-def evaluate_artifact_model(cfg: Config, model: GPT, tokens: Tensor, tables, batch_seqs: int, rt: Runtime,
-                            log, summary: dict) -> None:
-    """Compile and warm up, wait for every rank, start the EVAL_TIME_BUDGET clock, then the plain pass
-    and the passes eval_passes names (sliding window, or the adapted one the knobs ask for: SLOT,
-    TTT or both); the last pass run is the score. Every figure lands in `summary` (with the
-    quantization gap if it holds pre_quant_val_bpb)."""
-    hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS, cfg.EVAL_SEQ_LEN)])
+@dataclasses.dataclass
+class EvalResult:
+    """The scores of an artifact's model: the plain pass, then each pass eval_passes names; the last is the score."""
+    quantized_val_loss: float
+    quantized_val_bpb: float
+    quantized_eval_seconds: float
+    quant_gap_bpb: float | None
+    compliant: bool
+    val_loss: float = INF
+    val_bpb: float = INF
+    score_source: str = "quantized"
+    eval_seconds: float = 0.0
+    eval_adaptation_stopped: str | None = None
+    passes: dict = dataclasses.field(default_factory=dict, metadata=dict(flatten=True))  # <pass>_val_bpb, ...
+
+
+class Evaluator:
+    """Evaluation of one model on the validation stream, on one runtime, clock and log: the plain pass and the
+    sliding-window pass, with score-first TTT, context-only SLOT, or both. `hidden_fn` is the model's
+    forward_hidden, or its compiled form (eval_forward); the clock starts when the evaluator is made."""
+
+    def __init__(self, cfg: Config, model: GPT, data: ValidationData, rt: Runtime, log: Callable[[str], None] = print,
+                 hidden_fn: Callable[[Tensor], Tensor] | None = None):
+        self.cfg, self.model, self.data, self.rt, self.log = cfg, model, data, rt, log
+        self.hidden_fn = hidden_fn or model.forward_hidden
+        self.clock = EvalClock(cfg.EVAL_TIME_BUDGET)
+
+    def plain(self, batch_seqs: int) -> dict:
+        return evaluate(nll_function(self.model, self.hidden_fn), self.data, self.cfg.TRAIN_SEQ_LEN, batch_seqs,
+                        self.rt)
+
+    def new_scores(self, with_mass: bool) -> StreamScores:
+        n, device = self.data.n_targets, self.rt.device
+        return StreamScores(torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.int32,
+                                                                                            device=device),
+                            torch.zeros(n, dtype=torch.float64, device=device) if with_mass else None)
+
+    def score_windows(self, starts: Tensor, first_scored: Tensor, scores: StreamScores, use_slot: bool,
+                      slot_state: dict) -> None:
+        """Score one batch of windows into `scores`: hidden states under inference mode, then (with
+        SLOT) fit the per-window parameters on the fitting positions, then log-softmax over the full
+        vocabulary at the scored positions only."""
+        cfg, model, rt = self.cfg, self.model, self.rt
+        x, y, pos = (t.to(rt.device) for t in window_rows(self.data.tokens, starts, cfg.EVAL_SEQ_LEN))
+        offsets = torch.arange(cfg.EVAL_SEQ_LEN, device=rt.device)
+        valid = pos <= self.data.n_targets
+        scored = valid & (offsets >= first_scored.to(rt.device)[:, None])
+        with torch.inference_mode(), rt.autocast():  # pad to the one compiled batch shape
+            hidden = self.hidden_fn(F.pad(x, (0, 0, 0, cfg.EVAL_BATCH_WINDOWS - x.size(0))))[:x.size(0)]
+        hidden = hidden.float().clone()  # a normal tensor, so SLOT can differentiate through the head
+        params = None
+        if use_slot:
+            fit_mask = valid if cfg.SLOT_MODE == "full" else valid & ~scored
+            with rt.autocast():
+                params = fit_slot(cfg, model, hidden, y, fit_mask.float(), slot_state.get("warm"))
+            if cfg.SLOT_DELTA_SCOPE == "window":  # a window without context keeps delta zero
+                has_fit = fit_mask.any(1)[:, None, None]
+                params = [p * has_fit for p in params]
+            if cfg.SLOT_WARM_START:
+                slot_state["warm"] = params[0].mean(0, keepdim=True)
+        rows, cols = scored.nonzero(as_tuple=True)
+        with torch.no_grad(), rt.autocast():
+            h = hidden[rows, cols]
+            if params is None:
+                logits = model.compute_logits(h)
+            else:  # each scored position takes its window's parameters (a shared one broadcasts)
+                logits = slot_logits(model, h, [p.expand(x.size(0), -1, -1)[rows, 0] for p in params])
+            log_probs = logits.float().log_softmax(-1)
+        index = pos[rows, cols] - 1
+        nll = -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1)
+        scores.nll.index_add_(0, index, nll.double())
+        scores.count.index_add_(0, index, torch.ones_like(index, dtype=scores.count.dtype))
+        if scores.mass is not None:
+            scores.mass.index_add_(0, index, log_probs.double().logsumexp(1).exp())
+
+    def score_window_range(self, starts: Tensor, first_scored: Tensor, scores: StreamScores, use_slot: bool,
+                           slot_state: dict, own_budget: bool = True) -> None:
+        """This rank's contiguous share of the given windows, in batches of EVAL_BATCH_WINDOWS.
+        With own_budget, SLOT stops fitting when this rank's remaining batches would overrun."""
+        mine, batch, clock = rank_slice(starts.numel(), self.rt), self.cfg.EVAL_BATCH_WINDOWS, self.clock
+        for b0 in range(mine.start, mine.stop, batch):
+            idx = torch.arange(b0, min(b0 + batch, mine.stop))
+            t0 = time.perf_counter()
+            adapt = use_slot and clock.adapting
+            self.score_windows(starts[idx], first_scored[idx], scores, adapt, slot_state)
+            if adapt and own_budget:
+                left = -(-(mine.stop - b0 - idx.numel()) // batch)
+                clock.stop_adapting_if(clock.elapsed() + left * (time.perf_counter() - t0), "slot", self.log)
+
+    def sliding_pass(self, use_slot: bool, with_mass: bool = False) -> StreamScores:
+        """Sliding-window scoring of the whole stream, optionally with SLOT, no weight updates."""
+        starts, first_scored = sliding_windows(self.data.n_targets, self.cfg.EVAL_SEQ_LEN, self.cfg.EVAL_STRIDE)
+        scores = self.new_scores(with_mass)
+        self.score_window_range(starts, first_scored, scores, use_slot, {})
+        return gather_scores(scores, self.rt)
+
+    def ttt_pass(self, use_slot: bool, with_mass: bool = False) -> tuple[StreamScores, dict]:
+        """Score-first TTT. The targets are cut into chunks of TTT_CHUNK_TOKENS; each window belongs to
+        the chunk of its first scored target. Chunk c is scored (inference mode, SLOT inside if on)
+        by weights trained on chunks 0..c-1 only, then trained on for TTT_EPOCHS; the last chunk is
+        never trained on. Gradients are summed over ranks and divided by the global token count, so
+        every rank holds the same weights and the result does not depend on the world size."""
+        cfg, model, rt, clock = self.cfg, self.model, self.rt, self.clock
+        n_targets = self.data.n_targets
+        starts, first_scored = sliding_windows(n_targets, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
+        chunk_of = (starts + first_scored) // cfg.TTT_CHUNK_TOKENS
+        n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
+        scores = self.new_scores(with_mass)
+        # Frozen blocks are left out of the optimizer (their bank rows get zeroed gradients), not marked
+        # requires_grad=False: the compiled forward guards on that flag and would recompile mid-evaluation.
+        frozen = {id(p) for block in model.blocks[:cfg.TTT_FREEZE_BLOCKS] for p in block.parameters()}
+        trainable = [p for p in model.parameters() if id(p) not in frozen]
+        opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
+        score_s = train_s = 0.0
+        trained = 0
+        slot_state: dict = {}
+        for chunk in range(n_chunks):
+            t0 = time.perf_counter()
+            here = (chunk_of == chunk).nonzero().flatten()
+            self.score_window_range(starts[here], first_scored[here], scores, use_slot, slot_state, own_budget=False)
+            rt.sync()
+            score_s += time.perf_counter() - t0
+            if chunk == n_chunks - 1:
+                break
+            estimate = torch.tensor([clock.elapsed(), score_s / (chunk + 1), train_s / max(1, trained)],
+                                    device=rt.device)
+            elapsed, per_score, per_train = all_reduce_(estimate, rt, dist.ReduceOp.MAX).tolist()
+            # Measured costs only: until the first update has run (it is the measurement) training counts as
+            # nothing, so only scoring alone can stop it. Guessing an update costs one scoring (SLOT included)
+            # projected far over budget and stopped adapting after the first chunk.
+            clock.stop_adapting_if(elapsed + (n_chunks - chunk - 1) * (per_score + per_train), "ttt", self.log)
+            if not clock.adapting:
+                continue
+            t0 = time.perf_counter()
+            lr = cfg.TTT_LR * 0.5 * (1 + math.cos(math.pi * chunk / max(1, n_chunks - 1)))
+            self.train_on_chunk(chunk, trainable, opt, lr)
+            rt.sync()
+            train_s += time.perf_counter() - t0
+            trained += 1
+        info = dict(ttt_chunks=n_chunks, ttt_chunks_trained=trained, ttt_score_seconds=score_s,
+                    ttt_train_seconds=train_s)
+        return gather_scores(scores, rt), info
+
+    def train_on_chunk(self, chunk: int, trainable: list[nn.Parameter], opt: torch.optim.Optimizer, lr: float) -> None:
+        """TTT_EPOCHS SGD steps on the chunk's targets (already scored), cut into EVAL_SEQ_LEN rows."""
+        cfg, model, rt = self.cfg, self.model, self.rt
+        lo = chunk * cfg.TTT_CHUNK_TOKENS
+        hi = min(lo + cfg.TTT_CHUNK_TOKENS, self.data.n_targets)
+        n_rows = -(-(hi - lo) // cfg.EVAL_SEQ_LEN)
+        mine = rank_slice(n_rows, rt)
+        starts = lo + torch.arange(mine.start, mine.stop) * cfg.EVAL_SEQ_LEN
+        x, y, pos = (t.to(rt.device) for t in window_rows(self.data.tokens, starts, cfg.EVAL_SEQ_LEN))
+        mask = (pos <= hi).float()
+        count = all_reduce_(mask.sum().double(), rt)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        for _ in range(cfg.TTT_EPOCHS):
+            if starts.numel():
+                with rt.autocast():
+                    (model(x, y) * mask).sum().div(count).backward()
+                model.zero_layer_grads(range(cfg.TTT_FREEZE_BLOCKS))
+            all_reduce_gradients(trainable, rt, divisor=1)  # the loss is already over the global count
+            if cfg.TTT_GRAD_CLIP > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.TTT_GRAD_CLIP)
+            opt.step()
+            model.zero_grad(set_to_none=True)  # the frozen blocks' gradients too
+        model.eval()
+
+    def run_pass(self, ttt: bool, slot: bool, with_mass: bool = False) -> tuple[StreamScores, dict]:
+        if ttt:
+            return self.ttt_pass(slot, with_mass)
+        return self.sliding_pass(slot, with_mass), {}
+
+    def score(self, batch_seqs: int, pre_quant_bpb: float | None = None) -> EvalResult:
+        """The plain pass, then the passes eval_passes names (sliding window, or the adapted one the knobs
+        ask for: SLOT, TTT or both); the last pass run is the score."""
+        cfg, rt, log, clock = self.cfg, self.rt, self.log, self.clock
+        plain = self.plain(batch_seqs)
+        gap = None if pre_quant_bpb is None else plain["val_bpb"] - pre_quant_bpb
+        result = EvalResult(plain["val_loss"], plain["val_bpb"], clock.elapsed(), gap, compliant=not cfg.SLOT_ENABLED
+                            or slot_compliant(cfg), val_loss=plain["val_loss"], val_bpb=plain["val_bpb"])
+        log(f"quantized val_loss:{plain['val_loss']:.6f} val_bpb:{plain['val_bpb']:.6f}"
+            + ("" if gap is None else f" gap:{gap:+.6f}") + f" eval_time:{1000 * result.quantized_eval_seconds:.0f}ms")
+        byte_counts = self.data.byte_counts(rt.device)
+        if not result.compliant:
+            log(f"WARNING: SLOT_MODE={cfg.SLOT_MODE} SLOT_DELTA_SCOPE={cfg.SLOT_DELTA_SCOPE} is NON-COMPLIANT: "
+                "its scores see the tokens they score; research only, never a record")
+        for name, ttt, slot in eval_passes(cfg):
+            t0 = time.perf_counter()
+            scores, info = self.run_pass(ttt, slot)
+            scored = summarize_scores(scores, byte_counts)
+            seconds = time.perf_counter() - t0
+            source = name + ("+slot" if ttt and slot else "")
+            source += " (non-compliant)" if slot and not result.compliant else ""
+            result.passes.update({f"{name}_val_loss": scored["val_loss"], f"{name}_val_bpb": scored["val_bpb"],
+                                  f"{name}_seconds": seconds, **info})
+            result.val_loss, result.val_bpb, result.score_source = scored["val_loss"], scored["val_bpb"], source
+            log(f"{source} val_loss:{scored['val_loss']:.6f} val_bpb:{scored['val_bpb']:.6f} "
+                f"eval_time:{1000 * seconds:.0f}ms"
+                + "".join(f" {k}:{v:.1f}" if isinstance(v, float) else f" {k}:{v}" for k, v in info.items()))
+        result.eval_seconds, result.eval_adaptation_stopped = clock.elapsed(), clock.note or None
+        log(f"eval_seconds:{result.eval_seconds:.1f} of EVAL_TIME_BUDGET={cfg.EVAL_TIME_BUDGET:g}")
+        return result
+
+
+def evaluate_artifact_model(cfg: Config, model: GPT, data: ValidationData, batch_seqs: int, rt: Runtime,
+                            log: Callable[[str], None], pre_quant_bpb: float | None = None) -> EvalResult:
+    """Compile and warm up, wait for every rank, then score: the EVAL_TIME_BUDGET clock starts after
+    decoding and compiling, with every rank at the same point."""
+    hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS,
+                                                                                cfg.EVAL_SEQ_LEN)])
     wait_for_every_rank(rt)  # a rank that warmed up sooner would otherwise charge the wait to its budget
-    clock = EvalClock(cfg.EVAL_TIME_BUDGET)  # evaluation time starts after decoding and compiling
-    result = evaluate(nll_function(model, hidden_fn), tokens, tables, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)
-    summary.update(quantized_val_loss=result["val_loss"], quantized_val_bpb=result["val_bpb"], quantized_eval_seconds=clock.elapsed(),
-                   val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source="quantized")
-    gap = ""
-    if "pre_quant_val_bpb" in summary:
-        summary["quant_gap_bpb"] = result["val_bpb"] - summary["pre_quant_val_bpb"]
-        gap = f" gap:{summary['quant_gap_bpb']:+.6f}"
-    log(f"quantized val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f}{gap} "
-        f"eval_time:{1000 * summary['quantized_eval_seconds']:.0f}ms")
-    byte_counts = stream_byte_counts([t.to(rt.device) for t in tables], tokens.to(rt.device))
-    compliant = not cfg.SLOT_ENABLED or slot_compliant(cfg)
-    summary["compliant"] = compliant
-    if not compliant:
-        log(f"WARNING: SLOT_MODE={cfg.SLOT_MODE} SLOT_DELTA_SCOPE={cfg.SLOT_DELTA_SCOPE} is NON-COMPLIANT: its scores "
-            "see the tokens they score; research only, never a record")
-    for name, ttt, slot in eval_passes(cfg):
-        t0 = time.perf_counter()
-        scores, info = run_pass(cfg, model, hidden_fn, tokens, rt, ttt, slot, clock, log)
-        result = summarize_scores(scores, byte_counts)
-        source = name + ("+slot" if ttt and slot else "") + (" (non-compliant)" if slot and not compliant else "")
-        summary.update({f"{name}_val_loss": result["val_loss"], f"{name}_val_bpb": result["val_bpb"],
-                        f"{name}_seconds": time.perf_counter() - t0, **info})
-        summary.update(val_loss=result["val_loss"], val_bpb=result["val_bpb"], score_source=source)
-        log(f"{source} val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
-            f"eval_time:{1000 * summary[f'{name}_seconds']:.0f}ms"
-            + "".join(f" {k}:{v:.1f}" if isinstance(v, float) else f" {k}:{v}" for k, v in info.items()))
-    summary.update(eval_seconds=clock.elapsed(), eval_adaptation_stopped=clock.note or None)
-    log(f"eval_seconds:{summary['eval_seconds']:.1f} of EVAL_TIME_BUDGET={cfg.EVAL_TIME_BUDGET:g}")
+    return Evaluator(cfg, model, data, rt, log, hidden_fn).score(batch_seqs, pre_quant_bpb)
 
 # ----------------------------------------------------------------------------------------------
 # Main
@@ -2458,11 +2627,36 @@ def versions(rt: Runtime, backend: str) -> dict:
                 gpu=gpu, attention_backend=backend, world_size=rt.world_size, device=str(rt.device))
 
 
-def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str]) -> None:
-    log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
-    log(f"run_start_id:{summary['run_start_id']}")
-    for w in warnings:
-        log(w)
+def load_validation_data(cfg: Config) -> ValidationData:
+    """The validation stream and the tokenizer's byte tables, both checked against VOCAB_SIZE."""
+    data_path, tokenizer_path = resolve_paths(cfg)
+    tables = byte_tables(load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
+    tokens = load_validation_tokens(data_path)
+    if int(tokens.max()) >= cfg.VOCAB_SIZE:
+        raise ConfigError(f"validation shards in {data_path} hold token id {int(tokens.max())} >= VOCAB_SIZE="
+                          f"{cfg.VOCAB_SIZE}: DATA_PATH is another vocabulary's data")
+    return ValidationData(tokens, tables)
+
+
+def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
+    """Check every input before spending any time: the compressor, the tokenizer against VOCAB_SIZE, every
+    training shard, the validation stream's ids. Returns the training shards and the validation data."""
+    check_compressor(cfg.COMPRESSOR)
+    data_path, tokenizer_path = resolve_paths(cfg)
+    train_files = find_shards(data_path, "train")
+    check_training_shards(train_files, cfg.VOCAB_SIZE)
+    val = load_validation_data(cfg)
+    log(f"train_shards:{len(train_files)} val_tokens:{val.tokens.numel()} data:{data_path} tokenizer:{tokenizer_path}")
+    return train_files, val
+
+
+def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> None:
+    """The pipeline: train, build the artifact, then score the model decoded from it. The one place that
+    assembles the JSON summary: each stage returns its result and its fields land here as it ends, so
+    a run that fails late still records everything before the failure."""
+    def record(result) -> None:
+        summary.update(summary_fields(result))
+
     if rt.is_main:
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
@@ -2470,23 +2664,13 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     summary["versions"] = versions(rt, backend)
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))
-
-    # Check every input before spending any time.
-    check_compressor(cfg.COMPRESSOR)
-    data_path, tokenizer_path = resolve_paths(cfg)
-    tables = byte_tables(load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
-    train_files = find_shards(data_path, "train")
-    check_training_shards(train_files, cfg.VOCAB_SIZE)
-    val_tokens = load_validation_tokens(data_path)
-    if int(val_tokens.max()) >= cfg.VOCAB_SIZE:
-        raise ConfigError(f"validation shards in {data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE={cfg.VOCAB_SIZE}")
-    log(f"train_shards:{len(train_files)} val_tokens:{val_tokens.numel()} data:{data_path} tokenizer:{tokenizer_path}")
+    train_files, val = load_inputs(cfg, log)
 
     torch.manual_seed(cfg.SEED)
-    model = GPT(cfg, backend).to(rt.device)
+    model = GPT(cfg.model, backend).to(rt.device)
     summary["params"] = sum(p.numel() for p in model.parameters())
     log(f"model_params:{summary['params']} layer_order_looped:{model.loop_order}")
-    compiled = rt.device.type == "cuda" and cfg.COMPILE == 1
+    compiled = compiles(cfg, rt.device)
     model_fn = compile_model(model) if compiled else model
     log(f"compile:{'on' if compiled else 'off'} accum_steps:{rt.accum_steps} world_size:{rt.world_size}")
     optimizers = build_optimizers(cfg, model, rt.world_size)
@@ -2494,44 +2678,47 @@ def run(cfg: Config, rt: Runtime, log: RunLog, summary: dict, warnings: list[str
     val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
 
     def validate() -> dict:
-        return evaluate(model_fn, val_tokens, tables, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
+        return evaluate(model_fn, val, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
 
-    budget = training_budget(cfg, model, rt, log, summary)
-    ema = train_model(cfg, model_fn, model, optimizers, train_files, rt, log, validate, summary, budget)
-    if rt.device.type == "cuda":
-        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated(rt.device) // 2**20
-        log(f"peak memory allocated: {summary['peak_memory_mib']} MiB")
-    if ema is not None:
-        ema.copy_to()
+    budget = training_budget(cfg, model, rt, log)
+    record(budget)
+    training = Trainer(cfg, model_fn, model, optimizers, train_files, rt, log).train(validate, budget.seconds)
+    record(training)
+    if training.ema is not None:
+        training.ema.copy_to()
         log("ema: applied EMA weights")
     model.looping = cfg.NUM_LOOPS > 0  # recurrence stays on for everything after training
-    artifact_path = Path(cfg.LOG_DIR) / f"{cfg.RUN_ID}.ptz"
     # The artifact is finished before any diagnostic evaluation, as the organizers' re-runs require.
-    packed_qm, unfitted = build_artifact(cfg, model, train_files, rt, log, summary, artifact_path)
+    artifact, failure = build_artifact(cfg, model, train_files, rt, log, training.train_seconds,
+                                       summary["run_start_id"])
+    record(artifact)
+    fail_together(failure, rt, "could not build the artifact")
 
     t0 = time.perf_counter()
-    result = validate()
-    summary.update(pre_quant_val_loss=result["val_loss"], pre_quant_val_bpb=result["val_bpb"],
-                   val_tokens=result["val_tokens"], val_bytes=result["val_bytes"],
+    pre_quant = validate()
+    summary.update(pre_quant_val_loss=pre_quant["val_loss"], pre_quant_val_bpb=pre_quant["val_bpb"],
+                   val_tokens=pre_quant["val_tokens"], val_bytes=pre_quant["val_bytes"],
                    pre_quant_eval_seconds=time.perf_counter() - t0)
-    log(f"pre-quantization post-ema val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
-        f"eval_time:{1000 * summary['pre_quant_eval_seconds']:.0f}ms tokens:{result['val_tokens']} bytes:{result['val_bytes']}")
+    log(f"pre-quantization post-ema val_loss:{pre_quant['val_loss']:.6f} val_bpb:{pre_quant['val_bpb']:.6f} "
+        f"eval_time:{1000 * summary['pre_quant_eval_seconds']:.0f}ms tokens:{pre_quant['val_tokens']} "
+        f"bytes:{pre_quant['val_bytes']}")
 
-    quant_model = load_quantized_model(cfg, artifact_path, backend, rt, summary, log)
-    if packed_qm is not None:
-        check_round_trip(packed_qm, quant_model, log)
-    evaluate_artifact_model(cfg, quant_model, val_tokens, tables, val_batch_seqs, rt, log, summary)
+    quant_model, summary["decompress_seconds"] = load_quantized_model(cfg, backend, rt, summary["run_start_id"], log)
+    if artifact.packed is not None:
+        check_round_trip(artifact.packed, quant_model, log)
+    scored = evaluate_artifact_model(cfg, quant_model, val, val_batch_seqs, rt, log, pre_quant["val_bpb"])
+    record(scored)
     # What auto-fit's larger sigmas cost: a diagnostic, so after the scored evaluation and outside its
     # clock; rank 0 alone (no collective, eager) while the other ranks wait at main's closing barrier.
-    if unfitted is not None:
-        plain_bpb = evaluate(model_from_artifact(unfitted, cfg, backend, rt.device), val_tokens, tables,
-                             cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1, rt.device))["val_bpb"]
-        fitted = summary["quantized_val_bpb"]
-        summary["autofit_bpb_cost"] = fitted - plain_bpb
-        log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> {fitted:.6f} fitted, "
-            f"cost {summary['autofit_bpb_cost']:+.6f}")
-    log(f"final_score val_loss:{summary['val_loss']:.6f} val_bpb:{summary['val_bpb']:.6f} source:{summary['score_source']}"
-        + ("" if summary["compliant"] else " NON-COMPLIANT"))
+    if artifact.unfitted is not None:
+        unfitted_model = model_from_artifact(artifact.unfitted, cfg, backend, rt.device)
+        plain_bpb = evaluate(unfitted_model, val, cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1,
+                                                                                             rt.device))["val_bpb"]
+        summary["autofit_bpb_cost"] = scored.quantized_val_bpb - plain_bpb
+        log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> "
+            f"{scored.quantized_val_bpb:.6f} fitted, cost {summary['autofit_bpb_cost']:+.6f}")
+    log(f"final_score val_loss:{scored.val_loss:.6f} val_bpb:{scored.val_bpb:.6f} source:{scored.score_source}"
+        + ("" if scored.compliant else " NON-COMPLIANT"))
 
 
 class RunKilled(BaseException):
@@ -2641,7 +2828,8 @@ def record_early_failure(env, error: ConfigError) -> None:
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / f"{run_id}.txt").write_text(f"error: {error}\n", encoding="utf-8")
-        write_json_atomic(log_dir / f"{run_id}.json", dict(run_id=run_id, status="failed", error=f"ConfigError: {error}"))
+        write_json_atomic(log_dir / f"{run_id}.json", dict(run_id=run_id, status="failed",
+                                                           error=f"ConfigError: {error}"))
     except OSError:
         pass  # the error itself still reaches stderr
 
@@ -2675,7 +2863,11 @@ def main(env=None) -> dict:
             except ConfigError as e:
                 failure = e
         fail_together(failure, rt, "could not start the run")
-        run(cfg, rt, log, summary, warnings)
+        log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
+        log(f"run_start_id:{start_id}")
+        for w in warnings:
+            log(w)
+        train_and_evaluate(cfg, rt, log, summary)
         summary["status"] = "ok"
     except BaseException as e:
         e = out_of_memory_error(e, rt) or e

@@ -24,7 +24,8 @@ MODES = [
     ("SLOT L-BFGS", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="lbfgs")),
     ("TTT + SLOT AdamW", dict(TTT_ENABLED="1", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
     ("SLOT AdamW, SLOT_MODE=full (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_MODE="full")),
-    ("SLOT AdamW, SLOT_DELTA_SCOPE=batch (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_DELTA_SCOPE="batch")),
+    ("SLOT AdamW, SLOT_DELTA_SCOPE=batch (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1",
+                                                                SLOT_DELTA_SCOPE="batch")),
     ("SLOT L-BFGS + logit bias, full (non-compliant, as #675)",
      dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="lbfgs", SLOT_LOGIT_BIAS="1", SLOT_MODE="full")),
 ]
@@ -38,7 +39,8 @@ def main() -> None:
     rows = []
     for name, knobs in MODES:
         t0 = time.perf_counter()
-        summary = eval_artifact.evaluate_file({**os.environ, **knobs}, args.artifact, args.max_tokens, log=lambda _: None)
+        summary = eval_artifact.evaluate_file({**os.environ, **knobs}, args.artifact, args.max_tokens,
+                                              log=lambda _: None)
         rows.append((name, summary, time.perf_counter() - t0))
         print(f"{name}: {summary['val_bpb']:.4f} ({summary['score_source']})", flush=True)
     first = rows[0][1]

@@ -72,14 +72,16 @@ def run_logged(cmd: list[str], env: dict, log: Path, timeout: float) -> subproce
     timeout = min(timeout, DEADLINE[0] - time.perf_counter())
     try:
         with open(log, "w") as out:
-            return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=max(timeout, 1), cwd=REPO_ROOT)
+            return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=max(timeout, 1),
+                                  cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
         raise OutOfTime(f"stopped after {timeout:.0f}s; see {log.name}") from None
 
 
 def cuda_tests(args, env: dict) -> dict:
     report = args.out / "cuda_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", f"--junitxml={report}", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", f"--junitxml={report}", "-p",
+           "no:cacheprovider"]
     done = run_logged(cmd, env, args.out / "cuda_tests.log", timeout=1200)
     outcomes = junit_outcomes(report)
     failed = [name for name, outcome in outcomes.items() if outcome == "fail"]
@@ -96,7 +98,8 @@ def junit_outcomes(report: Path) -> dict:
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         kinds = {child.tag for child in case}
-        outcomes[case.get("name")] = "fail" if kinds & {"failure", "error"} else ("skip" if "skipped" in kinds else "pass")
+        outcomes[case.get("name")] = "fail" if kinds & {"failure",
+                                                        "error"} else ("skip" if "skipped" in kinds else "pass")
     return outcomes
 
 
@@ -104,7 +107,8 @@ def throughput(args, env: dict) -> dict:
     out = args.out / "throughput.json"
     steps = ["--steps", "3", "--warmup", "1"] if args.tiny else ["--steps", "10", "--warmup", "3"]
     env = with_knobs(env, TINY_KNOBS) if args.tiny else env
-    done = run_logged([sys.executable, "bench/throughput.py", *steps, "--json", str(out)], env, args.out / "throughput.log", 900)
+    done = run_logged([sys.executable, "bench/throughput.py", *steps, "--json", str(out)], env,
+                      args.out / "throughput.log", 900)
     if done.returncode or not out.is_file():
         return dict(status="fail", detail=f"exit {done.returncode}; see throughput.log")
     r = json.loads(out.read_text())
@@ -149,13 +153,15 @@ def training_run(args, env: dict) -> dict:
     if isinstance(made, dict):
         return made
     shards, tokenizer, vocab = made
-    knobs = dict(DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab, LOG_DIR=args.out / "logs", RUN_ID="gpu_check")
+    knobs = dict(DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab, LOG_DIR=args.out / "logs",
+                 RUN_ID="gpu_check")
     if args.tiny:
         knobs.update(TINY_KNOBS, ITERATIONS=10, VAL_LOSS_EVERY=5, TRAIN_LOG_EVERY=5)
     else:
         # One GPU reads all 64 calibration batches that 8 ranks share on the record's machine (94 s on an H200):
         # 8 gives this GPU one rank's share, so a short run keeps most of its cap for training.
-        knobs.update(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=args.train_seconds, VAL_LOSS_EVERY=200, TRAIN_LOG_EVERY=50,
+        knobs.update(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=args.train_seconds, VAL_LOSS_EVERY=200,
+                     TRAIN_LOG_EVERY=50,
                      GPTQ_CALIBRATION_BATCHES=8)
     done = run_logged([sys.executable, "train_gpt.py"], with_knobs(env, knobs), args.out / "training.log", 1500)
     summary_path = args.out / "logs" / "gpu_check.json"

@@ -13,7 +13,6 @@ communication are timed on their own with this step's shapes: inside the step th
 their shares are upper bounds on what they add.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -75,7 +74,8 @@ def communication_seconds(optimizers: tg.Optimizers, rt: tg.Runtime, repeats: in
         finish()
         for p, update in zip(banks, updates):
             muon.grad_shard(p)
-            gathered = torch.empty(update.size(0) * rt.world_size, *update.shape[1:], dtype=update.dtype, device=rt.device)
+            gathered = torch.empty(update.size(0) * rt.world_size, *update.shape[1:], dtype=update.dtype,
+                                   device=rt.device)
             tg.all_gather(gathered, update)
         muon._grad_shards.clear()
 
@@ -93,7 +93,8 @@ def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int) -> dict:
     model_fn = tg.compile_model(model) if compiled else model
     optimizers = tg.build_optimizers(cfg, model, rt.world_size)
     rows = tg.global_seqs(cfg) // rt.world_size
-    batches = [torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1), generator=torch.Generator().manual_seed(i))
+    batches = [torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1),
+                             generator=torch.Generator().manual_seed(i))
                for i in range(4)]
     result = dict(device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                   world_size=rt.world_size, accum_steps=rt.accum_steps, attention_backend=backend, compile=compiled,

@@ -26,4 +26,5 @@ def small_sample(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: checks a CUDA path on a GPU; skipped without one (bench/gpu_check.py runs them)")
+    config.addinivalue_line("markers",
+                            "cuda: checks a CUDA path on a GPU; skipped without one (bench/gpu_check.py runs them)")

@@ -17,7 +17,8 @@ def test_defaults_are_the_record_configuration():
     cfg = config_from_env({})
     assert (cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.VOCAB_SIZE) == (11, 512, 8, 4, 8192)
     assert (cfg.LOOP_START, cfg.LOOP_END, cfg.NUM_LOOPS, cfg.ENABLE_LOOPING_AT) == (3, 5, 2, 0.35)
-    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.25, 0.022, 0.095, 0.9965, 0.72)
+    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.25, 0.022, 0.095,
+                                                                                                0.9965, 0.72)
     assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 12.0, 16_000_000)
 
 

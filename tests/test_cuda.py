@@ -33,7 +33,8 @@ def small_config(**overrides) -> tg.Config:
 
 
 def tokens(cfg: tg.Config, rows: int, device) -> torch.Tensor:
-    return torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1),
+                         generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def loss_and_grads(model: tg.GPT, model_fn, batch: torch.Tensor, rt: tg.Runtime):

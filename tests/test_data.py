@@ -162,7 +162,8 @@ def test_byte_tables_on_hand_picked_pieces(sample):
     assert base[byte_e9] == 1 and not space[byte_e9]
     ids = sp.encode("caf\u00e9 \u00e9t\u00e9 \u20ac5")  # accented letters, a currency sign, a digit
     inputs = torch.tensor([sp.bos_id()] + ids[:-1])
-    assert int(tg.target_bytes((base, space, boundary), inputs, torch.tensor(ids)).sum()) == len("caf\u00e9 \u00e9t\u00e9 \u20ac5".encode())
+    assert int(tg.target_bytes((base, space, boundary), inputs,
+                               torch.tensor(ids)).sum()) == len("caf\u00e9 \u00e9t\u00e9 \u20ac5".encode())
 
 
 def test_validation_stream_keeps_every_token(tmp_path):

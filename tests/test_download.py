@@ -420,7 +420,8 @@ def test_alternative_manifest_schema(env, monkeypatch):
     hub, _, remote, run = env
     root = remote / "alt/repo/datasets"
     shutil.copytree(remote / KEVCLARK / "datasets", root)
-    manifest = {"datasets": {"fineweb10B_sp8192": {"tokenizer": "fineweb_8192_bpe", "train_shards": 5, "val_shards": 1}}}
+    manifest = {"datasets": {"fineweb10B_sp8192": {"tokenizer": "fineweb_8192_bpe", "train_shards": 5,
+                                                   "val_shards": 1}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "alt/repo")
     run("--variant", "sp8192", "--train-shards", 1)

@@ -24,20 +24,21 @@ def setup(seed=0, n_tokens=check_causality.STREAM_TOKENS, **knobs):
     """The causality check's random model and stream, with knobs on top of its defaults."""
     cfg = check_causality.check_config({k: str(v) for k, v in knobs.items()})
     model = check_causality.random_model(cfg, seed)
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.int32)
+    tokens = torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=torch.Generator().manual_seed(seed + 1),
+                           dtype=torch.int32)
     return cfg, model, tokens
 
 
-def run(cfg, model, tokens, ttt=False, slot=False, log=print):
-    clock = tg.EvalClock(cfg.EVAL_TIME_BUDGET)
-    return tg.run_pass(cfg, model, model.forward_hidden, tokens, CPU, ttt, slot, clock, log, with_mass=True)
+def evaluator(cfg, model, tokens, log=print) -> tg.Evaluator:
+    """The trainer's evaluator on a token stream that charges one byte per token."""
+    return tg.Evaluator(cfg, model, tg.ValidationData(tokens, uniform_byte_tables(cfg.VOCAB_SIZE)), CPU, log)
 
 
 @pytest.mark.parametrize("n_tokens,seq_len,stride", [(11, 16, 4), (17, 16, 4), (18, 16, 4), (101, 16, 1),
                                                      (101, 16, 16), (130, 32, 7), (2, 8, 8)])
 def test_sliding_scores_every_target_exactly_once(n_tokens, seq_len, stride):
     cfg, model, tokens = setup(n_tokens=n_tokens, EVAL_SEQ_LEN=seq_len, EVAL_STRIDE=stride, EVAL_BATCH_WINDOWS=3)
-    scores, _ = run(cfg, model, tokens)
+    scores, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
     assert scores.count.tolist() == [1] * (n_tokens - 1)
     assert ((scores.mass - 1).abs() < 1e-5).all() and (scores.nll > 0).all()
 
@@ -53,26 +54,27 @@ def test_stride_equal_to_length_reproduces_plain_evaluation(small_sample):
     tables = tg.byte_tables(sp)
     tokens = tg.load_validation_tokens(Path(small_sample["dataset_dir"]))
     cfg, model, _ = setup(VOCAB_SIZE=1024, EVAL_SEQ_LEN=128, EVAL_STRIDE=128, EVAL_BATCH_WINDOWS=8)
-    plain = tg.evaluate(model, tokens, tables, 128, 8, CPU)
-    scores, _ = run(cfg, model, tokens)
-    sliding = tg.summarize_scores(scores, tg.stream_byte_counts(tables, tokens))
+    data = tg.ValidationData(tokens, tables)
+    plain = tg.evaluate(model, data, 128, 8, CPU)
+    scores, _ = tg.Evaluator(cfg, model, data, CPU).run_pass(False, False)
+    sliding = tg.summarize_scores(scores, data.byte_counts(CPU.device))
     assert sliding["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-12, abs=0)
     assert sliding["val_bpb"] == pytest.approx(plain["val_bpb"], rel=1e-12, abs=0)
-    assert float(tg.stream_byte_counts(tables, tokens).sum()) == plain["val_bytes"]
+    assert float(data.byte_counts(CPU.device).sum()) == plain["val_bytes"]
 
 
 def test_ttt_with_zero_lr_equals_sliding_exactly():
     cfg, model, tokens = setup(TTT_LR=0)
-    sliding, _ = run(cfg, model, tokens)
-    ttt, info = run(cfg, model, tokens, ttt=True)
+    sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
+    ttt, info = evaluator(cfg, model, tokens).run_pass(True, False, with_mass=True)
     assert torch.equal(ttt.nll, sliding.nll)
     assert info["ttt_chunks_trained"] == info["ttt_chunks"] - 1  # it did train (at lr 0), never on the last chunk
 
 
 def test_ttt_changes_later_scores_only_after_training():
     cfg, model, tokens = setup()
-    sliding, _ = run(cfg, model, tokens)
-    ttt, _ = run(cfg, model, tokens, ttt=True)
+    sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
+    ttt, _ = evaluator(cfg, model, tokens).run_pass(True, False, with_mass=True)
     first_chunk = slice(0, cfg.TTT_CHUNK_TOKENS)  # scored before any update
     assert torch.equal(ttt.nll[first_chunk], sliding.nll[first_chunk])
     assert not torch.equal(ttt.nll[cfg.TTT_CHUNK_TOKENS:], sliding.nll[cfg.TTT_CHUNK_TOKENS:])
@@ -81,16 +83,16 @@ def test_ttt_changes_later_scores_only_after_training():
 @pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
 def test_slot_with_zero_steps_equals_sliding_exactly(optimizer):
     cfg, model, tokens = setup(SLOT_STEPS=0, SLOT_OPTIMIZER=optimizer, SLOT_LOGIT_BIAS=1)
-    sliding, _ = run(cfg, model, tokens)
-    slot, _ = run(cfg, model, tokens, slot=True)
+    sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
+    slot, _ = evaluator(cfg, model, tokens).run_pass(False, True, with_mass=True)
     assert torch.equal(slot.nll, sliding.nll)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
 def test_slot_lowers_context_loss_and_leaves_the_first_window_alone(optimizer):
     cfg, model, tokens = setup(SLOT_OPTIMIZER=optimizer, SLOT_LR=0.5 if optimizer == "adamw" else 1.0)
-    sliding, _ = run(cfg, model, tokens)
-    slot, _ = run(cfg, model, tokens, slot=True)
+    sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
+    slot, _ = evaluator(cfg, model, tokens).run_pass(False, True, with_mass=True)
     assert torch.equal(slot.nll[:cfg.EVAL_SEQ_LEN], sliding.nll[:cfg.EVAL_SEQ_LEN])  # window 0 has no context
     assert not torch.equal(slot.nll, sliding.nll)
 
@@ -99,7 +101,7 @@ def test_slot_lowers_context_loss_and_leaves_the_first_window_alone(optimizer):
 def test_slot_leaves_the_model_gradients_alone(optimizer):
     """SLOT differentiates through the head; none of that may reach the weights TTT will step."""
     cfg, model, tokens = setup(SLOT_OPTIMIZER=optimizer)
-    run(cfg, model, tokens, slot=True)
+    evaluator(cfg, model, tokens).run_pass(False, True, with_mass=True)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -161,16 +163,16 @@ def test_causality_check_catches_a_line_search_shared_across_windows(monkeypatch
 
 
 def test_causality_check_catches_ttt_that_trains_before_scoring(monkeypatch):
-    real_score = tg.score_window_range
+    real_score = tg.Evaluator.score_window_range
 
-    def train_then_score(cfg, model, hidden_fn, tokens, starts, first, scores, rt, *args, own_budget=True):
+    def train_then_score(self, starts, first_scored, scores, *args, own_budget=True):
         if not own_budget:  # inside TTT: first train on the chunk about to be scored (the bug)
-            c = int(starts[0] + first[0]) // cfg.TTT_CHUNK_TOKENS
-            params = [p for p in model.parameters()]
-            tg.train_on_chunk(cfg, model, tokens, c, params, torch.optim.SGD(params, lr=cfg.TTT_LR), cfg.TTT_LR, rt)
-        real_score(cfg, model, hidden_fn, tokens, starts, first, scores, rt, *args, own_budget=own_budget)
+            chunk = int(starts[0] + first_scored[0]) // self.cfg.TTT_CHUNK_TOKENS
+            params = list(self.model.parameters())
+            self.train_on_chunk(chunk, params, torch.optim.SGD(params, lr=self.cfg.TTT_LR), self.cfg.TTT_LR)
+        real_score(self, starts, first_scored, scores, *args, own_budget=own_budget)
 
-    monkeypatch.setattr(tg, "score_window_range", train_then_score)
+    monkeypatch.setattr(tg.Evaluator, "score_window_range", train_then_score)
     verdicts = check_causality.check({"TTT_ENABLED": "1"}, probes=4, n_tokens=160)
     assert not verdicts["ttt"]["C1/C3"] and verdicts["sliding"]["C1/C3"]
 
@@ -185,18 +187,20 @@ def test_causality_tool_exits_non_zero_on_a_leak():
 def test_ttt_freeze_blocks_keeps_the_first_blocks_fixed():
     cfg, model, tokens = setup(TTT_FREEZE_BLOCKS=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run(cfg, model, tokens, ttt=True)
+    evaluator(cfg, model, tokens).run_pass(True, False, with_mass=True)
     after = model.state_dict()
-    changed = {k.split(".")[1] if k.startswith("blocks.") else k for k in before if not torch.equal(before[k], after[k])}
+    changed = {k.split(".")[1] if k.startswith("blocks.") else k for k in before if not torch.equal(before[k],
+                                                                                                    after[k])}
     assert "0" not in changed and "1" not in changed and "2" in changed and "tok_emb.weight" in changed
 
 
 def test_budget_overrun_stops_adapting_and_keeps_scoring():
     cfg, model, tokens = setup(EVAL_TIME_BUDGET=1e-6, SLOT_ENABLED=1)
     said = []
-    sliding, _ = run(cfg, model, tokens)
-    ttt, info = run(cfg, model, tokens, ttt=True, slot=True, log=said.append)
-    assert info["ttt_chunks_trained"] == 0 and torch.equal(ttt.nll[cfg.TTT_CHUNK_TOKENS:], sliding.nll[cfg.TTT_CHUNK_TOKENS:])
+    sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
+    ttt, info = evaluator(cfg, model, tokens, said.append).run_pass(True, True, with_mass=True)
+    assert info["ttt_chunks_trained"] == 0 and torch.equal(ttt.nll[cfg.TTT_CHUNK_TOKENS:],
+                                                           sliding.nll[cfg.TTT_CHUNK_TOKENS:])
     assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
     assert any("EVAL_TIME_BUDGET" in line and "without adapting" in line for line in said)
 
@@ -205,18 +209,18 @@ def test_slow_scoring_does_not_stop_ttt_before_an_update_is_measured(monkeypatch
     """Scoring the first of 5 chunks takes 3 s (as a slow SLOT can); an update takes far less. Guessing
     that the first update costs one scoring projects 3 + 4 * (3 + 3) = 27 s > 20 s and never adapts;
     with measured costs only the projection is about 3 + 4 * 3 = 15 s, and TTT adapts."""
-    real = tg.score_window_range
+    real = tg.Evaluator.score_window_range
     slow = [3.0]
 
     def slow_first_scoring(*args, **kwargs):
         time.sleep(slow.pop() if slow else 0)
         real(*args, **kwargs)
 
-    monkeypatch.setattr(tg, "score_window_range", slow_first_scoring)
+    monkeypatch.setattr(tg.Evaluator, "score_window_range", slow_first_scoring)
     cfg, model, tokens = setup(EVAL_TIME_BUDGET=20, SLOT_ENABLED=1)
     torch.optim.SGD(model.parameters())  # the first optimizer in a process imports torch._dynamo: seconds, untimed
     said = []
-    ttt, info = run(cfg, model, tokens, ttt=True, slot=True, log=said.append)
+    ttt, info = evaluator(cfg, model, tokens, said.append).run_pass(True, True, with_mass=True)
     assert info["ttt_chunks"] == 5 and info["ttt_chunks_trained"] > 1, said
     assert ttt.count.tolist() == [1] * (tokens.numel() - 1)
 
@@ -274,9 +278,15 @@ def test_run_reports_every_pass_and_the_artifact_alone_reproduces_them(small_sam
     assert "final_score" in log and "source:ttt+slot" in log and "NON-COMPLIANT" not in log
     import eval_artifact  # the same passes from the artifact file alone, as a user re-scores one
 
-    again = eval_artifact.evaluate_file(env, tmp_path / "logs" / "run.ptz", log=lambda _: None)
+    said = []  # shape knobs in the environment that disagree with the artifact are ignored, with a warning
+    conflicting = {**env, "NUM_LAYERS": "9", "MLP_MULT": "2.0"}
+    again = eval_artifact.evaluate_file(conflicting, tmp_path / "logs" / "run.ptz", log=said.append)
     for key in ("quantized_val_bpb", "sliding_val_bpb", "ttt_val_bpb", "score_source"):
         assert again[key] == summary[key], key
+    assert again["model_config"] == {k: summary["config"][k] for k in again["model_config"]}
+    warnings = [line for line in said if line.startswith("WARNING")]
+    assert warnings == ["WARNING: NUM_LAYERS=9 in the environment is ignored: the artifact's model has NUM_LAYERS=4",
+                        "WARNING: MLP_MULT=2.0 in the environment is ignored: the artifact's model has MLP_MULT=4.0"]
 
 
 def test_non_compliant_mode_says_so_everywhere(small_sample, tmp_path):
@@ -352,12 +362,11 @@ def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monk
 
     monkeypatch.setattr(tg, "EvalClock", clock_after_warm_up)
     cfg, model, tokens = setup(EVAL_SLIDING_ALSO=1, **knobs)
-    summary = {}
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(error_on_recompile=False):  # restored on the way out
-            tg.evaluate_artifact_model(cfg, model, tokens, uniform_byte_tables(cfg.VOCAB_SIZE), 4, CPU, lambda _: None,
-                                       summary)
+            data = tg.ValidationData(tokens, uniform_byte_tables(cfg.VOCAB_SIZE))
+            summary = tg.summary_fields(tg.evaluate_artifact_model(cfg, model, data, 4, CPU, lambda _: None))
     finally:
         torch._dynamo.reset()
     assert warmed == [2] and len(graphs) == 2

@@ -94,7 +94,8 @@ def test_forward_is_hidden_then_logits_with_softcap():
         logits = model.compute_logits(model.forward_hidden(tokens))
         nll = model(tokens[:, :-1], tokens[:, 1:])
     assert logits.abs().max() <= 30.0
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1), reduction="none")
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), tokens[:, 1:].reshape(-1),
+                                                 reduction="none")
     assert torch.allclose(nll.flatten().double(), expected.double(), atol=1e-6)
 
 
@@ -111,11 +112,13 @@ def test_zero_init_and_orthogonal_init():
         for name in ("attn.c_k", "attn.c_v"):  # 32 x 64: nn.Linear's default, uniform within 1/sqrt(fan_in)
             w = state[f"blocks.{i}.{name}.weight"]
             assert w.shape == (32, 64) and 0.9 / 8 < w.abs().max() <= 1 / 8, name
-    assert not torch.equal(state["blocks.0.attn.c_q.weight"], state["blocks.1.attn.c_q.weight"])  # each drawn on its own
+    assert not torch.equal(state["blocks.0.attn.c_q.weight"],
+                           state["blocks.1.attn.c_q.weight"])  # each drawn on its own
     assert torch.allclose(block.attn.q_gain, torch.full((4,), 5.25))
     assert model.blocks[2].norm_scale == pytest.approx(1 / 3 ** 0.5)
     assert [b.parallel for b in model.blocks] == [False, False, False, True, True]
-    assert [b.attn.xsa for b in tg.GPT(config_from_env({**FULL_OPTIONS, "XSA_LAST_N": "2"})).blocks] == [False] * 3 + [True] * 2
+    assert [b.attn.xsa for b in tg.GPT(config_from_env({**FULL_OPTIONS,
+                                                        "XSA_LAST_N": "2"})).blocks] == [False] * 3 + [True] * 2
 
 
 @pytest.mark.parametrize("requested", ["auto", "sdpa"])

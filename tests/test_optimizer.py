@@ -1,5 +1,4 @@
 """Muon (Newton-Schulz band, MuonEq-R, shape scale, decay), schedules and EMA."""
-import math
 
 import numpy as np
 import pytest
@@ -102,7 +101,8 @@ def test_parameter_groups_cover_every_parameter_once():
     assert adam.param_groups[0]["params"] == [model.tok_emb.weight]
     # The four banks, largest first, so the largest reduce-scatter starts first.
     assert muon.param_groups[0]["params"] == [model.mlp_up_bank, model.mlp_down_bank, model.qo_bank, model.kv_bank]
-    assert [tuple(p.shape) for p in muon.param_groups[0]["params"]] == [(3, 256, 64), (3, 64, 256), (6, 64, 64), (6, 32, 64)]
+    assert [tuple(p.shape) for p in muon.param_groups[0]["params"]] == [(3, 256, 64), (3, 64, 256), (6, 64, 64), (6, 32,
+                                                                                                                  64)]
     assert any(p is model.blocks[0].resid_mix for p in adam.param_groups[1]["params"])  # 2-D but a control
 
 

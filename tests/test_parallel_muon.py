@@ -61,8 +61,7 @@ def test_an_artifact_of_per_matrix_tensors_rebuilds_the_banked_model():
     with torch.no_grad():
         for p in reference.parameters():
             p.copy_(p.half().float())  # the fp16 pass-through rounding, applied to both sides
-    qm = tg.QuantizedModel({}, {k: v.half() for k, v in reference.state_dict().items()},
-                           {k: getattr(cfg, k) for k in tg.MODEL_KNOBS})
+    qm = tg.QuantizedModel({}, {k: v.half() for k, v in reference.state_dict().items()}, cfg.model)
     blob, _ = tg.encode_artifact(qm, "lzma")
     rebuilt = tg.model_from_artifact(tg.decode_artifact(blob), cfg, "sdpa", torch.device("cpu"))
     reference.looping = rebuilt.looping
@@ -170,8 +169,9 @@ def test_training_compiles_one_graph_and_looping_exactly_one_more():
     val = torch.cat(batches).flatten()
     with torch._dynamo.config.patch(recompile_limit=3, **strict):
         for _ in range(2):
-            tg.evaluate(model_fn, val, (torch.ones(97, dtype=torch.long), torch.zeros(97, dtype=torch.bool),
-                                        torch.zeros(97, dtype=torch.bool)), cfg.TRAIN_SEQ_LEN, 4, rt)
+            no = torch.zeros(97, dtype=torch.bool)
+            tg.evaluate(model_fn, tg.ValidationData(val, (torch.ones(97, dtype=torch.long), no, no)), cfg.TRAIN_SEQ_LEN,
+                        4, rt)
         steps(6, 2)
     assert len(graphs) == 3
     torch._dynamo.reset()

@@ -1,7 +1,10 @@
-"""Quantization and the artifact: bit packing, shuffling, GPTQ, the container, auto-fit, the guard."""
+"""Quantization and the artifact: shuffling, GPTQ, the container, the model config it carries, auto-fit, the guard."""
+import ast
 import json
 import math
 import shutil
+import sys
+import types
 import zlib
 
 import numpy as np
@@ -10,15 +13,6 @@ import torch
 
 import train_gpt as tg
 from test_training import tiny_env
-
-
-@pytest.mark.parametrize("bits", range(2, 9))
-@pytest.mark.parametrize("count", [1, 7, 13 * 5, 1001])
-def test_bit_packing_round_trips_exactly(bits, count):
-    values = np.random.default_rng(bits * count).integers(0, 2**bits, count).astype(np.uint8)
-    packed = tg.pack_bits(values, bits)
-    assert len(packed) == -(-count * bits // 8)  # really `bits` bits per value
-    assert np.array_equal(tg.unpack_bits(packed, bits, count), values)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 4])
@@ -81,21 +75,21 @@ def synthetic_quantized(bits_list, seed=0):
         q = torch.randint(-qmax, qmax + 1, (37, 53), generator=g).to(torch.int8)
         quantized[f"w{bits}"] = dict(q=q, scale=torch.rand(37, generator=g).half(), bits=bits, group="mlp")
     passthrough = {"gain": torch.randn(5, generator=g).half(), "mix": torch.randn(2, 3, generator=g).half()}
-    return tg.QuantizedModel(quantized, passthrough, dict(NUM_LAYERS=3, MLP_MULT=4.0))
+    model_config = tg.ModelConfig(NUM_LAYERS=3, MLP_MULT=3.5, MODEL_DIM=96, NUM_HEADS=3, NUM_KV_HEADS=1, ROPE_DIMS=8,
+                                  LOOP_START=1, LOOP_END=2)
+    return tg.QuantizedModel(quantized, passthrough, model_config)
 
 
 @pytest.mark.parametrize("compressor", ["brotli", "lzma"])
-def test_container_round_trip_is_exact_with_both_packings(compressor):
+def test_container_round_trip_is_exact(compressor):
     qm = synthetic_quantized(range(2, 9))
-    blob, accounting = tg.encode_artifact(qm, compressor)
+    blob, by_group = tg.encode_artifact(qm, compressor)
     back = tg.decode_artifact(blob)
     for name, e in qm.quantized.items():
         assert torch.equal(back.quantized[name]["q"], e["q"]) and torch.equal(back.quantized[name]["scale"], e["scale"])
     assert all(torch.equal(back.passthrough[k], v) for k, v in qm.passthrough.items())
-    assert back.model_config == qm.model_config
-    # uniform values: some widths are smaller bit-packed, others as bytes; both decode paths ran
-    assert accounting["packing_kept"]["bits"] > 0 and accounting["packing_kept"]["bytes"] > 0
-    assert sum(accounting["by_group"].values()) == len(blob)
+    assert back.model_config == qm.model_config and isinstance(back.model_config, tg.ModelConfig)
+    assert sum(by_group.values()) == len(blob)
 
 
 TINY_MODEL = dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8, XSA_LAST_N=2, NUM_LOOPS=0,
@@ -107,8 +101,7 @@ def tiny_artifact(vocab_size: int = 1024) -> bytes:
     cfg = tg.config_from_env({k: str(v) for k, v in dict(TINY_MODEL, VOCAB_SIZE=vocab_size).items()})
     torch.manual_seed(0)
     model = tg.GPT(cfg, "sdpa")
-    qm = tg.QuantizedModel({}, {k: v.half() for k, v in model.state_dict().items()},
-                           {k: getattr(cfg, k) for k in tg.MODEL_KNOBS})
+    qm = tg.QuantizedModel({}, {k: v.half() for k, v in model.state_dict().items()}, cfg.model)
     return tg.encode_artifact(qm, "lzma")[0]
 
 
@@ -125,10 +118,10 @@ def with_header(blob: bytes, change) -> bytes:
 
 def test_artifact_format_is_written_and_an_older_one_is_refused_by_number():
     blob = tiny_artifact()
-    assert blob[:4] == b"PGQ2"
-    assert tg.decode_artifact(with_header(blob, lambda h: None)).model_config["NUM_LAYERS"] == 2
-    older = with_header(blob, lambda h: h.update(format=1))
-    with pytest.raises(tg.ArtifactError, match="old.ptz: format 1 artifact, but this train_gpt.py reads format 2"):
+    assert blob[:4] == b"PGQ3"
+    assert tg.decode_artifact(with_header(blob, lambda h: None)).model_config.NUM_LAYERS == 2
+    older = with_header(blob, lambda h: h.update(format=2))
+    with pytest.raises(tg.ArtifactError, match="old.ptz: format 2 artifact, but this train_gpt.py reads format 3"):
         tg.decode_artifact(older, "old.ptz")
 
 
@@ -138,7 +131,8 @@ def test_artifact_format_is_written_and_an_older_one_is_refused_by_number():
     ("NUM_LAYERS", 2.5, "NUM_LAYERS='2.5' is not a valid int"),
     ("MLP_MULT", math.nan, "MLP_MULT='nan' is not a valid float"),
     ("ROPE_BASE", "fast", "ROPE_BASE='fast' is not a valid float"),
-    ("MATRIX_LR", 0.1, "'MATRIX_LR', which is not a model knob"),
+    ("MATRIX_LR", 0.1, "has 'MATRIX_LR', which is not a ModelConfig field"),
+    ("NUM_HEADS", 3, "MODEL_DIM=32 must be divisible by NUM_HEADS=3"),
 ])
 def test_header_model_knobs_are_checked_like_environment_knobs(knob, value, words):
     edited = with_header(tiny_artifact(), lambda h: h["model_config"].update({knob: value}))
@@ -147,8 +141,42 @@ def test_header_model_knobs_are_checked_like_environment_knobs(knob, value, word
     assert str(err.value).startswith("edited.ptz: header model_config") and words in str(err.value)
 
 
+def test_a_new_model_config_field_travels_through_the_artifact_with_no_other_edit(monkeypatch):
+    """What adding a field to ModelConfig does, simulated with a subclass: the header stores it, decoding
+    range-checks it like a knob and hands it to the rebuilt model's config, with no list to update."""
+    cfg = tg.config_from_env({k: str(v) for k, v in dict(TINY_MODEL, VOCAB_SIZE=1024).items()})
+    extended = tg.dataclasses.make_dataclass("ModelConfig", [("NEW_SWITCH", "int", tg.knob(0, 0, 7))],
+                                             bases=(tg.ModelConfig,))
+    model_config = extended(**tg.dataclasses.asdict(cfg.model), NEW_SWITCH=5)
+    monkeypatch.setattr(tg, "ModelConfig", extended)
+    torch.manual_seed(0)
+    model = tg.GPT(model_config, "sdpa")
+    qm = tg.QuantizedModel({}, {k: v.half() for k, v in model.state_dict().items()}, model_config)
+    blob = tg.encode_artifact(qm, "lzma")[0]
+    back = tg.decode_artifact(blob)
+    assert back.model_config == model_config and back.model_config.NEW_SWITCH == 5
+    rebuilt = tg.model_from_artifact(back, cfg, "sdpa", torch.device("cpu"))
+    assert all(torch.equal(v, model.state_dict()[k].half().float()) for k, v in rebuilt.state_dict().items())
+    with pytest.raises(tg.ArtifactError, match="NEW_SWITCH='9' is out of range"):
+        tg.decode_artifact(with_header(blob, lambda h: h["model_config"].update(NEW_SWITCH=9)))
+
+
+def test_every_model_config_field_is_a_knob_and_config_model_copies_them_all():
+    names = [f.name for f in tg.dataclasses.fields(tg.ModelConfig)]
+    assert [f.name for f in tg.dataclasses.fields(tg.Config)][:len(names)] == names  # inherited: one declaration
+    env = {name: str(2 * getattr(tg.ModelConfig(), name)) for name in ("NUM_LAYERS", "XSA_LAST_N", "ROPE_BASE")}
+    cfg = tg.config_from_env(env)
+    assert cfg.model == tg.ModelConfig(NUM_LAYERS=22, XSA_LAST_N=22, ROPE_BASE=20000.0)
+    assert type(cfg.model) is tg.ModelConfig and tg.dataclasses.asdict(cfg.model).keys() == set(names)
+
+
+def test_a_header_without_a_model_field_is_refused_by_name():
+    edited = with_header(tiny_artifact(), lambda h: h["model_config"].pop("XSA_LAST_N"))
+    with pytest.raises(tg.ArtifactError, match="edited.ptz: header model_config lacks 'XSA_LAST_N'"):
+        tg.decode_artifact(edited, "edited.ptz")
+
+
 @pytest.mark.parametrize("knob, value, words", [
-    ("NUM_HEADS", 3, "do not fit together: MODEL_DIM=32 must be divisible by NUM_HEADS=3"),
     ("MODEL_DIM", 64, "or stores it in another shape"),
 ])
 def test_header_knobs_that_disagree_with_the_weights_are_refused(knob, value, words):
@@ -163,7 +191,7 @@ def test_compressed_size_does_not_grow_with_clip_sigmas():
     sizes = []
     for k in (3.0, 6.0, 12.85, 20.0, 40.0):
         q, scale = tg.quantize_rtn(W, 6, k)
-        qm = tg.QuantizedModel({"w": dict(q=q, scale=scale.half(), bits=6, group="mlp")}, {}, {})
+        qm = tg.QuantizedModel({"w": dict(q=q, scale=scale.half(), bits=6, group="mlp")}, {}, tg.ModelConfig())
         sizes.append(len(tg.encode_artifact(qm, "brotli")[0]))
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.7 * sizes[0]
 
@@ -185,8 +213,8 @@ def test_run_reports_every_byte(artifact_run):
     assert summary["code_bytes"] < summary["code_bytes_raw"] / 2
     assert summary["quant_gap_bpb"] == summary["quantized_val_bpb"] - summary["pre_quant_val_bpb"]
     assert abs(summary["quant_gap_bpb"]) < 0.05
-    assert summary["packing_bytes_per_value_total"] < summary["packing_bitpacked_total"]
-    for key in ("hessian_seconds", "gptq_seconds", "compress_seconds", "decompress_seconds", "artifact_production_seconds"):
+    for key in ("hessian_seconds", "gptq_seconds", "compress_seconds", "decompress_seconds",
+                "artifact_production_seconds"):
         assert summary[key] >= 0, key
 
 
@@ -197,7 +225,8 @@ def test_artifact_alone_rebuilds_the_quantized_model(artifact_run, small_sample,
     assert len(model.blocks) == 4 and model.tok_emb.weight.shape == (1024, 64) and model.looping
     data = tg.Path(small_sample["dataset_dir"])
     tables = tg.byte_tables(tg.load_tokenizer(tg.Path(small_sample["tokenizer_model"]), 1024))
-    result = tg.evaluate(model, tg.load_validation_tokens(data), tables, 64, 64, tg.Runtime(0, 1, torch.device("cpu")))
+    val = tg.ValidationData(tg.load_validation_tokens(data), tables)
+    result = tg.evaluate(model, val, 64, 64, tg.Runtime(0, 1, torch.device("cpu")))
     assert result["val_bpb"] == summary["quantized_val_bpb"]
 
 
@@ -244,13 +273,15 @@ def test_calibration_reads_training_shards_only(small_sample, tmp_path, monkeypa
     model.looping = True
     plan = tg.quantization_plan(model, cfg)
     rt = tg.Runtime(0, 1, torch.device("cpu"))
-    hessians, tokens = tg.collect_hessians(cfg, model, plan, tg.calibration_batches(cfg, tg.find_shards(data, "train"), rt), rt)
+    hessians, tokens = tg.collect_hessians(cfg, model, plan, tg.calibration_batches(cfg, tg.find_shards(data, "train"),
+                                                                                    rt), rt)
     assert opened and all(name.startswith("fineweb_train_") for name in opened)
     assert tokens == 2 * cfg.TRAIN_BATCH_TOKENS and set(hessians) == {g.hessian for g in plan}
 
     # Same Hessians by hand: the final hidden state and every pass through a looped layer.
     seen = {"final_hidden": [], "blocks.1.attn.qkv": []}
-    hook = model.blocks[1].attn.c_q.register_forward_pre_hook(lambda _m, args: seen["blocks.1.attn.qkv"].append(args[0]))
+    hook = model.blocks[1].attn.c_q.register_forward_pre_hook(lambda _m,
+                                                              args: seen["blocks.1.attn.qkv"].append(args[0]))
     loader = tg.TrainLoader(tg.find_shards(data, "train"), cfg.TRAIN_SEQ_LEN, cfg.SEED)
     with torch.no_grad():
         for _ in range(2):
@@ -297,8 +328,10 @@ def test_artifact_failure_on_rank_zero_stops_every_rank(small_sample, tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, **tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=1000, RUN_ID="ddp"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tg.Path(tg.__file__))]
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=1000, RUN_ID="ddp"),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tg.Path(tg.__file__))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
     assert "ARTIFACT_TARGET_BYTES=1000: still" in done.stderr and "rank 0 could not build the artifact" in done.stderr
@@ -313,9 +346,31 @@ def test_autofit_on_two_ranks_keeps_the_collectives_in_step(artifact_run, small_
     import sys
 
     target = int(artifact_run[0]["artifact_bytes_total"] * 0.85)
-    env = {**os.environ, **tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=target, RUN_ID="ddp"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tg.Path(tg.__file__))]
+    env = {**os.environ, **tiny_env(small_sample, tmp_path, ARTIFACT_TARGET_BYTES=target, RUN_ID="ddp"),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tg.Path(tg.__file__))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "logs" / "ddp.json").read_text())
     assert summary["artifact_bytes_total"] <= target and "autofit_bpb_cost" in summary and summary["score_source"] == "ttt"
+
+
+def test_the_shipped_code_drops_the_knob_docs_and_keeps_every_knob(monkeypatch):
+    """The packed file leaves out knob(doc=...) (docs/knobs.md is generated from the source), nothing else."""
+    source = tg.Path(tg.__file__).read_text()
+    minified = tg.minify_source(source)
+    def knob_docs(text):
+        return [k for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Call) and getattr(node.func, "id",
+                                                                                                  "") == "knob"
+                for k in node.keywords if k.arg == "doc"]
+    assert len(knob_docs(source)) > 50 and knob_docs(minified) == []
+    shipped = types.ModuleType("shipped_train_gpt")
+    monkeypatch.setitem(sys.modules, shipped.__name__, shipped)  # dataclasses look their module up
+    exec(compile(minified, "shipped_train_gpt.py", "exec"), shipped.__dict__)
+
+    def knobs(config_class):
+        return [(f.name, f.default, *(f.metadata[k] for k in ("lo", "hi",
+                                                              "choices"))) for f in tg.dataclasses.fields(config_class)]
+    assert knobs(shipped.Config) == knobs(tg.Config)
+    assert all(f.metadata["doc"] == "" for f in tg.dataclasses.fields(shipped.Config))

@@ -61,7 +61,8 @@ def test_sweep_resumes_with_the_unfinished_seed_only(swept, monkeypatch, unfinis
 def test_ending_a_sweep_ends_its_trainer(small_sample, tmp_path):
     env = {**os.environ, **tiny_env(small_sample, tmp_path, ITERATIONS=100000, VAL_LOSS_EVERY=0), "SEEDS": "5 6"}
     logs = tmp_path / "sweep_logs"
-    runner = subprocess.Popen([sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), "--name", "k", "--log-dir", str(logs)],
+    runner = subprocess.Popen([sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), "--name", "k", "--log-dir",
+                               str(logs)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -114,7 +115,8 @@ def test_significance_cli_states_units_and_verdict(swept):
     for words in ("bpb |", "nats per token |", "nats per byte", "one-sample t-test, one-sided, in nats per token",
                   "verdict: the README rule (>= 0.005 nats at p < 0.01), applied in nats per token"):
         assert words in out, words
-    welch = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "significance.py"), files[0], "--reference", files[1],
+    welch = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "significance.py"), files[0], "--reference",
+                            files[1],
                             "--unit", "byte"], capture_output=True, text=True, timeout=60)
     assert "Welch t-test, one-sided, in nats per byte" in welch.stdout and "no spread" in welch.stdout
 
@@ -134,7 +136,8 @@ def copy_runs(logs: Path, dest: Path, change=None) -> list[Path]:
 
 def test_record_folder_is_complete(swept, tmp_path):
     results, _, logs, _ = swept
-    folder = make_record.make_record(copy_runs(logs, tmp_path / "runs"), "TinyTest", author="Tester", github_id="tester",
+    folder = make_record.make_record(copy_runs(logs, tmp_path / "runs"), "TinyTest", author="Tester",
+                                     github_id="tester",
                                      date="2026-11-23", reference=9.0, out=tmp_path / "records")
     assert folder == tmp_path / "records" / "track_10min_16mb" / "2026-11-23_TinyTest"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
@@ -152,7 +155,8 @@ def test_record_folder_is_complete(swept, tmp_path):
         assert f"| {r['seed']} | {r['steps']} |" in text and f"{r['val_bpb']:.5f}" in text
     assert "## Significance" in text and "SEED=<seed> torchrun" in text
     with pytest.raises(make_record.Refused, match="already exists"):
-        make_record.make_record(copy_runs(logs, tmp_path / "again"), "TinyTest", date="2026-11-23", out=tmp_path / "records")
+        make_record.make_record(copy_runs(logs, tmp_path / "again"), "TinyTest", date="2026-11-23",
+                                out=tmp_path / "records")
 
 
 def oversize(summary, _log):
@@ -185,7 +189,8 @@ def other_code(_summary, log):
 
 
 @pytest.mark.parametrize("change,reason", [(oversize, r"bytes \(script \d+ \+ model 16000000\) > 16000000"),
-                                           (overtime, r"training data was read for 601.0s \(steps \+ GPTQ calibration\) > 600s"),
+                                           (overtime,
+                                            r"training data was read for 601.0s \(steps \+ GPTQ calibration\) > 600s"),
                                            (slow_eval, "evaluation took 600.5s > 600s"),
                                            (other_config, "configuration differs from seed 11 in MATRIX_LR"),
                                            (leaky, "non-compliant mode"), (other_code, "different train_gpt.py")],
@@ -234,7 +239,8 @@ def test_plot_is_a_png_with_one_series_per_seed(swept, tmp_path):
 def fake_run(folder: Path, seed: int = 1, **changes) -> Path:
     """A finished run's summary and log, as small as make_record accepts; changes edit the summary."""
     folder.mkdir(exist_ok=True)
-    summary = dict(run_id=f"r{seed}", run_start_id=f"start{seed}", seed=seed, status="ok", config={"SEED": seed, "MATRIX_LR": 0.02},
+    summary = dict(run_id=f"r{seed}", run_start_id=f"start{seed}", seed=seed, status="ok", config={"SEED": seed,
+                                                                                                   "MATRIX_LR": 0.02},
                    model_bytes=1000, train_seconds=100.0, steps=10, ms_per_step=10.0, val_loss=3.0, val_bpb=1.2,
                    score_source="sliding")
     summary.update(changes)

@@ -16,7 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import throughput  # noqa: E402
 
-TINY = dict(VOCAB_SIZE="97", NUM_LAYERS="5", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8", XSA_LAST_N="5",
+TINY = dict(VOCAB_SIZE="97", NUM_LAYERS="5", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+            XSA_LAST_N="5",
             NUM_LOOPS="2", LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_START="3", MLP_MULT="2",
             TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="256")
 
@@ -31,8 +32,10 @@ def test_flops_per_token_equals_what_pytorch_counts(looping):
     x = torch.randint(0, 97, (3, cfg.TRAIN_SEQ_LEN + 1))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x[:, :-1], x[:, 1:]).mean().backward()
-    assert counter.get_total_flops() == throughput.model_flops_per_token(cfg, looping, causal=False) * 3 * cfg.TRAIN_SEQ_LEN
-    causal_attention = throughput.model_flops_per_token(cfg, looping) - throughput.model_flops_per_token(cfg, looping, causal=False)
+    assert counter.get_total_flops() == throughput.model_flops_per_token(cfg, looping,
+                                                                         causal=False) * 3 * cfg.TRAIN_SEQ_LEN
+    causal_attention = throughput.model_flops_per_token(cfg, looping) - throughput.model_flops_per_token(cfg, looping,
+                                                                                                         causal=False)
     layers = 9 if looping else 5
     assert causal_attention == pytest.approx(-layers * 12 * 64 * (32 - 1) / 2)
 
@@ -41,7 +44,8 @@ def test_benchmark_runs_under_torchrun_and_its_figures_agree(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO_ROOT / "bench" / "throughput.py"), "--steps", "2", "--warmup", "1", "--json", str(out)]
-    done = subprocess.run(cmd, env={**os.environ, **TINY, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env={**os.environ, **TINY, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["world_size"] == 2 and r["accum_steps"] == 4 and r["attention_backend"] == "sdpa"

@@ -63,8 +63,7 @@ def test_run_writes_log_and_summary(reference_run):
     assert tg.load_artifact(artifact).run_start_id == on_disk["run_start_id"]
     cfg = tg.Config(**on_disk["config"])
     with pytest.raises(tg.ArtifactError, match="was written by run .*, not by this run 0+"):
-        tg.load_quantized_model(cfg, artifact, "sdpa", tg.Runtime(0, 1, torch.device("cpu")),
-                                dict(run_start_id="0" * 32), print)
+        tg.load_quantized_model(cfg, "sdpa", tg.Runtime(0, 1, torch.device("cpu")), "0" * 32, print)
     assert on_disk["config"]["NUM_LAYERS"] == 4 and on_disk["seed"] == 7
     assert math.isfinite(on_disk["val_bpb"]) and 0 < on_disk["val_bpb"] < 10
     assert on_disk["val_bpb"] == on_disk["ttt_val_bpb"] and on_disk["val_loss"] == on_disk["ttt_val_loss"]
@@ -95,17 +94,20 @@ def test_prime_compilation_restores_model_and_optimizer_state(small_sample, tmp_
     optimizers = tg.build_optimizers(cfg, model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     rt = tg.Runtime(0, 1, torch.device("cpu"))
-    tg.prime_compilation(cfg, model, model, optimizers, tg.find_shards(small_sample["dataset_dir"], "train"), rt, print)
+    trainer = tg.Trainer(cfg, model, model, optimizers, tg.find_shards(small_sample["dataset_dir"], "train"), rt, print)
+    trainer.prime_compilation()
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
     assert all(len(opt.state) == 0 for opt in optimizers) and not model.looping
-    assert [g["lr"] for opt in optimizers for g in opt.param_groups] == [cfg.TIED_EMBED_LR, cfg.SCALAR_LR, cfg.MATRIX_LR]
+    assert [g["lr"] for opt in optimizers for g in opt.param_groups] == [cfg.TIED_EMBED_LR, cfg.SCALAR_LR,
+                                                                         cfg.MATRIX_LR]
 
 
 def test_two_ranks_match_one_rank(reference_run, small_sample, tmp_path):
     reference, _ = reference_run
     """Also the README's command as it stands: no RUN_ID, so rank 0's random id must name every rank's files."""
     env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID=""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train_gpt.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO_ROOT / "train_gpt.py")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (summary_path,) = (tmp_path / "logs").glob("*.json")
@@ -124,7 +126,8 @@ def test_four_ranks_match_one_rank(reference_run, small_sample, tmp_path):
     reference, _ = reference_run
     env = {**os.environ, **tiny_env(small_sample, tmp_path, RUN_ID="four", VAL_LOSS_EVERY=0, TTT_ENABLED=0,
                                     SLOT_ENABLED=0), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(REPO_ROOT / "train_gpt.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           str(REPO_ROOT / "train_gpt.py")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     four = json.loads((tmp_path / "logs" / "four.json").read_text())
@@ -208,7 +211,8 @@ def test_a_missing_compressor_package_fails_at_start(small_sample, tmp_path, mon
 def test_bad_data_fails_before_training_with_a_clear_message(small_sample, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True,
+                          timeout=120,
                           env={**os.environ, **tiny_env(small_sample, tmp_path, DATA_PATH=empty)})
     assert done.returncode == 2
     assert "error: no fineweb_train_*.bin shards in" in done.stderr and "Traceback" not in done.stderr
@@ -275,7 +279,7 @@ def test_out_of_memory_names_the_knobs_to_lower(small_sample, tmp_path, monkeypa
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tg, "train_model", no_memory)
+    monkeypatch.setattr(tg.Trainer, "train", no_memory)
     with pytest.raises(tg.ConfigError, match="out of memory on cpu .*lower TRAIN_BATCH_TOKENS"):
         tg.main(tiny_env(small_sample, tmp_path))
     assert "lower TRAIN_BATCH_TOKENS" in json.loads((tmp_path / "logs" / "run.json").read_text())["error"]
@@ -283,7 +287,8 @@ def test_out_of_memory_names_the_knobs_to_lower(small_sample, tmp_path, monkeypa
 
 def test_an_unusable_log_dir_is_one_line(small_sample, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "train_gpt.py")], capture_output=True, text=True,
+                          timeout=120,
                           env={**os.environ, **tiny_env(small_sample, tmp_path, LOG_DIR=tmp_path / "file" / "logs")})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "LOG_DIR=" in done.stderr and "cannot be written" in done.stderr

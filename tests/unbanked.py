@@ -144,7 +144,8 @@ def replicated_optimizers(cfg, model: UnbankedGPT):
 
 def replicated_step(cfg, model: UnbankedGPT, adam, muon) -> float:
     """The foundation's step on one process: clip to the global norm, then AdamW and Muon."""
-    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.GRAD_CLIP_NORM) if cfg.GRAD_CLIP_NORM > 0 else None
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()),
+                                          cfg.GRAD_CLIP_NORM) if cfg.GRAD_CLIP_NORM > 0 else None
     adam.step()
     muon.step()
     model.zero_grad(set_to_none=True)
@@ -169,5 +170,6 @@ def small_training_problem():
         for p in model.parameters():  # the zero-initialized projections must carry gradient too
             p.add_(torch.randn_like(p) * 0.05)
     model.looping = True
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (PROBLEM_STEPS, 8, cfg.TRAIN_SEQ_LEN + 1), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, cfg.VOCAB_SIZE, (PROBLEM_STEPS, 8, cfg.TRAIN_SEQ_LEN + 1),
+                           generator=torch.Generator().manual_seed(1))
     return cfg, model, list(tokens)

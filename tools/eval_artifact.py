@@ -3,7 +3,8 @@
     DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=1024 python3 tools/eval_artifact.py logs/RUN.ptz
     SLOT_ENABLED=1 SLOT_OPTIMIZER=lbfgs TTT_ENABLED=0 python3 tools/eval_artifact.py logs/RUN.ptz --max-tokens 50000
 
-The model is rebuilt from the artifact alone (its own shape knobs); the run's evaluation passes
+The model is rebuilt from the artifact alone (its own ModelConfig: shape knobs in the environment that
+disagree are ignored, with a warning); the run's evaluation passes
 (plain, then TTT and/or SLOT as configured; sliding window when neither is on, or with
 EVAL_SLIDING_ALSO=1) score the validation stream, or its first --max-tokens tokens. Prints one
 line per pass and the summary as JSON. Works under torchrun.
@@ -21,27 +22,39 @@ sys.path.insert(0, str(REPO_ROOT))
 import train_gpt as tg  # noqa: E402
 
 
+def shape_knob_conflicts(env, model_config: tg.ModelConfig) -> list[str]:
+    """Model knobs set in the environment that the artifact's own ModelConfig overrides."""
+    warnings = []
+    for name, value in tg.dataclasses.asdict(model_config).items():
+        if name in env and name != "VOCAB_SIZE":  # VOCAB_SIZE must agree: model_from_artifact refuses a mismatch
+            given = tg.parse_knob(name, env[name], tg.knob_fields()[name])
+            if given != value:
+                warnings.append(f"WARNING: {name}={env[name]} in the environment is ignored: the artifact's model has "
+                                f"{name}={value}")
+    return warnings
+
+
 def evaluate_file(env, path: Path, max_tokens: int = 0, log=print) -> dict:
     cfg = tg.config_from_env(env)
     rt = tg.init_runtime(env)
+    if not rt.is_main:
+        log = lambda _: None  # noqa: E731 - rank 0 alone speaks
     backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     # The artifact first: a model for another vocabulary fails here, before the data is read.
-    model = tg.model_from_artifact(tg.load_artifact(path), cfg, backend, rt.device, origin=str(path))
-    data_path, tokenizer_path = tg.resolve_paths(cfg)
-    tables = tg.byte_tables(tg.load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
-    tokens = tg.load_validation_tokens(data_path)
-    if int(tokens.max()) >= cfg.VOCAB_SIZE:
-        raise tg.ConfigError(f"validation shards in {data_path} hold token id {int(tokens.max())} >= VOCAB_SIZE="
-                             f"{cfg.VOCAB_SIZE}: DATA_PATH is another vocabulary's data")
+    qm = tg.load_artifact(path)
+    model = tg.model_from_artifact(qm, cfg, backend, rt.device, origin=str(path))
+    for warning in shape_knob_conflicts(env, qm.model_config):
+        log(warning)
+    val = tg.load_validation_data(cfg)
     if max_tokens:
-        tokens = tokens[:max_tokens]
+        val = tg.ValidationData(val.tokens[:max_tokens], val.tables)
     batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
-    summary = dict(artifact=str(path), tokens=tokens.numel())
-    tg.evaluate_artifact_model(cfg, model, tokens, tables, batch_seqs, rt, log if rt.is_main else (lambda _: None), summary)
+    result = tg.evaluate_artifact_model(cfg, model, val, batch_seqs, rt, log)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return summary
+    return dict(artifact=str(path), tokens=val.tokens.numel(), model_config=tg.dataclasses.asdict(qm.model_config),
+                **tg.summary_fields(result))
 
 
 def main() -> None:

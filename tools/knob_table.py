@@ -56,7 +56,8 @@ def main() -> int:
         print(knob_table())
         return 0
     if readme_table(readme) != knob_table():
-        print("README.md's knob table is out of date: paste the output of `python3 tools/knob_table.py`", file=sys.stderr)
+        print("README.md's knob table is out of date: paste the output of `python3 tools/knob_table.py`",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -113,7 +113,8 @@ def hardware(versions: dict) -> str:
 
 
 def fmt(value, spec=".5f") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)) else "-"
+    return format(value, spec) if isinstance(value, (int, float)) and not (isinstance(value,
+                                                                                      float) and math.isnan(value)) else "-"
 
 
 def readme(name: str, track: str, runs: list[dict], sub: dict, sig_text: str | None) -> str:
@@ -155,8 +156,10 @@ def submission(name: str, track: str, runs: list[dict], author: str, github_id: 
                val_loss_std=statistics.stdev(loss) if len(runs) > 1 else 0.0,
                val_bpb_std=statistics.stdev(bpb) if len(runs) > 1 else 0.0,
                seeds=[r["seed"] for r in runs],
-               seed_results={str(r["seed"]): dict(val_loss=r["val_loss"], val_bpb=r["val_bpb"], artifact_bytes=totals[r["seed"]],
-                                                  steps=r["steps"], step_avg_ms=r["ms_per_step"], eval_time_s=r.get("eval_seconds"))
+               seed_results={str(r["seed"]): dict(val_loss=r["val_loss"], val_bpb=r["val_bpb"],
+                                                  artifact_bytes=totals[r["seed"]],
+                                                  steps=r["steps"], step_avg_ms=r["ms_per_step"],
+                                                  eval_time_s=r.get("eval_seconds"))
                              for r in runs},
                artifact_bytes_mean=statistics.fmean(totals.values()), artifact_bytes_max=max(totals.values()),
                bytes_total=max(totals.values()), train_steps_mean=statistics.fmean(r["steps"] for r in runs),
@@ -220,7 +223,8 @@ def parse_reference(text: str):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("summaries", nargs="+", type=Path, help="logs/<RUN_ID>.json, one per seed (the .txt beside each)")
+    parser.add_argument("summaries", nargs="+", type=Path,
+                        help="logs/<RUN_ID>.json, one per seed (the .txt beside each)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--track", choices=sorted(TRACKS), default="10min_16mb")
     parser.add_argument("--author", default="")
@@ -231,7 +235,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     reference = parse_reference(args.reference) if args.reference else None
     try:
-        folder = make_record(args.summaries, args.name, args.track, args.author, args.github_id, args.date, reference, args.out)
+        folder = make_record(args.summaries, args.name, args.track, args.author, args.github_id, args.date, reference,
+                             args.out)
     except Refused as e:
         raise SystemExit(f"refused: {e}") from None
     print(f"wrote {folder}")

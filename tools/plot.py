@@ -30,7 +30,8 @@ def plot(summaries: list[dict], out: Path, reference: float | None = None) -> di
             points = s.get(curve) or []
             axes[r, c].plot([p[x] for p in points], [p[y] for p in points], color=colour, label=label)
             if curve == "val_curve" and "val_bpb" in s:  # the final score, after quantization and eval
-                axes[r, c].plot([s["steps"] if x == 0 else s["train_seconds"]], [s["val_bpb"]], "*", color=colour, markersize=10)
+                axes[r, c].plot([s["steps"] if x == 0 else s["train_seconds"]], [s["val_bpb"]], "*", color=colour,
+                                markersize=10)
     for (r, c), (title, _, x, _) in panels.items():
         ax = axes[r, c]
         if reference is not None and r == 1:

@@ -127,7 +127,8 @@ def compare(runs: list[dict], reference, threshold: float = 0.005, alpha: float 
                   gain_nats_per_token=statistics.fmean(ref_tok) - statistics.fmean(nats_token),
                   test="one-sample" if fixed else "Welch", unit=unit, threshold=threshold, alpha=alpha)
     ref_u, new_u = [v * scale for v in ref_tok], [v * scale for v in nats_token]
-    test = (lambda margin: one_sample_p(ref_u[0], new_u, margin)) if fixed else (lambda margin: welch_p(ref_u, new_u, margin))
+    test = (lambda margin: one_sample_p(ref_u[0], new_u, margin)) if fixed else (lambda margin: welch_p(ref_u, new_u,
+                                                                                                        margin))
     result["t"], result["df"], result["p_threshold"] = test(threshold)
     result["p_any"] = test(0.0)[2]
     gain_u = result["gain_nats_per_token"] * scale

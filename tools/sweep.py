@@ -57,7 +57,8 @@ def command(script: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
 
 
-def run_sweep(seeds: list[int], name: str, log_dir: Path, script: Path, nproc: int, env=None, out=print) -> list[dict | None]:
+def run_sweep(seeds: list[int], name: str, log_dir: Path, script: Path, nproc: int, env=None,
+              out=print) -> list[dict | None]:
     """Run (or skip) every seed; returns the summaries (None for a failed seed)."""
     env = dict(os.environ if env is None else env)
     log_dir.mkdir(parents=True, exist_ok=True)
