@@ -2650,40 +2650,66 @@ def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
     return train_files, val
 
 
-def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> None:
-    """The pipeline: train, build the artifact, then score the model decoded from it. The one place that
-    assembles the JSON summary: each stage returns its result and its fields land here as it ends, so
-    a run that fails late still records everything before the failure."""
-    def record(result) -> None:
-        summary.update(summary_fields(result))
-
-    if rt.is_main:
-        for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
-            log(f"removed {path}, left by a write that was killed")
-    backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
-    summary["versions"] = versions(rt, backend)
-    log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
-    log("config:\n" + format_config(cfg))
-    train_files, val = load_inputs(cfg, log)
-
+def build_model(cfg: Config, backend: str, rt: Runtime, log) -> tuple[GPT, Callable, Optimizers]:
+    """The seeded model on this rank's device, the function training runs it through, and its optimizers."""
     torch.manual_seed(cfg.SEED)
     model = GPT(cfg.model, backend).to(rt.device)
-    summary["params"] = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{summary['params']} layer_order_looped:{model.loop_order}")
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_order_looped:{model.loop_order}")
     compiled = compiles(cfg, rt.device)
     model_fn = compile_model(model) if compiled else model
     log(f"compile:{'on' if compiled else 'off'} accum_steps:{rt.accum_steps} world_size:{rt.world_size}")
     optimizers = build_optimizers(cfg, model, rt.world_size)
     log(optimizers.muon.describe())
+    return model, model_fn, optimizers
+
+
+def pre_quantization_fields(validate: Callable[[], dict], log) -> dict:
+    """The trained (EMA) weights' score, before quantization: the reference for the quantization gap."""
+    t0 = time.perf_counter()
+    result = validate()
+    seconds = time.perf_counter() - t0
+    log(f"pre-quantization post-ema val_loss:{result['val_loss']:.6f} val_bpb:{result['val_bpb']:.6f} "
+        f"eval_time:{1000 * seconds:.0f}ms tokens:{result['val_tokens']} bytes:{result['val_bytes']}")
+    return dict(pre_quant_val_loss=result["val_loss"], pre_quant_val_bpb=result["val_bpb"],
+                val_tokens=result["val_tokens"], val_bytes=result["val_bytes"], pre_quant_eval_seconds=seconds)
+
+
+def autofit_bpb_cost(cfg: Config, unfitted: QuantizedModel, val: ValidationData, scored: EvalResult,
+                     batch_seqs: int, backend: str, device: torch.device, log) -> float:
+    """What auto-fit's larger sigmas cost: the plain pass of the model at the configured sigmas. A diagnostic,
+    so after the scored evaluation and outside its clock; rank 0 alone (no collective, eager) while the other
+    ranks wait at main's closing barrier."""
+    model = model_from_artifact(unfitted, cfg, backend, device)
+    plain_bpb = evaluate(model, val, cfg.TRAIN_SEQ_LEN, batch_seqs, Runtime(0, 1, device))["val_bpb"]
+    cost = scored.quantized_val_bpb - plain_bpb
+    log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> "
+        f"{scored.quantized_val_bpb:.6f} fitted, cost {cost:+.6f}")
+    return cost
+
+
+def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> None:
+    """The pipeline: train, build the artifact, then score the model decoded from it. The one place that
+    assembles the JSON summary: each stage returns its result and its fields land here as it ends, so
+    a run that fails late still records everything before the failure."""
+    if rt.is_main:
+        for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
+            log(f"removed {path}, left by a write that was killed")
+    backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
+    summary.update(versions=versions(rt, backend))
+    log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
+    log("config:\n" + format_config(cfg))
+    train_files, val = load_inputs(cfg, log)
+    model, model_fn, optimizers = build_model(cfg, backend, rt, log)
+    summary.update(params=sum(p.numel() for p in model.parameters()))
     val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
 
     def validate() -> dict:
         return evaluate(model_fn, val, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
 
     budget = training_budget(cfg, model, rt, log)
-    record(budget)
+    summary.update(summary_fields(budget))
     training = Trainer(cfg, model_fn, model, optimizers, train_files, rt, log).train(validate, budget.seconds)
-    record(training)
+    summary.update(summary_fields(training))
     if training.ema is not None:
         training.ema.copy_to()
         log("ema: applied EMA weights")
@@ -2691,32 +2717,19 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
     # The artifact is finished before any diagnostic evaluation, as the organizers' re-runs require.
     artifact, failure = build_artifact(cfg, model, train_files, rt, log, training.train_seconds,
                                        summary["run_start_id"])
-    record(artifact)
+    summary.update(summary_fields(artifact))
     fail_together(failure, rt, "could not build the artifact")
+    summary.update(pre_quantization_fields(validate, log))
 
-    t0 = time.perf_counter()
-    pre_quant = validate()
-    summary.update(pre_quant_val_loss=pre_quant["val_loss"], pre_quant_val_bpb=pre_quant["val_bpb"],
-                   val_tokens=pre_quant["val_tokens"], val_bytes=pre_quant["val_bytes"],
-                   pre_quant_eval_seconds=time.perf_counter() - t0)
-    log(f"pre-quantization post-ema val_loss:{pre_quant['val_loss']:.6f} val_bpb:{pre_quant['val_bpb']:.6f} "
-        f"eval_time:{1000 * summary['pre_quant_eval_seconds']:.0f}ms tokens:{pre_quant['val_tokens']} "
-        f"bytes:{pre_quant['val_bytes']}")
-
-    quant_model, summary["decompress_seconds"] = load_quantized_model(cfg, backend, rt, summary["run_start_id"], log)
+    quant_model, seconds = load_quantized_model(cfg, backend, rt, summary["run_start_id"], log)
+    summary.update(decompress_seconds=seconds)
     if artifact.packed is not None:
         check_round_trip(artifact.packed, quant_model, log)
-    scored = evaluate_artifact_model(cfg, quant_model, val, val_batch_seqs, rt, log, pre_quant["val_bpb"])
-    record(scored)
-    # What auto-fit's larger sigmas cost: a diagnostic, so after the scored evaluation and outside its
-    # clock; rank 0 alone (no collective, eager) while the other ranks wait at main's closing barrier.
+    scored = evaluate_artifact_model(cfg, quant_model, val, val_batch_seqs, rt, log, summary["pre_quant_val_bpb"])
+    summary.update(summary_fields(scored))
     if artifact.unfitted is not None:
-        unfitted_model = model_from_artifact(artifact.unfitted, cfg, backend, rt.device)
-        plain_bpb = evaluate(unfitted_model, val, cfg.TRAIN_SEQ_LEN, val_batch_seqs, Runtime(0, 1,
-                                                                                             rt.device))["val_bpb"]
-        summary["autofit_bpb_cost"] = scored.quantized_val_bpb - plain_bpb
-        log(f"autofit: quantized val_bpb {plain_bpb:.6f} at the configured sigmas (over budget) -> "
-            f"{scored.quantized_val_bpb:.6f} fitted, cost {summary['autofit_bpb_cost']:+.6f}")
+        cost = autofit_bpb_cost(cfg, artifact.unfitted, val, scored, val_batch_seqs, backend, rt.device, log)
+        summary.update(autofit_bpb_cost=cost)
     log(f"final_score val_loss:{scored.val_loss:.6f} val_bpb:{scored.val_bpb:.6f} source:{scored.score_source}"
         + ("" if scored.compliant else " NON-COMPLIANT"))
 

@@ -89,7 +89,7 @@ def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int) -> dict:
     backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     torch.manual_seed(cfg.SEED)
     model = tg.GPT(cfg, backend).to(rt.device)
-    compiled = rt.device.type == "cuda" and cfg.COMPILE == 1
+    compiled = tg.compiles(cfg, rt.device)
     model_fn = tg.compile_model(model) if compiled else model
     optimizers = tg.build_optimizers(cfg, model, rt.world_size)
     rows = tg.global_seqs(cfg) // rt.world_size

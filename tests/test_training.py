@@ -1,4 +1,5 @@
 """End-to-end runs on a small sample: outputs, determinism, warm-up rollback, ranks, failures."""
+import dataclasses
 import json
 import math
 import os
@@ -317,3 +318,29 @@ def test_packed_script_gives_the_same_results_as_the_source(reference_run, small
     assert same(run["artifact_bytes_by_group"]) == same(reference["artifact_bytes_by_group"])
     assert run["code_bytes_counted"] == "packed file" and reference["code_bytes_counted"].startswith("packed size computed")
     assert run["code_bytes_raw"] == sizes["minified"] and reference["code_bytes_raw"] == sizes["raw"]
+
+
+def test_every_stage_result_lands_in_the_summary(reference_run):
+    """The summary is assembled in one place from what the stages return: every JSON field of each result is
+    there, the in-memory objects (EMA, packed models) are not, and the per-pass fields are flattened."""
+    summary, _ = reference_run
+    for stage in (tg.TimeBudget, tg.TrainingResult, tg.ArtifactReport, tg.EvalResult):
+        for f in dataclasses.fields(stage):
+            if not (f.metadata.get("in_memory") or f.metadata.get("flatten")):
+                assert f.name in summary, (stage.__name__, f.name)
+    assert not {"ema", "packed", "unfitted", "passes"} & set(summary) and "ttt_val_bpb" in summary
+    assert summary["calibration_reserve_seconds"] is None and summary["peak_memory_mib"] is None  # no cap, no GPU
+
+
+def test_the_trainer_returns_its_figures(small_sample, tmp_path):
+    cfg = tg.config_from_env(tiny_env(small_sample, tmp_path, VAL_LOSS_EVERY=3))
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    rt = tg.Runtime(0, 1, torch.device("cpu"))
+    trainer = tg.Trainer(cfg, model, model, tg.build_optimizers(cfg, model),
+                         tg.find_shards(small_sample["dataset_dir"], "train"), rt, lambda _: None)
+    validations = []
+    result = trainer.train(lambda: validations.append(1) or dict(val_loss=1.0, val_bpb=2.0), budget=tg.INF)
+    assert result.steps == cfg.ITERATIONS == 8 and [s for s, *_ in result.val_curve] == [3, 6, 8] and len(validations) == 3
+    assert result.looping_enabled_step == 4 and result.ms_per_step_after_looping > 0 and isinstance(result.ema, tg.EMA)
+    assert [s for s, *_ in result.train_curve] == list(range(1, 9)) and result.tokens_per_second > 0
