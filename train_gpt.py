@@ -1238,6 +1238,11 @@ def next_step_would_overrun(train_seconds: float, recent_steps: list[float], bud
     return train_seconds + max(recent_steps[-RECENT_STEPS:]) > budget
 
 
+def train_data_seconds(train_seconds: float, hessian_seconds: float | None) -> float:
+    """Seconds during which training data was read: the timed steps plus GPTQ calibration."""
+    return train_seconds + (hessian_seconds or 0.0)
+
+
 def train_time_violation(data_seconds: float, cap: float = TRAIN_TIME_LIMIT_SECONDS) -> str | None:
     """The training time rule records are audited by: everything that reads training data (the
     timed steps and GPTQ calibration) ends within the cap. Quantization and compression read no
@@ -1996,7 +2001,7 @@ def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, train
 
 def time_rule_report(cfg: Config, train_seconds: float, hessian_seconds: float | None, log) -> ArtifactReport:
     """The seconds of training-data access (steps + calibration), said loudly when they broke the cap."""
-    data_seconds = train_seconds + (hessian_seconds or 0.0)
+    data_seconds = train_data_seconds(train_seconds, hessian_seconds)
     cap = cfg.MAX_WALLCLOCK_SECONDS or INF
     violation = train_time_violation(data_seconds, cap)
     log(f"train_data_seconds:{data_seconds:.1f} (steps + calibration) cap:{cap:g}")
@@ -2320,7 +2325,8 @@ def summarize_scores(scores: StreamScores, byte_counts: Tensor) -> dict:
     return dict(val_loss=nll_sum / scores.nll.numel(), val_bpb=nll_sum / (math.log(2) * float(byte_counts.sum())))
 
 
-def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes: list[tuple[int, int]], backend: str | None = None):
+def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes: list[tuple[int, int]],
+                 backend: str | None = None) -> Callable[[Tensor], Tensor]:
     """forward_hidden, compiled (where `compiles` says so, or with the torch.compile `backend` given)
     and warmed up on random tokens (never validation tokens) at every batch shape evaluation will
     use, under inference mode as it runs. Every scored pass feeds it contiguous int64 (rows, length)
@@ -2369,7 +2375,7 @@ class Evaluator:
     forward_hidden, or its compiled form (eval_forward); the clock starts when the evaluator is made."""
 
     def __init__(self, cfg: Config, model: GPT, data: ValidationData, rt: Runtime, log: Callable[[str], None] = print,
-                 hidden_fn: Callable[[Tensor], Tensor] | None = None):
+                 hidden_fn: Callable[[Tensor], Tensor] | None = None) -> None:
         self.cfg, self.model, self.data, self.rt, self.log = cfg, model, data, rt, log
         self.hidden_fn = hidden_fn or model.forward_hidden
         self.clock = EvalClock(cfg.EVAL_TIME_BUDGET)

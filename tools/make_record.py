@@ -89,7 +89,7 @@ def check(runs: list[dict], track: str) -> None:
         if shipped > LIMIT_BYTES:
             raise Refused(f"seed {seed}: {shipped} bytes (script {len(run['_script'].encode())} + model {run['model_bytes']}) "
                           f"> {LIMIT_BYTES}")
-        violation = train_gpt.train_time_violation(train_gpt.train_data_seconds(run), LIMIT_SECONDS)
+        violation = train_gpt.train_time_violation(data_seconds(run), LIMIT_SECONDS)
         if violation:
             raise Refused(f"seed {seed}: {violation}")
         if run.get("eval_seconds", 0.0) > LIMIT_SECONDS:
@@ -105,6 +105,11 @@ def check(runs: list[dict], track: str) -> None:
     seeds = [r.get("seed") for r in runs]
     if len(set(seeds)) != len(seeds):
         raise Refused(f"seeds {seeds}: each seed may appear once")
+
+
+def data_seconds(run: dict) -> float:
+    """The seconds the time rule caps: training steps plus GPTQ calibration (a summary without calibration had none)."""
+    return train_gpt.train_data_seconds(run["train_seconds"], run.get("hessian_seconds"))
 
 
 def hardware(versions: dict) -> str:
@@ -123,7 +128,7 @@ def readme(name: str, track: str, runs: list[dict], sub: dict, sig_text: str | N
     rows = [f"| {r['seed']} | {r['steps']} | {fmt(r['ms_per_step'], '.1f')} | {fmt(r.get('pre_quant_val_bpb'))} | "
             f"{fmt(r.get('quantized_val_bpb'))} | {fmt(r.get('sliding_val_bpb'))} | {fmt(r.get('ttt_val_bpb'))} | "
             f"{fmt(r.get('slot_val_bpb'))} | {fmt(r['val_bpb'])} | {sub['seed_results'][str(r['seed'])]['artifact_bytes']} | "
-            f"{fmt(train_gpt.train_data_seconds(r), '.1f')} | {fmt(r.get('artifact_production_seconds'), '.1f')} | "
+            f"{fmt(data_seconds(r), '.1f')} | {fmt(r.get('artifact_production_seconds'), '.1f')} | "
             f"{fmt(r.get('eval_seconds'), '.1f')} |" for r in runs]
     first = runs[0]
     versions = first.get("versions", {})

@@ -1,15 +1,15 @@
 """Write the self-extracting train_gpt.py that a record folder ships.
 
 The packed file is two lines: import lzma and base64, then exec the raw-LZMA2 decompression of
-a base85 string holding the minified source (docstrings and comments dropped, layout normalized
-by the syntax tree, names kept). Its length is what the trainer counts as code bytes.
+a base85 string holding the minified source (docstrings, comments and the knobs' doc= text dropped,
+layout normalized by the syntax tree, names kept). Its length is what the trainer counts as code bytes.
 
     python3 tools/pack_code.py                          # train_gpt.py -> build/train_gpt.py
     python3 tools/pack_code.py --src X.py --out Y.py
 
 Before writing, it proves the packed file is the same program: the payload decodes to the
 minified source, and that source parses back to exactly the syntax tree of the original with its
-docstrings removed (ast.unparse is checked, not trusted).
+docstrings and knob docs removed (ast.unparse is checked, not trusted).
 """
 import argparse
 import ast
@@ -34,7 +34,8 @@ def pack_file(src: Path, out: Path) -> dict:
     inner = unpack(packed)
     if inner != train_gpt.minify_source(source):
         raise SystemExit(f"error: the packed payload of {src} does not decode to its minified source")
-    if ast.dump(ast.parse(inner)) != ast.dump(train_gpt.strip_docstrings(ast.parse(source))):
+    intended = train_gpt.strip_knob_docs(train_gpt.strip_docstrings(ast.parse(source)))  # what minifying drops
+    if ast.dump(ast.parse(inner)) != ast.dump(intended):
         raise SystemExit(f"error: minifying {src} changed its syntax tree; ship the raw source instead")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(packed, encoding="utf-8")
