@@ -67,6 +67,11 @@ class ModelConfig:
     NUM_LOOPS: int = knob(2, 0, 16, doc="extra passes over layers LOOP_START..LOOP_END; 0 = no recurrence")
     LOOP_START: int = knob(3, 0, 255)
     LOOP_END: int = knob(5, 0, 255)
+    SMEAR_GATE: int = knob(0, 0, 1, doc="SmearGate: each token's embedding takes a learned, gated share of the "
+                           "previous token's, never across a BOS")
+    BOS_ID: int = knob(1, 0, 65535, doc="the token id that starts every document (checked against the tokenizer)")
+    SPARSE_ATTN_GATE: int = knob(0, 0, 1, doc="per-head attention output gate sigmoid(s*W*x[:12]), W zero-initialized")
+    SPARSE_ATTN_GATE_SCALE: float = knob(0.5, 0.0, 100.0, doc="s of the sparse attention gate")
     PARALLEL_RESIDUAL_START: int = knob(7, 0, 256,
                                         doc="first physical layer with parallel attention+MLP; >= NUM_LAYERS = none")
 
@@ -116,6 +121,8 @@ class Config(ModelConfig):
     MUON_NS_COEFFS: str = knob("quintic", choices=("quintic", "polar_express"))
     MUON_ROW_NORMALIZE: int = knob(1, 0, 1, doc="MuonEq-R: unit rows before Newton-Schulz")
     MUON_WD: float = knob(0.095, 0.0, 10.0)
+    WD_TAPER_START: float = knob(0.7, 0.0, 1.0, doc="training fraction after which MUON_WD tapers linearly")
+    WD_TAPER_FINAL_MULT: float = knob(1.0, 0.0, 10.0, doc="MUON_WD multiplier reached at the end; 1 = no taper")
     ADAM_WD: float = knob(0.02, 0.0, 10.0)
     EMBED_WD: float = knob(0.085, 0.0, 10.0)
     BETA1: float = knob(0.9, 0.0, 0.99999)
@@ -626,6 +633,9 @@ class LayerWeights(NamedTuple):
     down: Tensor
 
 
+GATE_INPUTS = 12  # channels of its input a SmearGate or sparse attention gate reads
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool, backend: str):
         super().__init__()
@@ -633,6 +643,10 @@ class Attention(nn.Module):
         self.xsa, self.attend = xsa, attention_function(backend)
         self.c_q, self.c_k, self.c_v, self.proj = BankedLinear(), BankedLinear(), BankedLinear(), BankedLinear()
         self.q_gain = nn.Parameter(torch.full((cfg.NUM_HEADS,), cfg.QK_GAIN_INIT))
+        self.gate_scale = cfg.SPARSE_ATTN_GATE_SCALE
+        # Sparse output gate: each head reads GATE_INPUTS channels of the block input and can switch itself off
+        # for that token, so no head needs a BOS attention sink to do nothing.
+        self.gate_w = nn.Parameter(torch.zeros(cfg.NUM_HEADS, GATE_INPUTS)) if cfg.SPARSE_ATTN_GATE else None
 
     def forward(self, x: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         B, T, _ = x.shape
@@ -645,6 +659,8 @@ class Attention(nn.Module):
         y = self.attend(q, k.to(v.dtype), v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
+        if self.gate_w is not None:
+            y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate_w.to(x.dtype)))[..., None]
         return self.proj(y.reshape(B, T, -1), w.o)
 
 
@@ -732,6 +748,11 @@ class GPT(nn.Module):
         num_skips = len(self.loop_order) // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, D))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, D))
+        if cfg.SMEAR_GATE:  # zero-initialized: the identity until training opens it
+            self.smear_w = nn.Parameter(torch.zeros(1, GATE_INPUTS))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.smear_gate, self.bos_id = bool(cfg.SMEAR_GATE), cfg.BOS_ID
+        self.smear_masks_bos = True  # tests switch it off to show the leak the mask prevents
         self.register_state_dict_post_hook(GPT._unbank_state)
         self.register_load_state_dict_pre_hook(GPT._bank_state)
         self._init_weights(cfg.TIED_EMBED_INIT_STD)
@@ -809,7 +830,10 @@ class GPT(nn.Module):
         """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam. The residual
         stream runs in compute_dtype; the final norm (like the logits) runs in the parameters' dtype."""
         dtype = self.compute_dtype
-        x = x0 = rms_norm(self.tok_emb(input_ids)).to(dtype)
+        x = self.tok_emb(input_ids)
+        if self.smear_gate:
+            x = self.smear(x, input_ids)
+        x = x0 = rms_norm(x).to(dtype)
         weights, rope = self.layer_weights(), self.rotary(input_ids.size(1), input_ids.device)
         order = self.layer_order()
         n_encoder = len(order) // 2
@@ -823,6 +847,15 @@ class GPT(nn.Module):
                 x = gate * x + (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
             x = self.blocks[layer](x, x0, weights[layer], rope)
         return rms_norm(x.to(self.tok_emb.weight.dtype))
+
+    def smear(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        """SmearGate: x_t + lambda * sigmoid(W x_t[:12]) * x_{t-1}, except where token t is a BOS, so the last
+        token of one document never reaches the next. The first position of a sequence has no predecessor."""
+        gate = self.smear_lambda * torch.sigmoid(F.linear(x[..., :GATE_INPUTS], self.smear_w))
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.smear_masks_bos:
+            previous = previous * (input_ids != self.bos_id).unsqueeze(-1)
+        return x + gate * previous
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         logits = F.linear(hidden, self.tok_emb.weight).float()
@@ -1010,6 +1043,14 @@ def lr_multiplier(cfg: Config, frac: float) -> float:
     return max((1 - frac) / cfg.WARMDOWN_FRAC, cfg.MIN_LR)
 
 
+def weight_decay_multiplier(cfg: Config, frac: float) -> float:
+    """Muon's weight decay: full until WD_TAPER_START, then linear to WD_TAPER_FINAL_MULT at the end."""
+    if cfg.WD_TAPER_FINAL_MULT == 1.0 or frac <= cfg.WD_TAPER_START:
+        return 1.0
+    t = (frac - cfg.WD_TAPER_START) / (1 - cfg.WD_TAPER_START)
+    return 1.0 + t * (cfg.WD_TAPER_FINAL_MULT - 1.0)
+
+
 def muon_momentum(cfg: Config, step: int) -> float:
     if step >= cfg.MUON_MOMENTUM_WARMUP_STEPS:
         return cfg.MUON_MOMENTUM
@@ -1018,13 +1059,14 @@ def muon_momentum(cfg: Config, step: int) -> float:
 
 
 def set_schedule(cfg: Config, optimizers, step: int, frac: float) -> None:
-    """LR and momentum live outside the compiled graph, in the optimizers' param groups."""
+    """LR, momentum and Muon's weight decay live outside the compiled graph, in the optimizers' param groups."""
     scale = lr_multiplier(cfg, frac)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
             if isinstance(opt, ParallelMuon):
                 group["momentum"] = muon_momentum(cfg, step)
+                group["weight_decay"] = cfg.MUON_WD * weight_decay_multiplier(cfg, frac)
 
 
 class EMA:
@@ -2633,25 +2675,40 @@ def versions(rt: Runtime, backend: str) -> dict:
                 gpu=gpu, attention_backend=backend, world_size=rt.world_size, device=str(rt.device))
 
 
-def load_validation_data(cfg: Config) -> ValidationData:
-    """The validation stream and the tokenizer's byte tables, both checked against VOCAB_SIZE."""
-    data_path, tokenizer_path = resolve_paths(cfg)
-    tables = byte_tables(load_tokenizer(tokenizer_path, cfg.VOCAB_SIZE))
+def checked_tokenizer(cfg: Config):
+    """The tokenizer, checked against VOCAB_SIZE (and its BOS against BOS_ID where the model reads it)."""
+    path = resolve_paths(cfg)[1]
+    sp = load_tokenizer(path, cfg.VOCAB_SIZE)
+    if cfg.SMEAR_GATE and sp.bos_id() != cfg.BOS_ID:
+        raise ConfigError(f"tokenizer {path} starts documents with id {sp.bos_id()} but BOS_ID={cfg.BOS_ID}; "
+                          f"set BOS_ID={sp.bos_id()} (SMEAR_GATE=1 masks the BOS)")
+    return sp
+
+
+def checked_validation_tokens(cfg: Config) -> Tensor:
+    data_path = resolve_paths(cfg)[0]
     tokens = load_validation_tokens(data_path)
     if int(tokens.max()) >= cfg.VOCAB_SIZE:
         raise ConfigError(f"validation shards in {data_path} hold token id {int(tokens.max())} >= VOCAB_SIZE="
                           f"{cfg.VOCAB_SIZE}: DATA_PATH is another vocabulary's data")
-    return ValidationData(tokens, tables)
+    return tokens
+
+
+def load_validation_data(cfg: Config) -> ValidationData:
+    """The validation stream and the tokenizer's byte tables, both checked."""
+    tables = byte_tables(checked_tokenizer(cfg))
+    return ValidationData(checked_validation_tokens(cfg), tables)
 
 
 def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
-    """Check every input before spending any time: the compressor, the tokenizer against VOCAB_SIZE, every
-    training shard, the validation stream's ids. Returns the training shards and the validation data."""
+    """Check every input before spending any time: the compressor, the tokenizer, every training shard, the
+    validation stream's ids. Returns the training shards and the validation data."""
     check_compressor(cfg.COMPRESSOR)
     data_path, tokenizer_path = resolve_paths(cfg)
+    tables = byte_tables(checked_tokenizer(cfg))
     train_files = find_shards(data_path, "train")
     check_training_shards(train_files, cfg.VOCAB_SIZE)
-    val = load_validation_data(cfg)
+    val = ValidationData(checked_validation_tokens(cfg), tables)
     log(f"train_shards:{len(train_files)} val_tokens:{val.tokens.numel()} data:{data_path} tokenizer:{tokenizer_path}")
     return train_files, val
 

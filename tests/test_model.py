@@ -26,7 +26,8 @@ def randomized_model(**overrides) -> tg.GPT:
 
 
 @pytest.mark.parametrize("looping", [False, True])
-@pytest.mark.parametrize("overrides", [{}, {"PARALLEL_RESIDUAL_START": "0"}, {"XSA_LAST_N": "0", "ROPE_DIMS": "16"}])
+@pytest.mark.parametrize("overrides", [{}, {"PARALLEL_RESIDUAL_START": "0"}, {"XSA_LAST_N": "0", "ROPE_DIMS": "16"},
+                                       {"SMEAR_GATE": "1", "SPARSE_ATTN_GATE": "1"}])
 def test_changing_token_j_changes_no_logit_before_j(looping, overrides):
     model = randomized_model(**overrides)
     model.looping = looping
@@ -229,3 +230,83 @@ def test_on_cuda_the_stream_is_bf16_by_default_and_the_loss_stays_close():
         _, _, reference = stream_dtypes(model, tokens)
     assert dtypes == {torch.bfloat16} and hidden.dtype == nll.dtype == torch.float32
     assert abs(nll.mean().item() - reference.mean().item()) < 0.01 * reference.mean().item()
+
+
+GATES = dict(SMEAR_GATE="1", SPARSE_ATTN_GATE="1")
+
+
+def test_gates_start_as_the_identity_and_a_half():
+    """Zero-initialized, SmearGate changes nothing and the sparse attention gate halves every head's output
+    (sigmoid(0)): the gated model equals the plain one with its attention output projections halved."""
+    torch.manual_seed(0)
+    plain = tg.GPT(config_from_env(FULL_OPTIONS)).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    gated = tg.GPT(config_from_env({**FULL_OPTIONS, **GATES})).double()
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(["smear_w", "smear_lambda"] + [f"blocks.{i}.attn.gate_w" for i in range(5)])
+    assert not unexpected
+    halved = plain.state_dict()
+    for i in range(5):
+        halved[f"blocks.{i}.attn.proj.weight"] = halved[f"blocks.{i}.attn.proj.weight"] * 0.5
+    plain.load_state_dict(halved)
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(gated.forward_hidden(tokens), plain.forward_hidden(tokens), rtol=1e-12, atol=1e-12)
+
+
+def test_a_closed_sparse_gate_silences_its_head_only():
+    cfg = config_from_env({**FULL_OPTIONS, **GATES, "XSA_LAST_N": "0"})
+    torch.manual_seed(0)
+    attn = tg.GPT(cfg).double().blocks[0].attn
+    x = torch.randn(1, 6, 64, dtype=torch.float64)
+    w = tg.LayerWeights(*(torch.randn(s, dtype=torch.float64) * 0.2 for s in [(64, 64), (32, 64), (32, 64), (64, 64),
+                                                                               (128, 64), (64, 128)]))
+    with torch.no_grad():
+        attn.gate_w[2, 0] = -1e4 / cfg.SPARSE_ATTN_GATE_SCALE  # head 2 reads channel 0, kept positive below
+        x[..., 0] = x[..., 0].abs() + 0.1
+        captured = {}
+        attn.proj.forward = lambda y, weight: captured.setdefault("y", y)  # the gated heads, before the projection
+        attn(x, w, None)
+    heads = captured["y"].view(1, 6, 4, 16)
+    assert heads[:, :, 2].abs().max() == 0 and heads[:, :, [0, 1, 3]].abs().min() > 0
+
+
+def test_smear_gate_never_carries_a_token_across_a_bos():
+    """Two documents, each opened by BOS (id 1). Changing the last token of the first changes nothing the
+    SmearGate gives the second; without the BOS mask the second document's BOS would take it in."""
+    model = tg.GPT(config_from_env({**FULL_OPTIONS, **GATES})).double()
+    with torch.no_grad():
+        model.smear_w.normal_()
+        model.smear_lambda.fill_(1.0)
+    ids = torch.tensor([[1, 5, 6, 7, 1, 8, 9, 10]])
+    changed = ids.clone()
+    changed[0, 3] = 50  # the first document's last token
+    for masked in (True, False):
+        model.smear_masks_bos = masked
+        with torch.no_grad():
+            out, out_changed = (model.smear(model.tok_emb(i), i) for i in (ids, changed))
+        second_document_same = torch.equal(out[0, 4:], out_changed[0, 4:])
+        assert second_document_same == masked
+        assert not torch.equal(out[0, 3], out_changed[0, 3])  # the probe is real
+
+
+def test_a_tokenizer_whose_bos_is_not_bos_id_stops_a_smear_gate_run(small_sample, tmp_path):
+    from test_training import tiny_env
+
+    cfg = config_from_env(tiny_env(small_sample, tmp_path, SMEAR_GATE=1, BOS_ID=5))
+    with pytest.raises(tg.ConfigError, match="starts documents with id 1 but BOS_ID=5; set BOS_ID=1"):
+        tg.load_validation_data(cfg)
+    assert tg.load_validation_data(tg.dataclasses.replace(cfg, SMEAR_GATE=0)).tokens.numel() > 0  # unused unless on
+
+
+def test_the_muon_weight_decay_taper():
+    cfg = config_from_env({"WD_TAPER_START": "0.7", "WD_TAPER_FINAL_MULT": "0.5"})
+    assert [tg.weight_decay_multiplier(cfg, f) for f in (0.0, 0.7, 0.85, 1.0)] == pytest.approx([1, 1, 0.75, 0.5])
+    assert {tg.weight_decay_multiplier(config_from_env({}), f) for f in (0.0, 0.9, 1.0)} == {1.0}  # off by default
+    model = tg.GPT(config_from_env({**FULL_OPTIONS, "NUM_LOOPS": "0"}))
+    optimizers = tg.build_optimizers(cfg, model)
+    tg.set_schedule(cfg, optimizers, step=10, frac=0.85)
+    assert optimizers.muon.param_groups[0]["weight_decay"] == pytest.approx(0.095 * 0.75)
+    assert [g["weight_decay"] for g in optimizers.adam.param_groups] == [cfg.EMBED_WD, cfg.ADAM_WD]  # Muon only

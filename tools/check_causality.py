@@ -52,6 +52,8 @@ def random_model(cfg: tg.Config, seed: int) -> tg.GPT:
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 / p.size(1) ** 0.5)
+            elif name == "smear_lambda":  # a closed SmearGate would hide a leak across positions
+                p.fill_(1.0)
     model.looping = cfg.NUM_LOOPS > 0
     return model.eval()
 
@@ -102,7 +104,10 @@ def describe(cfg_env) -> str:
     cfg = check_config(cfg_env)
     slot = (f"SLOT {cfg.SLOT_OPTIMIZER} mode={cfg.SLOT_MODE} scope={cfg.SLOT_DELTA_SCOPE} bias={cfg.SLOT_LOGIT_BIAS} "
             f"warm={cfg.SLOT_WARM_START}" if cfg.SLOT_ENABLED else "no SLOT")
-    return f"TTT={'on' if cfg.TTT_ENABLED else 'off'}, {slot}, EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN} EVAL_STRIDE={cfg.EVAL_STRIDE}"
+    switches = [name for name in ("SMEAR_GATE", "SPARSE_ATTN_GATE") if getattr(cfg, name)]
+    model = f"model with {', '.join(switches)}" if switches else "model without gates"
+    return (f"TTT={'on' if cfg.TTT_ENABLED else 'off'}, {slot}, EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN} "
+            f"EVAL_STRIDE={cfg.EVAL_STRIDE}, {model}")
 
 
 def main() -> int:
