@@ -70,6 +70,7 @@ class ModelConfig:
     SMEAR_GATE: int = knob(0, 0, 1, doc="SmearGate: each token's embedding takes a learned, gated share of the "
                            "previous token's, never across a BOS")
     BOS_ID: int = knob(1, 0, 65535, doc="the token id that starts every document (checked against the tokenizer)")
+    VARLEN_ATTENTION: int = knob(0, 0, 1, doc="document-isolated attention: no token attends across a BOS")
     SPARSE_ATTN_GATE: int = knob(0, 0, 1, doc="per-head attention output gate sigmoid(s*W*x[:12]), W zero-initialized")
     SPARSE_ATTN_GATE_SCALE: float = knob(0.5, 0.0, 100.0, doc="s of the sparse attention gate")
     PARALLEL_RESIDUAL_START: int = knob(7, 0, 256,
@@ -574,25 +575,36 @@ def pick_attention_backend(device: torch.device, requested: str = "auto") -> str
     return requested
 
 
-def attention_function(backend: str):
-    """Causal GQA attention on (batch, time, heads, head_dim) tensors, for the chosen backend.
-    Resolved once per model, so the compiled forward never imports anything."""
-    if backend == "fa3":
-        from flash_attn_interface import flash_attn_func as fa3
-
-        def attend(q, k, v):
-            out = fa3(q, k, v, causal=True)
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        return attend
-    if backend == "fa2":
-        from flash_attn import flash_attn_func as fa2
-        return lambda q, k, v: fa2(q, k, v, causal=True)
-
-    def sdpa(q, k, v):
+def attention_function(backend: str) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors, for the chosen backend; with a
+    document mask (document_mask), a token attends only to earlier tokens of its own document. Resolved
+    once per model, so the compiled forward never imports anything."""
+    def sdpa(q: Tensor, k: Tensor, v: Tensor, doc_mask: Tensor | None = None) -> Tensor:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
+                                             attn_mask=doc_mask, is_causal=doc_mask is None, enable_gqa=True)
         return out.transpose(1, 2)
-    return sdpa
+
+    if backend == "sdpa":
+        return sdpa
+    if backend == "fa3":
+        from flash_attn_interface import flash_attn_func as flash
+    else:
+        from flash_attn import flash_attn_func as flash
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, doc_mask: Tensor | None = None) -> Tensor:
+        if doc_mask is not None:  # document isolation runs on SDPA's masked kernel (FlashAttention varlen: to do)
+            return sdpa(q, k, v, doc_mask)
+        out = flash(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    return attend
+
+
+def document_mask(input_ids: Tensor, bos_id: int) -> Tensor:
+    """(batch, 1, time, time) bool: query t may attend key s when s <= t and no BOS lies in (s, t]."""
+    docs = (input_ids == bos_id).cumsum(1)
+    same = docs[:, :, None] == docs[:, None, :]
+    causal = torch.ones(input_ids.size(1), input_ids.size(1), dtype=torch.bool, device=input_ids.device).tril()
+    return (same & causal)[:, None]
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -648,7 +660,8 @@ class Attention(nn.Module):
         # for that token, so no head needs a BOS attention sink to do nothing.
         self.gate_w = nn.Parameter(torch.zeros(cfg.NUM_HEADS, GATE_INPUTS)) if cfg.SPARSE_ATTN_GATE else None
 
-    def forward(self, x: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, x: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
+                doc_mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = rms_norm(self.c_q(x, w.q).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.c_k(x, w.k).view(B, T, self.kv_heads, self.head_dim))
@@ -656,7 +669,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
         q = (q * self.q_gain[:, None].to(q.dtype)).to(v.dtype)  # QK-norm makes the gain the logit temperature
-        y = self.attend(q, k.to(v.dtype), v)
+        y = self.attend(q, k.to(v.dtype), v, doc_mask)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate_w is not None:
@@ -693,11 +706,12 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
 
-    def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
+                doc_mask: Tensor | None = None) -> Tensor:
         """The float32 mixes and scales are cast to the stream's dtype, so a bf16 stream stays bf16."""
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
-        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope)
+        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope, doc_mask)
         if self.parallel:  # GPT-J style: attention and MLP both read the block input
             return x + attn_out + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
         x = x + attn_out
@@ -751,7 +765,7 @@ class GPT(nn.Module):
         if cfg.SMEAR_GATE:  # zero-initialized: the identity until training opens it
             self.smear_w = nn.Parameter(torch.zeros(1, GATE_INPUTS))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.smear_gate, self.bos_id = bool(cfg.SMEAR_GATE), cfg.BOS_ID
+        self.smear_gate, self.varlen, self.bos_id = bool(cfg.SMEAR_GATE), bool(cfg.VARLEN_ATTENTION), cfg.BOS_ID
         self.smear_masks_bos = True  # tests switch it off to show the leak the mask prevents
         self.register_state_dict_post_hook(GPT._unbank_state)
         self.register_load_state_dict_pre_hook(GPT._bank_state)
@@ -835,17 +849,18 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x).to(dtype)
         weights, rope = self.layer_weights(), self.rotary(input_ids.size(1), input_ids.device)
+        doc_mask = document_mask(input_ids, self.bos_id) if self.varlen else None
         order = self.layer_order()
         n_encoder = len(order) // 2
         skips = []
         for layer in order[:n_encoder]:
-            x = self.blocks[layer](x, x0, weights[layer], rope)
+            x = self.blocks[layer](x, x0, weights[layer], rope, doc_mask)
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
                 x = gate * x + (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
-            x = self.blocks[layer](x, x0, weights[layer], rope)
+            x = self.blocks[layer](x, x0, weights[layer], rope, doc_mask)
         return rms_norm(x.to(self.tok_emb.weight.dtype))
 
     def smear(self, x: Tensor, input_ids: Tensor) -> Tensor:
@@ -2679,9 +2694,9 @@ def checked_tokenizer(cfg: Config):
     """The tokenizer, checked against VOCAB_SIZE (and its BOS against BOS_ID where the model reads it)."""
     path = resolve_paths(cfg)[1]
     sp = load_tokenizer(path, cfg.VOCAB_SIZE)
-    if cfg.SMEAR_GATE and sp.bos_id() != cfg.BOS_ID:
+    if (cfg.SMEAR_GATE or cfg.VARLEN_ATTENTION) and sp.bos_id() != cfg.BOS_ID:
         raise ConfigError(f"tokenizer {path} starts documents with id {sp.bos_id()} but BOS_ID={cfg.BOS_ID}; "
-                          f"set BOS_ID={sp.bos_id()} (SMEAR_GATE=1 masks the BOS)")
+                          f"set BOS_ID={sp.bos_id()} (SMEAR_GATE and VARLEN_ATTENTION cut documents at it)")
     return sp
 
 

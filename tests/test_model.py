@@ -27,7 +27,7 @@ def randomized_model(**overrides) -> tg.GPT:
 
 @pytest.mark.parametrize("looping", [False, True])
 @pytest.mark.parametrize("overrides", [{}, {"PARALLEL_RESIDUAL_START": "0"}, {"XSA_LAST_N": "0", "ROPE_DIMS": "16"},
-                                       {"SMEAR_GATE": "1", "SPARSE_ATTN_GATE": "1"}])
+                                       {"SMEAR_GATE": "1", "SPARSE_ATTN_GATE": "1", "VARLEN_ATTENTION": "1"}])
 def test_changing_token_j_changes_no_logit_before_j(looping, overrides):
     model = randomized_model(**overrides)
     model.looping = looping
@@ -292,13 +292,14 @@ def test_smear_gate_never_carries_a_token_across_a_bos():
         assert not torch.equal(out[0, 3], out_changed[0, 3])  # the probe is real
 
 
-def test_a_tokenizer_whose_bos_is_not_bos_id_stops_a_smear_gate_run(small_sample, tmp_path):
+@pytest.mark.parametrize("switch", ["SMEAR_GATE", "VARLEN_ATTENTION"])
+def test_a_tokenizer_whose_bos_is_not_bos_id_stops_a_run_that_cuts_documents(small_sample, tmp_path, switch):
     from test_training import tiny_env
 
-    cfg = config_from_env(tiny_env(small_sample, tmp_path, SMEAR_GATE=1, BOS_ID=5))
+    cfg = config_from_env(tiny_env(small_sample, tmp_path, BOS_ID=5, **{switch: 1}))
     with pytest.raises(tg.ConfigError, match="starts documents with id 1 but BOS_ID=5; set BOS_ID=1"):
         tg.load_validation_data(cfg)
-    assert tg.load_validation_data(tg.dataclasses.replace(cfg, SMEAR_GATE=0)).tokens.numel() > 0  # unused unless on
+    assert tg.load_validation_data(tg.dataclasses.replace(cfg, **{switch: 0})).tokens.numel() > 0  # unused unless on
 
 
 def test_the_muon_weight_decay_taper():
@@ -310,3 +311,40 @@ def test_the_muon_weight_decay_taper():
     tg.set_schedule(cfg, optimizers, step=10, frac=0.85)
     assert optimizers.muon.param_groups[0]["weight_decay"] == pytest.approx(0.095 * 0.75)
     assert [g["weight_decay"] for g in optimizers.adam.param_groups] == [cfg.EMBED_WD, cfg.ADAM_WD]  # Muon only
+
+
+def test_document_isolated_attention_runs_each_document_as_if_alone():
+    """Three documents packed in one row (each opened by BOS, id 1) give the logits each gets alone, and changing
+    any token of one document changes no logit of the next."""
+    model = randomized_model(VARLEN_ATTENTION="1", **GATES)
+    torch.manual_seed(2)
+    docs = [torch.cat([torch.tensor([1]), torch.randint(2, 97, (n,))]) for n in (5, 3, 7)]
+    packed = torch.cat(docs)[None]
+    with torch.no_grad():
+        together = model.compute_logits(model.forward_hidden(packed))[0]
+        alone = torch.cat([model.compute_logits(model.forward_hidden(d[None]))[0] for d in docs])
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)  # RoPE: relative, up to its float32 tables
+        starts = [0, 6, 10, 18]
+        for n in range(2):
+            changed = packed.clone()
+            changed[0, starts[n + 1] - 1] = 96 if changed[0, starts[n + 1] - 1] != 96 else 95  # doc n's last token
+            logits = model.compute_logits(model.forward_hidden(changed))[0]
+            assert torch.equal(logits[starts[n + 1]:], together[starts[n + 1]:])
+            assert not torch.equal(logits[starts[n + 1] - 1], together[starts[n + 1] - 1])  # the probe is real
+    model.varlen = False  # without isolation the next document does see it
+    with torch.no_grad():
+        plain = model.compute_logits(model.forward_hidden(packed))[0]
+        changed = packed.clone()
+        changed[0, 5] = 96 if packed[0, 5] != 96 else 95
+        assert not torch.equal(model.compute_logits(model.forward_hidden(changed))[0, 6:], plain[6:])
+
+
+def test_the_document_mask_is_causal_and_cut_at_every_bos():
+    ids = torch.tensor([[7, 1, 5, 6, 1, 9]])
+    mask = tg.document_mask(ids, bos_id=1)[0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0, 0, 0],
+                             [0, 1, 0, 0, 0, 0],
+                             [0, 1, 1, 0, 0, 0],
+                             [0, 1, 1, 1, 0, 0],
+                             [0, 0, 0, 0, 1, 0],
+                             [0, 0, 0, 0, 1, 1]]
