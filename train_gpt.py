@@ -75,6 +75,8 @@ class ModelConfig:
     SPARSE_ATTN_GATE_SCALE: float = knob(0.5, 0.0, 100.0, doc="s of the sparse attention gate")
     PARALLEL_RESIDUAL_START: int = knob(7, 0, 256,
                                         doc="first physical layer with parallel attention+MLP; >= NUM_LAYERS = none")
+    PARALLEL_LANES_START: int = knob(256, 0, 256, doc="first physical layer of two residual lanes (attention reads "
+                                     "lane 0, the MLP lane 1); after LOOP_END; >= NUM_LAYERS = none (frontier: 8)")
 
     @property
     def head_dim(self) -> int:
@@ -272,6 +274,9 @@ def validate_model_config(mc: ModelConfig) -> None:
     need(mc.ROPE_DIMS % 2 == 0 and mc.ROPE_DIMS <= mc.head_dim,
          f"ROPE_DIMS={mc.ROPE_DIMS} must be even and at most the head dim {mc.head_dim}")
     if mc.NUM_LOOPS > 0:
+        need(mc.PARALLEL_LANES_START > mc.LOOP_END,
+             f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must come after LOOP_END={mc.LOOP_END}: a looped "
+             "layer would run with one lane and then with two")
         need(mc.LOOP_START <= mc.LOOP_END < mc.NUM_LAYERS,
              f"LOOP_START={mc.LOOP_START}, LOOP_END={mc.LOOP_END}: "
              f"need LOOP_START <= LOOP_END < NUM_LAYERS={mc.NUM_LAYERS}")
@@ -705,10 +710,16 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.MODEL_DIM), torch.zeros(cfg.MODEL_DIM))))
         self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
+        if layer >= cfg.PARALLEL_LANES_START:  # all ones: the parallel block exactly, until training moves them
+            self.lane_keep = nn.Parameter(torch.ones(2))  # what each lane keeps of itself
+            self.lane_post = nn.Parameter(torch.ones(2, 2))  # [attention, MLP] -> what each lane takes of its output
+        self.lanes = layer >= cfg.PARALLEL_LANES_START
 
     def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
                 doc_mask: Tensor | None = None) -> Tensor:
         """The float32 mixes and scales are cast to the stream's dtype, so a bf16 stream stays bf16."""
+        if self.lanes:
+            return self.two_lanes(x, x0, w, rope, doc_mask)
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
         attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope, doc_mask)
@@ -716,6 +727,20 @@ class Block(nn.Module):
             return x + attn_out + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
         x = x + attn_out
         return x + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
+
+    def two_lanes(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
+                  doc_mask: Tensor | None) -> Tensor:
+        """Two residual lanes, stacked on a leading dim of 2 (the first lane block opens them as two copies of
+        the stream): attention reads lane 0, the MLP lane 1, and each lane keeps a learned share of itself
+        and takes a learned share of both outputs."""
+        if x.dim() == x0.dim():
+            x = torch.stack((x, x))
+        mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
+        keep, post = (p.to(x.dtype)[..., None, None, None] for p in (self.lane_keep, self.lane_post))
+        x = mix[0] * x + mix[1] * x0
+        attn_out = attn_scale * self.attn(rms_norm(x[0]) * self.norm_scale, w, rope, doc_mask)
+        mlp_out = mlp_scale * self.mlp(rms_norm(x[1]) * self.norm_scale, w)
+        return keep * x + post[0] * attn_out + post[1] * mlp_out
 
 
 def looped_layer_order(cfg: ModelConfig) -> list[int]:
@@ -861,6 +886,8 @@ class GPT(nn.Module):
                 gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
                 x = gate * x + (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
             x = self.blocks[layer](x, x0, weights[layer], rope, doc_mask)
+        if x.dim() > x0.dim():  # two lanes: their mean is the output
+            x = x.mean(0)
         return rms_norm(x.to(self.tok_emb.weight.dtype))
 
     def smear(self, x: Tensor, input_ids: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ def randomized_model(**overrides) -> tg.GPT:
 
 @pytest.mark.parametrize("looping", [False, True])
 @pytest.mark.parametrize("overrides", [{}, {"PARALLEL_RESIDUAL_START": "0"}, {"XSA_LAST_N": "0", "ROPE_DIMS": "16"},
-                                       {"SMEAR_GATE": "1", "SPARSE_ATTN_GATE": "1", "VARLEN_ATTENTION": "1"}])
+                                       {"SMEAR_GATE": "1", "SPARSE_ATTN_GATE": "1", "VARLEN_ATTENTION": "1",
+                                        "PARALLEL_LANES_START": "3"}])
 def test_changing_token_j_changes_no_logit_before_j(looping, overrides):
     model = randomized_model(**overrides)
     model.looping = looping
@@ -348,3 +349,43 @@ def test_the_document_mask_is_causal_and_cut_at_every_bos():
                              [0, 1, 1, 1, 0, 0],
                              [0, 0, 0, 0, 1, 0],
                              [0, 0, 0, 0, 1, 1]]
+
+
+def test_two_lanes_start_as_the_parallel_block_exactly():
+    """All-ones lane scalars on two copies of the stream compute today's parallel block, bit for bit."""
+    torch.manual_seed(0)
+    plain = tg.GPT(config_from_env(FULL_OPTIONS)).double()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    laned = tg.GPT(config_from_env({**FULL_OPTIONS, "PARALLEL_LANES_START": "3"})).double()
+    missing, _ = laned.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == [f"blocks.{i}.{n}" for i in (3, 4) for n in ("lane_keep", "lane_post")]
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(laned.forward_hidden(tokens), plain.forward_hidden(tokens))
+        laned.blocks[4].lane_post.add_(torch.randn(2, 2))
+        assert not torch.equal(laned.forward_hidden(tokens), plain.forward_hidden(tokens))  # the scalars are live
+
+
+@pytest.mark.parametrize("reader, other", [(0, 1), (1, 0)], ids=["attention reads lane 0", "MLP reads lane 1"])
+def test_each_sublayer_reads_its_own_lane(reader, other):
+    model = randomized_model(PARALLEL_LANES_START="3")
+    block, w = model.blocks[3], model.layer_weights()[3]
+    with torch.no_grad():
+        block.lane_keep.zero_()
+        block.lane_post[other].zero_()  # only the reading sublayer writes
+        x0 = torch.randn(1, 5, 64, dtype=torch.float64)
+        lanes = torch.randn(2, 1, 5, 64, dtype=torch.float64)
+        moved = lanes.clone()
+        moved[other] += 1.0
+        out, out_moved = block(lanes, x0, w, None), block(moved, x0, w, None)
+        assert torch.equal(out, out_moved)
+        moved = lanes.clone()
+        moved[reader] += 1.0
+        assert not torch.equal(out, block(moved, x0, w, None))
+
+
+def test_lanes_cannot_start_inside_the_loop():
+    with pytest.raises(tg.ConfigError, match="PARALLEL_LANES_START=2 must come after LOOP_END=2"):
+        config_from_env({**FULL_OPTIONS, "PARALLEL_LANES_START": "2"})

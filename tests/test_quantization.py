@@ -374,3 +374,27 @@ def test_the_shipped_code_drops_the_knob_docs_and_keeps_every_knob(monkeypatch):
                                                               "choices"))) for f in tg.dataclasses.fields(config_class)]
     assert knobs(shipped.Config) == knobs(tg.Config)
     assert all(f.metadata["doc"] == "" for f in tg.dataclasses.fields(shipped.Config))
+
+
+def test_every_frontier_switch_survives_the_artifact():
+    """With every gate and both lanes on, each tensor is quantized or passed through, the header's ModelConfig
+    rebuilds the same network, and the decoded model computes what the packed weights compute."""
+    knobs = dict(TINY_MODEL, VOCAB_SIZE=1024, NUM_LAYERS=3, XSA_LAST_N=3, SMEAR_GATE=1, SPARSE_ATTN_GATE=1,
+                 VARLEN_ATTENTION=1, PARALLEL_LANES_START=2)
+    cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    qm = tg.quantize_model(cfg, model, tg.quantization_plan(model, cfg), None)
+    assert set(qm.quantized) | set(qm.passthrough) == set(model.state_dict())
+    assert {"smear_w", "smear_lambda", "blocks.0.attn.gate_w", "blocks.2.lane_post"} <= set(qm.passthrough)
+    rebuilt = tg.model_from_artifact(tg.decode_artifact(tg.encode_artifact(qm, "lzma")[0]), cfg, "sdpa", torch.device("cpu"))
+    assert rebuilt.smear_gate and rebuilt.varlen and rebuilt.blocks[2].lanes and not rebuilt.blocks[1].lanes
+    reference = tg.GPT(cfg)
+    reference.load_state_dict(qm.state_dict(reference.state_dict()))
+    tokens = torch.randint(0, 1024, (1, 32))
+    tokens[0, 10] = 1  # a BOS inside the row
+    with torch.no_grad():
+        assert torch.equal(rebuilt.forward_hidden(tokens), reference.forward_hidden(tokens))

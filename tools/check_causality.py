@@ -105,6 +105,7 @@ def describe(cfg_env) -> str:
     slot = (f"SLOT {cfg.SLOT_OPTIMIZER} mode={cfg.SLOT_MODE} scope={cfg.SLOT_DELTA_SCOPE} bias={cfg.SLOT_LOGIT_BIAS} "
             f"warm={cfg.SLOT_WARM_START}" if cfg.SLOT_ENABLED else "no SLOT")
     switches = [name for name in ("SMEAR_GATE", "SPARSE_ATTN_GATE", "VARLEN_ATTENTION") if getattr(cfg, name)]
+    switches += ["two lanes"] if cfg.PARALLEL_LANES_START < cfg.NUM_LAYERS else []
     model = f"model with {', '.join(switches)}" if switches else "model without frontier switches"
     return (f"TTT={'on' if cfg.TTT_ENABLED else 'off'}, {slot}, EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN} "
             f"EVAL_STRIDE={cfg.EVAL_STRIDE}, {model}")
