@@ -979,8 +979,9 @@ class ParallelMuon(torch.optim.Optimizer):
         self.row_normalize, self.coeffs = row_normalize, coeffs
         # Updates travel in bf16 between GPUs (NCCL), in fp32 over gloo on CPUs.
         self.world_size, self.comm_dtype = world_size, torch.bfloat16 if banks[0].is_cuda else torch.float32
-        compiled = torch.compile(muon_direction, fullgraph=True, dynamic=False) if compile_direction else None
-        self.direction = compiled or muon_direction
+        self.direction = muon_direction
+        if compile_direction:
+            self.direction = torch.compile(muon_direction, fullgraph=True, dynamic=False)
         self._grad_shards: dict[nn.Parameter, tuple] = {}
 
     def describe(self) -> str:
@@ -1087,7 +1088,7 @@ def lr_multiplier(cfg: Config, frac: float) -> float:
 
 def weight_decay_multiplier(cfg: Config, frac: float) -> float:
     """Muon's weight decay: full until WD_TAPER_START, then linear to WD_TAPER_FINAL_MULT at the end."""
-    if cfg.WD_TAPER_FINAL_MULT == 1.0 or frac <= cfg.WD_TAPER_START:
+    if frac <= cfg.WD_TAPER_START:
         return 1.0
     t = (frac - cfg.WD_TAPER_START) / (1 - cfg.WD_TAPER_START)
     return 1.0 + t * (cfg.WD_TAPER_FINAL_MULT - 1.0)
@@ -2445,8 +2446,8 @@ class EvalResult:
     quantized_eval_seconds: float
     quant_gap_bpb: float | None
     compliant: bool
-    val_loss: float = INF
-    val_bpb: float = INF
+    val_loss: float  # the score: the plain pass's until a later pass replaces it
+    val_bpb: float
     score_source: str = "quantized"
     eval_seconds: float = 0.0
     eval_adaptation_stopped: str | None = None

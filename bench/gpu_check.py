@@ -63,13 +63,10 @@ class OutOfTime(Exception):
     pass
 
 
-DEADLINE = [float("inf")]  # perf_counter time by which every step must have ended (--time-limit)
-
-
-def run_logged(cmd: list[str], env: dict, log: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_logged(cmd: list[str], env: dict, log: Path, timeout: float, deadline: float) -> subprocess.CompletedProcess:
     """Run a command, keeping its whole output in `log`; stop it at its timeout or at the check's deadline."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    timeout = min(timeout, DEADLINE[0] - time.perf_counter())
+    timeout = min(timeout, deadline - time.perf_counter())
     try:
         with open(log, "w") as out:
             return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=max(timeout, 1),
@@ -82,7 +79,7 @@ def cuda_tests(args, env: dict) -> dict:
     report = args.out / "cuda_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", f"--junitxml={report}", "-p",
            "no:cacheprovider"]
-    done = run_logged(cmd, env, args.out / "cuda_tests.log", timeout=1200)
+    done = run_logged(cmd, env, args.out / "cuda_tests.log", 1200, args.deadline)
     outcomes = junit_outcomes(report)
     failed = [name for name, outcome in outcomes.items() if outcome == "fail"]
     ran = [name for name, outcome in outcomes.items() if outcome == "pass"]
@@ -108,7 +105,7 @@ def throughput(args, env: dict) -> dict:
     steps = ["--steps", "3", "--warmup", "1"] if args.tiny else ["--steps", "10", "--warmup", "3"]
     env = with_knobs(env, TINY_KNOBS) if args.tiny else env
     done = run_logged([sys.executable, "bench/throughput.py", *steps, "--json", str(out)], env,
-                      args.out / "throughput.log", 900)
+                      args.out / "throughput.log", 900, args.deadline)
     if done.returncode or not out.is_file():
         return dict(status="fail", detail=f"exit {done.returncode}; see throughput.log")
     r = json.loads(out.read_text())
@@ -132,7 +129,7 @@ def corpus(args, env: dict) -> tuple[Path, Path, int] | dict:
         cmd = [sys.executable, "data/make_sample.py", "--out", str(data), "--jsonl", *map(str, args.train_jsonl),
                "--val-jsonl", *map(str, args.val_jsonl), "--max-val-docs", str(args.max_val_docs),
                "--vocab-size", str(vocab), "--name", name, "--tokenizer-name", tokenizer]
-    done = run_logged(cmd, env, args.out / "corpus.log", 1200)
+    done = run_logged(cmd, env, args.out / "corpus.log", 1200, args.deadline)
     if done.returncode:
         return dict(status="fail", detail=f"data/make_sample.py exit {done.returncode}; see corpus.log")
     return data / "datasets" / name, data / "tokenizers" / f"{tokenizer}.model", vocab
@@ -163,7 +160,8 @@ def training_run(args, env: dict) -> dict:
         knobs.update(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=args.train_seconds, VAL_LOSS_EVERY=200,
                      TRAIN_LOG_EVERY=50,
                      GPTQ_CALIBRATION_BATCHES=8)
-    done = run_logged([sys.executable, "train_gpt.py"], with_knobs(env, knobs), args.out / "training.log", 1500)
+    done = run_logged([sys.executable, "train_gpt.py"], with_knobs(env, knobs), args.out / "training.log", 1500,
+                      args.deadline)
     summary_path = args.out / "logs" / "gpu_check.json"
     if not summary_path.is_file():
         return dict(status="fail", detail=f"train_gpt.py exit {done.returncode} without a summary; see training.log")
@@ -209,7 +207,7 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    DEADLINE[0] = time.perf_counter() + args.time_limit
+    args.deadline = time.perf_counter() + args.time_limit  # by which every step must have ended
     steps = {}
     for name, step in (("environment", environment), ("cuda tests", cuda_tests), ("training run", training_run),
                        ("throughput", throughput)):

@@ -19,9 +19,7 @@ if __name__ == "__main__":
     rt = tg.init_runtime(os.environ)
     cfg = check_causality.check_config(os.environ)
     model = check_causality.random_model(cfg, seed=0)
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (check_causality.STREAM_TOKENS,),
-                           generator=torch.Generator().manual_seed(1),
-                           dtype=torch.int32)
+    tokens = check_causality.random_stream(cfg, torch.Generator().manual_seed(1))
     times = {}
     real_eval_forward, real_clock = tg.eval_forward, tg.EvalClock
 
@@ -37,9 +35,8 @@ if __name__ == "__main__":
         return real_clock(budget)
 
     tg.eval_forward, tg.EvalClock = slow_on_rank_zero, stamped_clock
-    no = torch.zeros(cfg.VOCAB_SIZE, dtype=torch.bool)
     torch.distributed.barrier()  # arrive together: only the injected delay separates the ranks
-    data = tg.ValidationData(tokens, (torch.ones(cfg.VOCAB_SIZE, dtype=torch.int64), no, no))
+    data = tg.ValidationData(tokens, check_causality.one_byte_per_token(cfg.VOCAB_SIZE))
     tg.evaluate_artifact_model(cfg, model, data, 4, rt, lambda _: None)
     torch.save(times, f"{prefix}{rt.rank}.pt")
     torch.distributed.barrier()

@@ -15,9 +15,7 @@ if __name__ == "__main__":
     rt = tg.init_runtime(os.environ)
     cfg = check_causality.check_config(os.environ)
     model = check_causality.random_model(cfg, seed=0)
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (check_causality.STREAM_TOKENS,),
-                           generator=torch.Generator().manual_seed(1),
-                           dtype=torch.int32)
+    tokens = check_causality.random_stream(cfg, torch.Generator().manual_seed(1))
     results = check_causality.run_passes(cfg, model, tokens, rt)
     if rt.is_main:
         torch.save({name: s.nll for name, s in results.items()}, sys.argv[1])

@@ -24,14 +24,13 @@ def setup(seed=0, n_tokens=check_causality.STREAM_TOKENS, **knobs):
     """The causality check's random model and stream, with knobs on top of its defaults."""
     cfg = check_causality.check_config({k: str(v) for k, v in knobs.items()})
     model = check_causality.random_model(cfg, seed)
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=torch.Generator().manual_seed(seed + 1),
-                           dtype=torch.int32)
-    return cfg, model, tokens
+    return cfg, model, check_causality.random_stream(cfg, torch.Generator().manual_seed(seed + 1), n_tokens)
 
 
 def evaluator(cfg, model, tokens, log=print) -> tg.Evaluator:
     """The trainer's evaluator on a token stream that charges one byte per token."""
-    return tg.Evaluator(cfg, model, tg.ValidationData(tokens, uniform_byte_tables(cfg.VOCAB_SIZE)), CPU, log)
+    return tg.Evaluator(cfg, model, tg.ValidationData(tokens, check_causality.one_byte_per_token(cfg.VOCAB_SIZE)), CPU,
+                        log)
 
 
 @pytest.mark.parametrize("n_tokens,seq_len,stride", [(11, 16, 4), (17, 16, 4), (18, 16, 4), (101, 16, 1),
@@ -335,12 +334,6 @@ def test_eval_tool_refuses_data_of_another_vocabulary(small_sample, tmp_path):
         eval_artifact.evaluate_file(tiny_env(small_sample, tmp_path, DATA_PATH=data), path, log=lambda _: None)
 
 
-def uniform_byte_tables(vocab: int):
-    """Every token one byte, no leading space, no control tokens."""
-    no = torch.zeros(vocab, dtype=torch.bool)
-    return torch.ones(vocab, dtype=torch.int64), no, no
-
-
 @pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=1, SLOT_ENABLED=1, TTT_FREEZE_BLOCKS=1),
                                    dict(TTT_ENABLED=0, SLOT_ENABLED=1)], ids=["ttt+slot", "slot"])
 def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monkeypatch):
@@ -367,7 +360,7 @@ def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monk
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(error_on_recompile=False):  # restored on the way out
-            data = tg.ValidationData(tokens, uniform_byte_tables(cfg.VOCAB_SIZE))
+            data = tg.ValidationData(tokens, check_causality.one_byte_per_token(cfg.VOCAB_SIZE))
             summary = tg.summary_fields(tg.evaluate_artifact_model(cfg, model, data, 4, CPU, lambda _: None))
     finally:
         torch._dynamo.reset()

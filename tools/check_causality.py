@@ -58,13 +58,21 @@ def random_model(cfg: tg.Config, seed: int) -> tg.GPT:
     return model.eval()
 
 
+def random_stream(cfg: tg.Config, generator: torch.Generator, n_tokens: int = STREAM_TOKENS) -> torch.Tensor:
+    return torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=generator, dtype=torch.int32)
+
+
+def one_byte_per_token(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Byte tables in which every token is one byte, with no leading space and no control tokens."""
+    no = torch.zeros(vocab, dtype=torch.bool)
+    return torch.ones(vocab, dtype=torch.int64), no, no
+
+
 def run_passes(cfg: tg.Config, model: tg.GPT, tokens: torch.Tensor, rt: tg.Runtime | None = None) -> dict:
     """Every evaluation pass the knobs ask for, each from a fresh copy of the weights. The passes never
     read the byte tables (only the final score does), so one byte per token stands in for a tokenizer."""
     rt = rt or tg.Runtime(0, 1, torch.device("cpu"))
-    one_byte_each = (torch.ones(cfg.VOCAB_SIZE, dtype=torch.int64), *[torch.zeros(cfg.VOCAB_SIZE,
-                                                                                  dtype=torch.bool)] * 2)
-    data = tg.ValidationData(tokens, one_byte_each)
+    data = tg.ValidationData(tokens, one_byte_per_token(cfg.VOCAB_SIZE))
     return {name: tg.Evaluator(cfg, copy.deepcopy(model), data, rt).run_pass(ttt, slot, with_mass=True)[0]
             for name, ttt, slot in tg.eval_passes(cfg)}
 
@@ -80,8 +88,8 @@ def check(env=None, probes: int = 10, seed: int = 0, n_tokens: int = STREAM_TOKE
     """Verdicts per pass and condition: {pass: {"C1/C3": bool, "C2": bool, "C4": bool, "leaks": [(j, first changed target, count)]}}."""
     cfg = check_config(os.environ if env is None else env)
     model = random_model(cfg, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=g, dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed + 1)  # draws the stream, then the flipped tokens
+    tokens = random_stream(cfg, g, n_tokens)
     base = run_passes(cfg, model, tokens)
     verdicts = {}
     for name, scores in base.items():

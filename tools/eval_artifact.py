@@ -24,10 +24,10 @@ import train_gpt as tg  # noqa: E402
 
 def shape_knob_conflicts(env, model_config: tg.ModelConfig) -> list[str]:
     """Model knobs set in the environment that the artifact's own ModelConfig overrides."""
-    warnings = []
+    warnings, fields = [], tg.knob_fields()
     for name, value in tg.dataclasses.asdict(model_config).items():
         if name in env and name != "VOCAB_SIZE":  # VOCAB_SIZE must agree: model_from_artifact refuses a mismatch
-            given = tg.parse_knob(name, env[name], tg.knob_fields()[name])
+            given = tg.parse_knob(name, env[name], fields[name])
             if given != value:
                 warnings.append(f"WARNING: {name}={env[name]} in the environment is ignored: the artifact's model has "
                                 f"{name}={value}")
