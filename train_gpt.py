@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import inspect
 import json
 import lzma
 import math
@@ -58,7 +59,7 @@ class ModelConfig:
     NUM_KV_HEADS: int = knob(4, 1, 1024, doc="GQA: must divide NUM_HEADS")
     MLP_MULT: float = knob(4.0, 0.0625, 64.0, doc="MLP hidden = MLP_MULT * MODEL_DIM")
     TIED_EMBED_INIT_STD: float = knob(0.005, 0.0, 1.0)
-    QK_GAIN_INIT: float = knob(5.25, 0.0, 100.0, doc="initial learned per-head query gain")
+    QK_GAIN_INIT: float = knob(5.0, 0.0, 100.0, doc="initial learned per-head query gain")
     ROPE_DIMS: int = knob(16, 0, 65536, doc="rotated dims per head (even, <= head dim)")
     ROPE_BASE: float = knob(10000.0, 1.0, 1e9)
     XSA_LAST_N: int = knob(11, 0, 256,
@@ -67,16 +68,16 @@ class ModelConfig:
     NUM_LOOPS: int = knob(2, 0, 16, doc="extra passes over layers LOOP_START..LOOP_END; 0 = no recurrence")
     LOOP_START: int = knob(3, 0, 255)
     LOOP_END: int = knob(5, 0, 255)
-    SMEAR_GATE: int = knob(0, 0, 1, doc="SmearGate: each token's embedding takes a learned, gated share of the "
+    SMEAR_GATE: int = knob(1, 0, 1, doc="SmearGate: each token's embedding takes a learned, gated share of the "
                            "previous token's, never across a BOS")
     BOS_ID: int = knob(1, 0, 65535, doc="the token id that starts every document (checked against the tokenizer)")
-    VARLEN_ATTENTION: int = knob(0, 0, 1, doc="document-isolated attention: no token attends across a BOS")
-    SPARSE_ATTN_GATE: int = knob(0, 0, 1, doc="per-head attention output gate sigmoid(s*W*x[:12]), W zero-initialized")
+    VARLEN_ATTENTION: int = knob(1, 0, 1, doc="document-isolated attention: no token attends across a BOS")
+    SPARSE_ATTN_GATE: int = knob(1, 0, 1, doc="per-head attention output gate sigmoid(s*W*x[:12]), W zero-initialized")
     SPARSE_ATTN_GATE_SCALE: float = knob(0.5, 0.0, 100.0, doc="s of the sparse attention gate")
-    PARALLEL_RESIDUAL_START: int = knob(7, 0, 256,
+    PARALLEL_RESIDUAL_START: int = knob(8, 0, 256,
                                         doc="first physical layer with parallel attention+MLP; >= NUM_LAYERS = none")
-    PARALLEL_LANES_START: int = knob(256, 0, 256, doc="first physical layer of two residual lanes (attention reads "
-                                     "lane 0, the MLP lane 1); after LOOP_END; >= NUM_LAYERS = none (frontier: 8)")
+    PARALLEL_LANES_START: int = knob(8, 0, 256, doc="first physical layer of two residual lanes (attention reads "
+                                     "lane 0, the MLP lane 1); after LOOP_END; >= NUM_LAYERS = none")
 
     @property
     def head_dim(self) -> int:
@@ -92,8 +93,9 @@ class ModelConfig:
 class Config(ModelConfig):
     """Every knob: the model's (inherited from ModelConfig) and the run's. Built once, in main, by config_from_env."""
     # Run and data
-    PRESET: str = knob("record", choices=("record", "sample"),
-                       doc="default set: 'record' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
+    PRESET: str = knob("record", choices=("record", "r1081", "sample"),
+                       doc="default set: 'record' = the frontier stack (these defaults), 'r1081' = the 1.0810 record "
+                           "exactly, 'sample' = tiny CPU run on the embedded sample")
     RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt, .json and .ptz: a plain file name; random when empty")
     SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
     DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
@@ -102,26 +104,29 @@ class Config(ModelConfig):
                                doc="SentencePiece model; default DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
     LOG_DIR: str = knob("logs", doc="where the log and the JSON summary go")
     # Training length and batch
-    TRAIN_SEQ_LEN: int = knob(2048, 2, 1 << 20)
+    TRAIN_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="training sequence length (the last one, with TRAIN_SEQ_SCHEDULE)")
+    TRAIN_SEQ_SCHEDULE: str = knob("", doc="progressive context: 'LEN:FRAC,...' trains at each LEN until the training "
+                                   "fraction FRAC, then at TRAIN_SEQ_LEN; the batch keeps its token count; e.g. "
+                                   "1024:0.3,2048:0.6 with TRAIN_SEQ_LEN=3072")
     TRAIN_BATCH_TOKENS: int = knob(786432, 2, 1 << 30, doc="global tokens per optimizer step")
     ITERATIONS: int = knob(20000, 1, 10**9, doc="step cap")
     MAX_WALLCLOCK_SECONDS: float = knob(600.0, 0.0, INF, doc="training time cap; 0 = steps only")
-    GPTQ_RESERVE_SECONDS: float = knob(12.0, 0.0, INF,
+    GPTQ_RESERVE_SECONDS: float = knob(8.0, 0.0, INF,
                                        doc="least seconds cut from the training cap for GPTQ calibration (more if its "
                                            "measured cost projects more)")
     WARMUP_STEPS: int = knob(20, 0, 10**6, doc="compile-priming steps, rolled back afterwards")
-    WARMDOWN_FRAC: float = knob(0.72, 0.0, 1.0, doc="final fraction of training with decaying LR")
-    MIN_LR: float = knob(0.0, 0.0, 1.0, doc="LR multiplier floor during warmdown")
+    WARMDOWN_FRAC: float = knob(0.85, 0.0, 1.0, doc="final fraction of training with decaying LR")
+    MIN_LR: float = knob(0.1, 0.0, 1.0, doc="LR multiplier floor during warmdown")
     ENABLE_LOOPING_AT: float = knob(0.35, 0.0, 1.0, doc="training fraction at which recurrence switches on")
     # Optimizer
-    MATRIX_LR: float = knob(0.022, 0.0, 10.0, doc="Muon LR for block matrices")
+    MATRIX_LR: float = knob(0.026, 0.0, 10.0, doc="Muon LR for block matrices")
     SCALAR_LR: float = knob(0.02, 0.0, 10.0, doc="AdamW LR for gains, mixes and gates")
     TIED_EMBED_LR: float = knob(0.03, 0.0, 10.0, doc="AdamW LR for the tied embedding")
-    MUON_MOMENTUM: float = knob(0.99, 0.0, 0.99999)
+    MUON_MOMENTUM: float = knob(0.97, 0.0, 0.99999)
     MUON_MOMENTUM_WARMUP_START: float = knob(0.92, 0.0, 0.99999)
     MUON_MOMENTUM_WARMUP_STEPS: int = knob(1500, 0, 10**9)
     MUON_BACKEND_STEPS: int = knob(5, 1, 100, doc="Newton-Schulz iterations")
-    MUON_NS_COEFFS: str = knob("quintic", choices=("quintic", "polar_express"))
+    MUON_NS_COEFFS: str = knob("polar_express", choices=("quintic", "polar_express"))
     MUON_ROW_NORMALIZE: int = knob(1, 0, 1, doc="MuonEq-R: unit rows before Newton-Schulz")
     MUON_WD: float = knob(0.095, 0.0, 10.0)
     WD_TAPER_START: float = knob(0.7, 0.0, 1.0, doc="training fraction after which MUON_WD tapers linearly")
@@ -129,33 +134,42 @@ class Config(ModelConfig):
     ADAM_WD: float = knob(0.02, 0.0, 10.0)
     EMBED_WD: float = knob(0.085, 0.0, 10.0)
     BETA1: float = knob(0.9, 0.0, 0.99999)
-    BETA2: float = knob(0.95, 0.0, 0.99999)
+    BETA2: float = knob(0.99, 0.0, 0.99999)
     ADAM_EPS: float = knob(1e-8, 0.0, 1.0)
     GRAD_CLIP_NORM: float = knob(0.3, 0.0, INF, doc="global gradient norm clip; 0 = off")
     EMA_DECAY: float = knob(0.9965, 0.0, 1.0, doc="0 = no EMA")
     # Quantization and artifact
     QUANT_METHOD: str = knob("gptq", choices=("gptq", "rtn"), doc="gptq, or round-to-nearest (no calibration)")
     MATRIX_BITS: int = knob(6, 2, 8, doc="bits per attention/MLP weight")
-    EMBED_BITS: int = knob(8, 2, 8, doc="bits per tied-embedding weight")
+    EMBED_BITS: int = knob(7, 2, 8, doc="bits per tied-embedding weight")
     MATRIX_CLIP_SIGMAS: float = knob(12.85, 0.1, 1000.0, doc="row scale = k*std(row)/(2^(bits-1)-1) for matrices")
-    ATTN_CLIP_SIGMAS: float = knob(0.0, 0.0, 1000.0, doc="attention matrices only; 0 = MATRIX_CLIP_SIGMAS")
-    MLP_CLIP_SIGMAS: float = knob(0.0, 0.0, 1000.0, doc="MLP matrices only; 0 = MATRIX_CLIP_SIGMAS")
-    EMBED_CLIP_SIGMAS: float = knob(20.0, 0.1, 1000.0, doc="k for the tied embedding")
+    ATTN_CLIP_SIGMAS: float = knob(13.0, 0.0, 1000.0, doc="attention matrices only; 0 = MATRIX_CLIP_SIGMAS")
+    MLP_CLIP_SIGMAS: float = knob(11.5, 0.0, 1000.0, doc="MLP matrices only; 0 = MATRIX_CLIP_SIGMAS")
+    EMBED_CLIP_SIGMAS: float = knob(14.0, 0.1, 1000.0, doc="k for the tied embedding")
     QUANT_PASSTHROUGH_NUMEL: int = knob(65536, 0, 1 << 40,
                                         doc="tensors with at most this many elements are stored as fp16")
-    GPTQ_CALIBRATION_BATCHES: int = knob(64, 1, 10**6,
+    GPTQ_CALIBRATION_BATCHES: int = knob(16, 1, 10**6,
                                          doc="global training batches whose activations build the Hessians")
     GPTQ_DAMP: float = knob(0.01, 0.0, 10.0, doc="Hessian damping, as a fraction of its mean diagonal")
+    GPTQ_DAMP_ATTN: float = knob(0.0, 0.0, 10.0, doc="attention matrices only; 0 = GPTQ_DAMP (PR #2051: 0.01)")
+    GPTQ_DAMP_MLP: float = knob(0.0, 0.0, 10.0, doc="MLP matrices only; 0 = GPTQ_DAMP (PR #2051: 0.02)")
+    GPTQ_DAMP_EMBED: float = knob(0.0, 0.0, 10.0, doc="the tied embedding only; 0 = GPTQ_DAMP (PR #2051: 0.005)")
     GPTQ_BLOCK_SIZE: int = knob(128, 1, 1 << 20, doc="columns per lazy-update block")
+    LQER_RANK: int = knob(4, 0, 256, doc="LQER: rank of the stored correction of the largest quantization errors; "
+                          "0 = off")
+    LQER_TOP_K: int = knob(3, 0, 1 << 20, doc="LQER: how many quantized matrices (largest |W - W_hat|) get one")
+    LQER_GROUP: int = knob(64, 1, 1 << 20, doc="LQER: columns per int4 scale of the B factor")
     COMPRESSOR: str = knob("brotli", choices=("brotli", "lzma"), doc="brotli quality 11, or raw LZMA2 preset 9|extreme")
     ARTIFACT_TARGET_BYTES: int = knob(16_000_000, 0, 16_000_000,
                                       doc="if code+model is over this size, raise the clip sigmas until it fits; 0 = "
                                           "off (over 16,000,000 fails)")
     # Evaluation and logging
     VAL_BATCH_TOKENS: int = knob(524288, 2, 1 << 30, doc="global tokens per validation batch")
-    VAL_LOSS_EVERY: int = knob(4000, 0, 10**9, doc="periodic validation; 0 = only at the end")
+    VAL_LOSS_EVERY: int = knob(0, 0, 10**9, doc="periodic validation; 0 = only at the end")
     TRAIN_LOG_EVERY: int = knob(500, 1, 10**9)
     COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
+    FUSED_CE: int = knob(0, 0, 1, doc="CUDA: the loss through liger-kernel's fused linear softcapped cross-entropy, "
+                         "which never materializes the logits (pip install liger-kernel)")
     ATTENTION_BACKEND: str = knob("auto", choices=("auto", "fa3", "fa2", "sdpa"),
                                   doc="auto = FA3 on Hopper, else FA2, else SDPA; one that cannot run stops the run")
     # Evaluation of the artifact: sliding window, score-first TTT, context-only SLOT
@@ -190,13 +204,22 @@ class Config(ModelConfig):
                                      "research)")
 
 
+# PRESET=r1081: the 1.0810 record (PR #1493) as it ran, before the frontier stack that the defaults are.
+R1081_PRESET = dict(
+    QK_GAIN_INIT=5.25, SMEAR_GATE=0, VARLEN_ATTENTION=0, SPARSE_ATTN_GATE=0, PARALLEL_RESIDUAL_START=7,
+    PARALLEL_LANES_START=256, WARMDOWN_FRAC=0.72, MIN_LR=0.0, MATRIX_LR=0.022, MUON_MOMENTUM=0.99,
+    MUON_NS_COEFFS="quintic", BETA2=0.95, EMBED_BITS=8, ATTN_CLIP_SIGMAS=0.0, MLP_CLIP_SIGMAS=0.0,
+    EMBED_CLIP_SIGMAS=20.0, GPTQ_CALIBRATION_BATCHES=64, GPTQ_RESERVE_SECONDS=12.0, VAL_LOSS_EVERY=4000,
+    LQER_RANK=0,
+)
+
 # Defaults swapped in by PRESET=sample: a small model that exercises every architecture option
 # and trains in about two minutes on two CPU cores. Explicit environment knobs still win.
 SAMPLE_PRESET = dict(
     DATA_PATH="./data/datasets/sample_sp1024",
     TOKENIZER_PATH="./data/tokenizers/sample_1024_bpe.model",
     VOCAB_SIZE=1024, NUM_LAYERS=6, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8,
-    XSA_LAST_N=6, LOOP_START=2, LOOP_END=3, PARALLEL_RESIDUAL_START=4,
+    XSA_LAST_N=6, LOOP_START=2, LOOP_END=3, PARALLEL_RESIDUAL_START=4, PARALLEL_LANES_START=5,
     TRAIN_SEQ_LEN=256, TRAIN_BATCH_TOKENS=4096, ITERATIONS=150, MAX_WALLCLOCK_SECONDS=0.0,
     GPTQ_RESERVE_SECONDS=0.0, WARMUP_STEPS=0, MUON_MOMENTUM_WARMUP_STEPS=50,
     MATRIX_LR=0.03, TIED_EMBED_LR=0.05, EMA_DECAY=0.97,
@@ -248,7 +271,7 @@ def config_from_env(env) -> Config:
     """Resolve every knob: PRESET defaults, then explicit environment values, then cross-checks."""
     fields = knob_fields()
     preset = parse_knob("PRESET", env.get("PRESET", "record"), fields["PRESET"])
-    values = dict(SAMPLE_PRESET) if preset == "sample" else {}
+    values = dict({"record": {}, "r1081": R1081_PRESET, "sample": SAMPLE_PRESET}[preset])
     for name, field in fields.items():
         if name in env:
             values[name] = parse_knob(name, env[name], field)
@@ -274,12 +297,12 @@ def validate_model_config(mc: ModelConfig) -> None:
     need(mc.ROPE_DIMS % 2 == 0 and mc.ROPE_DIMS <= mc.head_dim,
          f"ROPE_DIMS={mc.ROPE_DIMS} must be even and at most the head dim {mc.head_dim}")
     if mc.NUM_LOOPS > 0:
-        need(mc.PARALLEL_LANES_START > mc.LOOP_END,
-             f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must come after LOOP_END={mc.LOOP_END}: a looped "
-             "layer would run with one lane and then with two")
         need(mc.LOOP_START <= mc.LOOP_END < mc.NUM_LAYERS,
              f"LOOP_START={mc.LOOP_START}, LOOP_END={mc.LOOP_END}: "
              f"need LOOP_START <= LOOP_END < NUM_LAYERS={mc.NUM_LAYERS}")
+        need(mc.PARALLEL_LANES_START > mc.LOOP_END,
+             f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must come after LOOP_END={mc.LOOP_END}: a looped "
+             "layer would run with one lane and then with two")
 
 
 def validate_config(cfg: Config) -> None:
@@ -289,6 +312,7 @@ def validate_config(cfg: Config) -> None:
     validate_model_config(cfg)
     need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0,
          f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}")
+    check_seq_schedule(cfg)
     need(cfg.VAL_BATCH_TOKENS >= cfg.TRAIN_SEQ_LEN,
          f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
     need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN,
@@ -296,6 +320,42 @@ def validate_config(cfg: Config) -> None:
     need(cfg.MAX_WALLCLOCK_SECONDS <= 0 or cfg.GPTQ_RESERVE_SECONDS < cfg.MAX_WALLCLOCK_SECONDS,
          f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of "
          f"MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
+
+
+def seq_len_stages(cfg: Config) -> list[tuple[int, float]]:
+    """(length, training fraction it lasts until) per training stage: TRAIN_SEQ_SCHEDULE's, then TRAIN_SEQ_LEN."""
+    stages = []
+    for item in filter(None, cfg.TRAIN_SEQ_SCHEDULE.replace(" ", "").split(",")):
+        length, _, until = item.partition(":")
+        try:
+            stages.append((int(length), float(until)))
+        except ValueError:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={cfg.TRAIN_SEQ_SCHEDULE!r}: {item!r} is not LENGTH:FRACTION; "
+                              "write e.g. 1024:0.3,2048:0.6") from None
+    return stages + [(cfg.TRAIN_SEQ_LEN, 1.0)]
+
+
+def train_block_len(cfg: Config) -> int:
+    """The loader's window: the least common multiple of the stage lengths, so every stage cuts it evenly."""
+    return math.lcm(*(length for length, _ in seq_len_stages(cfg)))
+
+
+def check_seq_schedule(cfg: Config) -> None:
+    stages = seq_len_stages(cfg)
+    lengths, ends = [length for length, _ in stages], [until for _, until in stages]
+    where = f"TRAIN_SEQ_SCHEDULE={cfg.TRAIN_SEQ_SCHEDULE!r} with TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}"
+    need(all(2 <= a < b for a, b in zip(lengths, lengths[1:])),
+         f"{where}: lengths must grow, each at least 2, and end below TRAIN_SEQ_LEN (the last stage)")
+    need(all(0 < a < b for a, b in zip(ends, ends[1:])),
+         f"{where}: fractions must grow within (0, 1)")
+    block = train_block_len(cfg)
+    need(cfg.TRAIN_BATCH_TOKENS % block == 0,
+         f"{where}: TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of {block}, the least common "
+         "multiple of the lengths, so every stage's batch holds the same tokens")
+
+
+def stage_seq_len(stages: list[tuple[int, float]], frac: float) -> int:
+    return next((length for length, until in stages if frac < until), stages[-1][0])
 
 
 def resolve_paths(cfg: Config) -> tuple[Path, Path]:
@@ -455,8 +515,10 @@ class TrainLoader:
                 self._plan_epoch()
         return np.concatenate(shards), np.concatenate(starts)
 
-    def next_batch(self, global_seqs: int, rank: int, world_size: int) -> Tensor:
-        """This rank's share of the next global batch: (global_seqs/world_size, seq_len+1) int64."""
+    def next_batch(self, global_seqs: int, rank: int, world_size: int, split_len: int | None = None) -> Tensor:
+        """This rank's share of the next global batch: (global_seqs/world_size, seq_len+1) int64; with
+        split_len (a divisor of seq_len), each window cut into seq_len/split_len rows of split_len+1 tokens,
+        the last token of one row the first of the next, so the batch keeps its tokens and targets."""
         shards, starts = self._take(global_seqs)
         per_rank = global_seqs // world_size
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -466,7 +528,10 @@ class TrainLoader:
             bad = int(np.flatnonzero(rows.max(1) >= self.vocab_size)[0])
             raise ConfigError(f"{self.files[shards[mine][bad]]}: token id {int(rows[bad].max())} >= VOCAB_SIZE="
                               f"{self.vocab_size}; the shard was tokenized with another vocabulary")
-        return torch.from_numpy(rows.astype(np.int64))
+        rows = torch.from_numpy(rows.astype(np.int64))
+        if split_len is None or split_len == self.seq_len:
+            return rows
+        return rows.unfold(1, split_len + 1, split_len).reshape(-1, split_len + 1)
 
 
 def load_tokenizer(path: Path, vocab_size: int):
@@ -581,27 +646,58 @@ def pick_attention_backend(device: torch.device, requested: str = "auto") -> str
 
 
 def attention_function(backend: str) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
-    """Causal GQA attention on (batch, time, heads, head_dim) tensors, for the chosen backend; with a
-    document mask (document_mask), a token attends only to earlier tokens of its own document. Resolved
-    once per model, so the compiled forward never imports anything."""
-    def sdpa(q: Tensor, k: Tensor, v: Tensor, doc_mask: Tensor | None = None) -> Tensor:
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors, for the chosen backend. `docs` isolates
+    documents: a bool mask (document_mask) runs on SDPA; int32 sequence starts (document_starts, CUDA) on a
+    varlen kernel over the flattened batch. Resolved once per model, so the compiled forward imports nothing."""
+    def sdpa(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=doc_mask, is_causal=doc_mask is None, enable_gqa=True)
+                                             attn_mask=docs, is_causal=docs is None, enable_gqa=True)
         return out.transpose(1, 2)
 
-    if backend == "sdpa":
-        return sdpa
+    flash = None
     if backend == "fa3":
         from flash_attn_interface import flash_attn_func as flash
-    else:
+    elif backend == "fa2":
         from flash_attn import flash_attn_func as flash
+    varlen = varlen_kernel(backend)
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, doc_mask: Tensor | None = None) -> Tensor:
-        if doc_mask is not None:  # document isolation runs on SDPA's masked kernel (FlashAttention varlen: to do)
-            return sdpa(q, k, v, doc_mask)
+    def attend(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
+        if docs is not None and docs.dtype != torch.bool:
+            return varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), docs, q.size(1)).view(q.shape)
+        if docs is not None or flash is None:
+            return sdpa(q, k, v, docs)
         out = flash(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
     return attend
+
+
+def varlen_kernel(backend: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor] | None:
+    """Causal attention over packed sequences, (tokens, heads, head_dim) with int32 starts `cu` ending in the
+    token count: FlashAttention's varlen function for fa3/fa2, else torch's varlen_attn (torch >= 2.10), whose
+    older releases take is_causal instead of window_size and no enable_gqa (then K/V heads are repeated).
+    `max_len` is the row length, an upper bound that keeps the compiled graph's shapes fixed."""
+    if backend in ("fa3", "fa2"):
+        module = importlib.import_module("flash_attn_interface" if backend == "fa3" else "flash_attn")
+
+        def flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+            out = module.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        return flash_varlen
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = dict(window_size=(-1, 0)) if "window_size" in params else dict(is_causal=True)
+    native_gqa = "enable_gqa" in params
+    if native_gqa:
+        causal["enable_gqa"] = True
+
+    def torch_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+        if not native_gqa and k.size(1) != q.size(1):
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal)
+    return torch_varlen
 
 
 def document_mask(input_ids: Tensor, bos_id: int) -> Tensor:
@@ -610,6 +706,15 @@ def document_mask(input_ids: Tensor, bos_id: int) -> Tensor:
     same = docs[:, :, None] == docs[:, None, :]
     causal = torch.ones(input_ids.size(1), input_ids.size(1), dtype=torch.bool, device=input_ids.device).tril()
     return (same & causal)[:, None]
+
+
+def document_starts(input_ids: Tensor, bos_id: int) -> Tensor:
+    """int32 start of every sequence in the flattened (batch * time) tokens, then the token count: each row
+    and each BOS starts one, so a varlen kernel sees the same documents as document_mask."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    index = starts.flatten().nonzero().flatten()
+    return torch.cat((index, index.new_tensor([input_ids.numel()]))).to(torch.int32)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -666,7 +771,7 @@ class Attention(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(cfg.NUM_HEADS, GATE_INPUTS)) if cfg.SPARSE_ATTN_GATE else None
 
     def forward(self, x: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
-                doc_mask: Tensor | None = None) -> Tensor:
+                docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = rms_norm(self.c_q(x, w.q).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.c_k(x, w.k).view(B, T, self.kv_heads, self.head_dim))
@@ -674,7 +779,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
         q = (q * self.q_gain[:, None].to(q.dtype)).to(v.dtype)  # QK-norm makes the gain the logit temperature
-        y = self.attend(q, k.to(v.dtype), v, doc_mask)
+        y = self.attend(q, k.to(v.dtype), v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate_w is not None:
@@ -716,20 +821,20 @@ class Block(nn.Module):
         self.lanes = layer >= cfg.PARALLEL_LANES_START
 
     def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
-                doc_mask: Tensor | None = None) -> Tensor:
+                docs: Tensor | None = None) -> Tensor:
         """The float32 mixes and scales are cast to the stream's dtype, so a bf16 stream stays bf16."""
         if self.lanes:
-            return self.two_lanes(x, x0, w, rope, doc_mask)
+            return self.two_lanes(x, x0, w, rope, docs)
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
-        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope, doc_mask)
+        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope, docs)
         if self.parallel:  # GPT-J style: attention and MLP both read the block input
             return x + attn_out + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
         x = x + attn_out
         return x + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
 
     def two_lanes(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
-                  doc_mask: Tensor | None) -> Tensor:
+                  docs: Tensor | None) -> Tensor:
         """Two residual lanes, stacked on a leading dim of 2 (the first lane block opens them as two copies of
         the stream): attention reads lane 0, the MLP lane 1, and each lane keeps a learned share of itself
         and takes a learned share of both outputs."""
@@ -738,7 +843,7 @@ class Block(nn.Module):
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         keep, post = (p.to(x.dtype)[..., None, None, None] for p in (self.lane_keep, self.lane_post))
         x = mix[0] * x + mix[1] * x0
-        attn_out = attn_scale * self.attn(rms_norm(x[0]) * self.norm_scale, w, rope, doc_mask)
+        attn_out = attn_scale * self.attn(rms_norm(x[0]) * self.norm_scale, w, rope, docs)
         mlp_out = mlp_scale * self.mlp(rms_norm(x[1]) * self.norm_scale, w)
         return keep * x + post[0] * attn_out + post[1] * mlp_out
 
@@ -791,6 +896,7 @@ class GPT(nn.Module):
             self.smear_w = nn.Parameter(torch.zeros(1, GATE_INPUTS))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.smear_gate, self.varlen, self.bos_id = bool(cfg.SMEAR_GATE), bool(cfg.VARLEN_ATTENTION), cfg.BOS_ID
+        self.has_varlen_kernel = varlen_kernel(attention_backend) is not None
         self.smear_masks_bos = True  # tests switch it off to show the leak the mask prevents
         self.register_state_dict_post_hook(GPT._unbank_state)
         self.register_load_state_dict_pre_hook(GPT._bank_state)
@@ -865,7 +971,16 @@ class GPT(nn.Module):
     def compute_dtype(self, dtype: torch.dtype | None) -> None:
         self._dtype_override = dtype
 
-    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+    def documents(self, input_ids: Tensor, starts: Tensor | None = None) -> Tensor | None:
+        """What isolates documents in attention (VARLEN_ATTENTION): on CUDA with a varlen kernel, the sequence
+        starts (given by the caller when the forward is compiled, see documents_outside), else a bool mask."""
+        if not self.varlen:
+            return None
+        if input_ids.is_cuda and self.has_varlen_kernel:
+            return starts if starts is not None else document_starts(input_ids, self.bos_id)
+        return document_mask(input_ids, self.bos_id)
+
+    def forward_hidden(self, input_ids: Tensor, doc_starts: Tensor | None = None) -> Tensor:
         """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam. The residual
         stream runs in compute_dtype; the final norm (like the logits) runs in the parameters' dtype."""
         dtype = self.compute_dtype
@@ -874,18 +989,18 @@ class GPT(nn.Module):
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x).to(dtype)
         weights, rope = self.layer_weights(), self.rotary(input_ids.size(1), input_ids.device)
-        doc_mask = document_mask(input_ids, self.bos_id) if self.varlen else None
+        docs = self.documents(input_ids, doc_starts)
         order = self.layer_order()
         n_encoder = len(order) // 2
         skips = []
         for layer in order[:n_encoder]:
-            x = self.blocks[layer](x, x0, weights[layer], rope, doc_mask)
+            x = self.blocks[layer](x, x0, weights[layer], rope, docs)
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
                 x = gate * x + (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
-            x = self.blocks[layer](x, x0, weights[layer], rope, doc_mask)
+            x = self.blocks[layer](x, x0, weights[layer], rope, docs)
         if x.dim() > x0.dim():  # two lanes: their mean is the output
             x = x.mean(0)
         return rms_norm(x.to(self.tok_emb.weight.dtype))
@@ -905,9 +1020,9 @@ class GPT(nn.Module):
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, target_ids: Tensor, doc_starts: Tensor | None = None) -> Tensor:
         """Per-token negative log-likelihood in nats, shape (batch, time), float32."""
-        return token_nll(self.compute_logits(self.forward_hidden(input_ids)), target_ids)
+        return token_nll(self.compute_logits(self.forward_hidden(input_ids, doc_starts)), target_ids)
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
@@ -1181,13 +1296,15 @@ def launcher_ranks(env) -> tuple[int, int, int]:
 
 
 def check_batch_split(cfg: Config, world_size: int) -> None:
-    """The global batch must split into equal micro-batches: 8 in all on up to 8 ranks, one per rank beyond."""
-    seqs, micro = global_seqs(cfg), world_size * micro_batches_per_rank(world_size)
-    if seqs % micro:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} is {seqs} sequences of "
-                          f"TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}, "
+    """The global batch must split into equal micro-batches: 8 in all on up to 8 ranks, one per rank beyond.
+    With TRAIN_SEQ_SCHEDULE the unit is the loader's window (train_block_len), which every stage cuts evenly."""
+    block, micro = train_block_len(cfg), world_size * micro_batches_per_rank(world_size)
+    what = f"TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}" if block == cfg.TRAIN_SEQ_LEN else f"{block} tokens"
+    if (cfg.TRAIN_BATCH_TOKENS // block) % micro:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} is {cfg.TRAIN_BATCH_TOKENS // block} "
+                          f"sequences of {what}, "
                           f"which WORLD_SIZE={world_size} cannot split into {micro} equal micro-batches; "
-                          f"make it a multiple of {micro * cfg.TRAIN_SEQ_LEN} tokens")
+                          f"make it a multiple of {micro * block} tokens")
 
 
 def init_runtime(env) -> Runtime:
@@ -1301,7 +1418,53 @@ def compiles(cfg: Config, device: torch.device) -> bool:
 def compile_model(model: GPT, backend: str = "inductor"):
     """One static-shape graph per looping state and grad mode. The LR and momentum live in the
     optimizers' param groups and the step runs outside the graph, so steps never recompile."""
-    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    return documents_outside(model, compile_static(model, backend))
+
+
+def fused_cross_entropy(model: GPT, hidden_fn: Callable) -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-token NLL like GPT.forward, with the head (tied embedding, softcap, log-softmax) fused by liger-kernel
+    chunk by chunk in forward and backward, in bf16 with fp32 accumulation; it runs outside the compiled graph."""
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    head = LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=model.softcap or None)
+
+    def nll(input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        hidden = hidden_fn(input_ids)
+        weight = model.tok_emb.weight.to(torch.bfloat16)
+        return head(weight, hidden.to(torch.bfloat16).flatten(0, 1), target_ids.flatten()).view(target_ids.shape)
+    return nll
+
+
+def fused_ce_problem(cfg: Config, device: torch.device) -> str | None:
+    """Why FUSED_CE=1 cannot run here, or None."""
+    if not cfg.FUSED_CE:
+        return None
+    if device.type != "cuda":
+        return f"its Triton kernels need a CUDA GPU and this run is on {device.type}"
+    try:
+        importlib.import_module("liger_kernel.transformers.fused_linear_cross_entropy")
+    except ImportError as e:
+        return f"liger-kernel cannot be imported ({e}); pip install liger-kernel"
+    return None
+
+
+def compile_static(fn, backend: str = "inductor"):
+    """torch.compile with every shape static except the ones marked dynamic (the document starts): a new
+    shape anywhere else compiles a new graph rather than a dynamic one."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    return torch.compile(fn, fullgraph=True, dynamic=None, backend=backend)
+
+
+def documents_outside(model: GPT, fn: Callable) -> Callable:
+    """fn(input_ids, ...) (the compiled forward or forward_hidden) with the document starts of a varlen kernel
+    found before it runs: their count changes with every batch, which a graph cannot compute at a fixed shape,
+    so they enter as an input whose length is dynamic, and no batch recompiles."""
+    def call(input_ids: Tensor, *args) -> Tensor:
+        if not (model.varlen and model.has_varlen_kernel and input_ids.is_cuda):
+            return fn(input_ids, *args)
+        starts = document_starts(input_ids, model.bos_id)
+        torch._dynamo.mark_dynamic(starts, 0)
+        return fn(input_ids, *args, starts)
+    return call
 
 
 def global_seqs(cfg: Config) -> int:
@@ -1407,28 +1570,31 @@ class Trainer:
     log: Callable[[str], None]
 
     def new_loader(self) -> TrainLoader:
-        return TrainLoader(self.train_files, self.cfg.TRAIN_SEQ_LEN, self.cfg.SEED, self.cfg.VOCAB_SIZE)
+        block = train_block_len(self.cfg)
+        return TrainLoader(self.train_files, block, self.cfg.SEED, self.cfg.VOCAB_SIZE)
 
-    def step(self, loader: TrainLoader) -> Tensor:
-        batch = loader.next_batch(global_seqs(self.cfg), self.rt.rank, self.rt.world_size)
+    def step(self, loader: TrainLoader, seq_len: int) -> Tensor:
+        blocks = self.cfg.TRAIN_BATCH_TOKENS // loader.seq_len
+        batch = loader.next_batch(blocks, self.rt.rank, self.rt.world_size, seq_len)
         return train_step(self.cfg, self.model_fn, self.model, self.optimizers, batch, self.rt)
 
     def prime_compilation(self) -> None:
-        """Run WARMUP_STEPS real steps (and as many with recurrence on, if any) so every graph is
-        compiled before the clock starts, then restore the model and optimizers exactly. Training
-        builds a fresh loader afterwards, so the data order is unaffected too."""
+        """Run WARMUP_STEPS real steps at every training sequence length, with recurrence off and on, so
+        every graph is compiled before the clock starts, then restore the model and optimizers exactly.
+        Training builds a fresh loader afterwards, so the data order is unaffected too."""
         cfg, model, optimizers = self.cfg, self.model, self.optimizers
         if cfg.WARMUP_STEPS == 0:
             return
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader = self.new_loader()
-        for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
-            model.looping = looping
-            for i in range(cfg.WARMUP_STEPS):
-                set_schedule(cfg, optimizers, i, 0.0)
-                self.step(loader)
-            self.log(f"warmup: primed {cfg.WARMUP_STEPS} steps looping={looping}")
+        for seq_len, _ in seq_len_stages(cfg):
+            for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
+                model.looping = looping
+                for i in range(cfg.WARMUP_STEPS):
+                    set_schedule(cfg, optimizers, i, 0.0)
+                    self.step(loader, seq_len)
+                self.log(f"warmup: primed {cfg.WARMUP_STEPS} steps seq_len={seq_len} looping={looping}")
         model.looping = False
         model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
@@ -1444,15 +1610,19 @@ class Trainer:
         step, train_seconds, loop_step, loop_seconds = 0, 0.0, None, 0.0
         recent_steps: list[float] = []
         train_curve, val_curve = [], []
+        stages, seq_len = seq_len_stages(cfg), None
         while True:
             frac = training_fraction(cfg, step, train_seconds, budget)
             if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
                 model.looping, loop_step, loop_seconds = True, step, train_seconds
                 log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
+            if len(stages) > 1 and stage_seq_len(stages, frac) != seq_len:
+                log(f"seq_len:{stage_seq_len(stages, frac)} step:{step} frac:{frac:.3f}")
+            seq_len = stage_seq_len(stages, frac)
             set_schedule(cfg, self.optimizers, step, frac)
             rt.sync()
             t0 = time.perf_counter()
-            loss = self.step(loader)
+            loss = self.step(loader, seq_len)
             if ema is not None:
                 ema.update()
             rt.sync()
@@ -1495,7 +1665,7 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARTIFACT_FORMAT = 3  # the header's "format" and the magic's digit; 3: the whole ModelConfig, one byte per value
+ARTIFACT_FORMAT = 4  # the header's "format" and the magic's digit; 4: LQER factors as <name>.lqer_a/.lqer_b
 ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
@@ -1538,6 +1708,16 @@ def clip_sigmas(cfg: Config, group: str) -> float:
         return cfg.EMBED_CLIP_SIGMAS
     own = cfg.ATTN_CLIP_SIGMAS if group == "attention" else cfg.MLP_CLIP_SIGMAS
     return own or cfg.MATRIX_CLIP_SIGMAS
+
+
+def gptq_damp(cfg: Config, group: str) -> float:
+    own = {"attention": cfg.GPTQ_DAMP_ATTN, "mlp": cfg.GPTQ_DAMP_MLP, "embedding": cfg.GPTQ_DAMP_EMBED}[group]
+    return own or cfg.GPTQ_DAMP
+
+
+def gptq_factors(cfg: Config, plan: list[QuantGroup], hessians: dict[str, Tensor]) -> dict[str, GPTQFactor]:
+    """Each Hessian's factor, damped for the group of the weights that read it."""
+    return {g.hessian: gptq_factor(hessians[g.hessian], gptq_damp(cfg, g.group)) for g in plan}
 
 
 def group_bits(cfg: Config, group: str) -> int:
@@ -1651,6 +1831,14 @@ def quantize_rtn(W: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(W.float() / scale[:, None]), -qmax, qmax).to(torch.int8), scale
 
 
+def quantize_absmax(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Round to nearest with each row's largest magnitude at the end of the grid: for the sparse attention gate,
+    one short row per head, where a std-based clip would cut the one weight that matters."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (W.float().abs().amax(1) / qmax).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+    return torch.clamp(torch.round(W.float() / scale[:, None]), -qmax, qmax).to(torch.int8), scale
+
+
 def quantize_gptq(W: Tensor, factor: GPTQFactor, bits: int, sigmas: float, block: int) -> tuple[Tensor, Tensor]:
     """GPTQ on the std-based grid: quantize columns in act-order, spreading each column's
     error over the columns not yet quantized (within a block now, beyond it lazily)."""
@@ -1686,13 +1874,22 @@ class QuantizedModel:
     model_config: ModelConfig
     run_start_id: str = ""           # the run that wrote it, as in its log and JSON
 
+    def lqer_correction(self, name: str, shape: torch.Size) -> Tensor:
+        """A_hat @ B_hat, the stored low-rank estimate of the quantization error of `name`."""
+        a, b = self.quantized[name + LQER_A], self.quantized[name + LQER_B]
+        A = dequantize(a["q"], a["scale"]).view(shape[0], -1)
+        return A @ dequantize(b["q"], b["scale"]).view(A.size(1), shape[1])
+
     def state_dict(self, template: dict[str, Tensor]) -> dict[str, Tensor]:
         """Dequantized weights in the template's dtypes: exactly what the artifact decodes to."""
         out = {}
         for name, t in template.items():
             if name in self.quantized:
                 e = self.quantized[name]
-                out[name] = dequantize(e["q"], e["scale"]).to(t.dtype)
+                weight = dequantize(e["q"], e["scale"])
+                if name + LQER_A in self.quantized:
+                    weight = weight + self.lqer_correction(name, weight.shape)
+                out[name] = weight.to(t.dtype)
             else:
                 out[name] = self.passthrough[name].to(t.dtype)
         return out
@@ -1714,8 +1911,44 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
         rows = [state[n].size(0) for n in g.names]
         for n, qn, sn in zip(g.names, q.split(rows), scale.split(rows)):
             quantized[n] = dict(q=qn.cpu(), scale=sn.to(torch.float16).cpu(), bits=bits, group=g.group)
+    for n in [n for n in state if n.endswith(".attn.gate_w")]:  # int8 per row: half the bytes of fp16
+        q, scale = quantize_absmax(state[n], 8)
+        quantized[n] = dict(q=q.cpu(), scale=scale.to(torch.float16).cpu(), bits=8, group="gate")
+    if cfg.LQER_RANK and cfg.LQER_TOP_K:
+        quantized.update(lqer_corrections(cfg, {n: state[n] for g in plan for n in g.names}, quantized))
     passthrough = {k: v.to(torch.float16).cpu() for k, v in state.items() if k not in quantized}
     return QuantizedModel(quantized, passthrough, cfg.model)
+
+
+# LQER (PR #1797): the quantization error E = W - W_hat of the matrices where it is largest, as a rank-r product
+# A @ B from its SVD (A = U S, B = V^T), A on an int2 grid (-2..1, one scale per matrix, max |A| at 1.5 steps) and
+# B on an int4 grid (-8..7, one scale per LQER_GROUP columns, max at 7.5 steps). Both are stored as quantized
+# tensors reshaped so the container's per-row scales are exactly those: A as one row, B as rows of one group.
+LQER_A, LQER_B = ".lqer_a", ".lqer_b"
+
+
+def quantize_grid(x: Tensor, lo: int, hi: int, half_span: float) -> tuple[Tensor, Tensor]:
+    """Per-row round to nearest on the integers lo..hi, each row's largest magnitude at half_span steps; the
+    step is rounded to fp16 first, so quantizing and dequantizing use the stored number."""
+    scale = (x.abs().amax(1) / half_span).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+    return torch.clamp(torch.round(x / scale[:, None]), lo, hi).to(torch.int8), scale
+
+
+def lqer_corrections(cfg: Config, weights: dict[str, Tensor], quantized: dict[str, dict]) -> dict[str, dict]:
+    """The LQER factors of the LQER_TOP_K matrices with the largest |W - W_hat| (Frobenius)."""
+    errors = {n: W.float() - dequantize(quantized[n]["q"], quantized[n]["scale"]).to(W.device)
+              for n, W in weights.items()}
+    top = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:cfg.LQER_TOP_K]
+    factors = {}
+    for n in top:
+        U, S, Vh = torch.linalg.svd(errors[n], full_matrices=False)
+        rank = min(cfg.LQER_RANK, S.numel())
+        A, B = U[:, :rank] * S[:rank], Vh[:rank]
+        group = cfg.LQER_GROUP if B.size(1) % cfg.LQER_GROUP == 0 else B.size(1)
+        for suffix, (q, scale), bits in ((LQER_A, quantize_grid(A.reshape(1, -1), -2, 1, 1.5), 2),
+                                         (LQER_B, quantize_grid(B.reshape(-1, group), -8, 7, 7.5), 4)):
+            factors[n + suffix] = dict(q=q.cpu(), scale=scale.to(torch.float16).cpu(), bits=bits, group="lqer")
+    return factors
 
 
 # Container: magic, compressor id, u32 header length, u32 header CRC32, compressed JSON header, then compressed
@@ -1770,7 +2003,8 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
     # brotli and lzma release the GIL, so threads compress the streams in parallel.
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
         packed = list(pool.map(lambda data: compress(data, compressor), raw))
-    by_group = dict(embedding=0, attention=0, mlp=0, scales=len(packed[-2]), passthrough=len(packed[-1]))
+    by_group = dict(embedding=0, attention=0, mlp=0, gate=0, lqer=0, scales=len(packed[-2]),
+                    passthrough=len(packed[-1]))
     for n, stream in zip(qnames, packed):
         by_group[qm.quantized[n]["group"]] += len(stream)
     tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]] for n in qnames]
@@ -1871,7 +2105,20 @@ def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
         s_at += shape[0]
     if s_at != scales.size or p_at != flat.size:
         raise ValueError(f"{scales.size} scales and {flat.size} pass-through values for {s_at} rows and {p_at} values")
+    check_lqer_shapes(quantized)
     return QuantizedModel(quantized, passthrough, header["model_config"], str(header.get("run_start_id", "")))
+
+
+def check_lqer_shapes(quantized: dict[str, dict]) -> None:
+    """Every LQER pair belongs to a stored matrix and multiplies out to its shape."""
+    for name in [n for n in quantized if n.endswith((LQER_A, LQER_B))]:
+        base = name[:-len(LQER_A)]
+        if base not in quantized or base + LQER_A not in quantized or base + LQER_B not in quantized:
+            raise ValueError(f"{name}: LQER factor without its matrix or its other factor")
+        rows, cols = quantized[base]["q"].shape
+        a, b = quantized[base + LQER_A]["q"].numel(), quantized[base + LQER_B]["q"].numel()
+        if a % rows or b != a // rows * cols:
+            raise ValueError(f"{name}: LQER factors of {a} and {b} values do not fit a {rows}x{cols} matrix")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -2072,7 +2319,7 @@ def build_artifact(cfg: Config, model: GPT, train_files, rt: Runtime, log, train
         rt.sync()
         hessian_seconds = time.perf_counter() - t0
         log(f"gptq: collected {len(hessians)} Hessians from {tokens} training tokens in {hessian_seconds:.1f}s")
-        factors = {k: gptq_factor(H, cfg.GPTQ_DAMP) for k, H in hessians.items()}
+        factors = gptq_factors(cfg, plan, hessians)
     report = time_rule_report(cfg, train_seconds, hessian_seconds, log)
     failure = None
     if rt.is_main:
@@ -2419,7 +2666,7 @@ def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes: list[tuple[int, i
     backend = backend or ("inductor" if compiles(cfg, rt.device) else None)
     if backend is None:
         return model.forward_hidden
-    fn = torch.compile(model.forward_hidden, fullgraph=True, dynamic=False, backend=backend)
+    fn = documents_outside(model, compile_static(model.forward_hidden, backend))
     for rows, length in shapes:
         with torch.inference_mode(), rt.autocast():
             fn(torch.randint(0, cfg.VOCAB_SIZE, (rows, length), device=rt.device))
@@ -2761,12 +3008,26 @@ def build_model(cfg: Config, backend: str, rt: Runtime, log) -> tuple[GPT, Calla
     torch.manual_seed(cfg.SEED)
     model = GPT(cfg.model, backend).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_order_looped:{model.loop_order}")
-    compiled = compiles(cfg, rt.device)
-    model_fn = compile_model(model) if compiled else model
-    log(f"compile:{'on' if compiled else 'off'} accum_steps:{rt.accum_steps} world_size:{rt.world_size}")
+    if cfg.VARLEN_ATTENTION and rt.device.type == "cuda" and backend == "sdpa":
+        kernel = "torch's varlen_attn" if model.has_varlen_kernel else "SDPA with a dense mask (torch < 2.10)"
+        log(f"warning: VARLEN_ATTENTION=1 without FlashAttention runs {kernel}, slower than FlashAttention's "
+            "varlen kernel (docs/gpu.md has the figures); install FlashAttention 3 for record runs")
+    model_fn = training_function(cfg, model, rt.device)
+    log(f"compile:{'on' if compiles(cfg, rt.device) else 'off'} fused_ce:{cfg.FUSED_CE} accum_steps:{rt.accum_steps} "
+        f"world_size:{rt.world_size}")
     optimizers = build_optimizers(cfg, model, rt.world_size)
     log(optimizers.muon.describe())
     return model, model_fn, optimizers
+
+
+def training_function(cfg: Config, model: GPT, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    """What training runs the model through: per-token NLL of (inputs, targets), compiled where `compiles` says,
+    with liger-kernel's fused head under FUSED_CE."""
+    compiled = compiles(cfg, device)
+    if not cfg.FUSED_CE:
+        return compile_model(model) if compiled else model
+    hidden_fn = documents_outside(model, compile_static(model.forward_hidden)) if compiled else model.forward_hidden
+    return fused_cross_entropy(model, hidden_fn)
 
 
 def pre_quantization_fields(validate: Callable[[], dict], log) -> dict:
@@ -2801,6 +3062,8 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
     backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
+    need(fused_ce_problem(cfg, rt.device) is None, f"FUSED_CE=1 cannot be used: {fused_ce_problem(cfg, rt.device)}; "
+         "or set FUSED_CE=0 (the eager head)")
     summary.update(versions=versions(rt, backend))
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))

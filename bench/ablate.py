@@ -13,6 +13,7 @@ weak signal for an 8xH100 score: use it to catch a piece that hurts or breaks, n
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -34,11 +35,12 @@ def parse_knobs(pairs: list[str]) -> dict[str, str]:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """'label:A=1,B=2' -> ('label', {'A': '1', 'B': '2'})."""
+    """'label:A=1,B=2' -> ('label', {'A': '1', 'B': '2'}); a comma starts a new knob only before NAME=, so a
+    value may hold commas (TRAIN_SEQ_SCHEDULE=64:0.3,128:0.6)."""
     label, sep, knobs = text.partition(":")
     if not sep or not label:
         raise SystemExit(f"error: --variant {text!r} is not LABEL:NAME=VALUE[,NAME=VALUE...]")
-    return label, parse_knobs(knobs.split(","))
+    return label, parse_knobs(re.split(r",(?=[A-Z][A-Z0-9_]*=)", knobs))
 
 
 def run_one(knobs: dict[str, str], log_dir: Path, run_id: str) -> dict:

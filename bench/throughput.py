@@ -30,13 +30,16 @@ H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM, dense (no sparsity)
 def model_flops_per_token(cfg: tg.Config, looping: bool, causal: bool = True) -> float:
     """Training FLOPs per token: 6 per weight of every matrix a token passes (each virtual layer
     and the tied output head; forward 2, backward 4), plus attention's QK^T and AV: 4*dim*context
-    forward, 3x that with backward. Causal attention sees (T+1)/2 positions on average."""
+    forward, 3x that with backward. Causal attention sees (T+1)/2 positions on average. The gates' small
+    matrices count too: the sparse attention gate's heads x 12 per layer, SmearGate's 12."""
     dim, kv_dim = cfg.MODEL_DIM, cfg.NUM_KV_HEADS * cfg.head_dim
     hidden = int(cfg.MLP_MULT * cfg.MODEL_DIM)
     layers = len(tg.looped_layer_order(cfg)) if looping else cfg.NUM_LAYERS
-    per_layer = 2 * dim * dim + 2 * dim * kv_dim + 2 * dim * hidden
+    gate = cfg.SPARSE_ATTN_GATE * cfg.NUM_HEADS * tg.GATE_INPUTS
+    per_layer = 2 * dim * dim + 2 * dim * kv_dim + 2 * dim * hidden + gate
     context = (cfg.TRAIN_SEQ_LEN + 1) / 2 if causal else cfg.TRAIN_SEQ_LEN
-    return 6.0 * (layers * per_layer + cfg.VOCAB_SIZE * dim) + layers * 12.0 * dim * context
+    smear = cfg.SMEAR_GATE * tg.GATE_INPUTS
+    return 6.0 * (layers * per_layer + cfg.VOCAB_SIZE * dim + smear) + layers * 12.0 * dim * context
 
 
 def timed(fn, rt: tg.Runtime, repeats: int) -> float:
@@ -85,19 +88,31 @@ def communication_seconds(optimizers: tg.Optimizers, rt: tg.Runtime, repeats: in
     return seconds
 
 
-def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int) -> dict:
+def random_batches(cfg: tg.Config, rows: int, doc_tokens: int, count: int = 4) -> list[torch.Tensor]:
+    """Random tokens; with doc_tokens, a BOS starts a new document about every doc_tokens tokens (FineWeb's
+    validation documents average about 810 sp8192 tokens), which document-isolated attention sees."""
+    batches = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        batch = torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1), generator=g)
+        if doc_tokens:
+            batch[torch.rand(batch.shape, generator=g) < 1 / doc_tokens] = cfg.BOS_ID
+        batches.append(batch)
+    return batches
+
+
+def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int, doc_tokens: int = 0) -> dict:
     backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     torch.manual_seed(cfg.SEED)
     model = tg.GPT(cfg, backend).to(rt.device)
     compiled = tg.compiles(cfg, rt.device)
-    model_fn = tg.compile_model(model) if compiled else model
+    model_fn = tg.training_function(cfg, model, rt.device)
     optimizers = tg.build_optimizers(cfg, model, rt.world_size)
     rows = tg.global_seqs(cfg) // rt.world_size
-    batches = [torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1),
-                             generator=torch.Generator().manual_seed(i))
-               for i in range(4)]
+    batches = random_batches(cfg, rows, doc_tokens)
     result = dict(device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                   world_size=rt.world_size, accum_steps=rt.accum_steps, attention_backend=backend, compile=compiled,
+                  fused_ce=cfg.FUSED_CE, varlen=cfg.VARLEN_ATTENTION, doc_tokens=doc_tokens,
                   train_batch_tokens=cfg.TRAIN_BATCH_TOKENS, train_seq_len=cfg.TRAIN_SEQ_LEN,
                   params=sum(p.numel() for p in model.parameters()))
     for phase, looping in (("plain", False), ("looping", True))[:2 if cfg.NUM_LOOPS > 0 else 1]:
@@ -137,7 +152,9 @@ def add_shares(result: dict, peak_tflops: float) -> dict:
 
 def report(r: dict) -> str:
     lines = [f"device:{r['device']} world_size:{r['world_size']} accum_steps:{r['accum_steps']} "
-             f"attention_backend:{r['attention_backend']} compile:{'on' if r['compile'] else 'off'} params:{r['params']} "
+             f"attention_backend:{r['attention_backend']} compile:{'on' if r['compile'] else 'off'} "
+             f"fused_ce:{r['fused_ce']} varlen:{r['varlen']} "
+             f"doc_tokens:{r['doc_tokens']} params:{r['params']} "
              f"batch:{r['train_batch_tokens']} tokens x seq {r['train_seq_len']}"]
     for phase in ("plain", "looping"):
         if f"{phase}_ms_per_step" in r:
@@ -157,11 +174,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per phase first (compilation)")
     parser.add_argument("--peak-tflops", type=float, default=H100_DENSE_BF16_TFLOPS, help="per-device peak for MFU")
     parser.add_argument("--json", type=Path, help="also write the figures here (rank 0)")
+    parser.add_argument("--doc-tokens", type=int, default=0, help="mean document length of the random batches "
+                        "(a BOS about every N tokens); 0: no BOS beyond chance")
     args = parser.parse_args(argv)
     cfg = tg.config_from_env(os.environ)
     rt = tg.init_runtime(os.environ)
     try:
-        result = add_shares(measure(cfg, rt, args.steps, args.warmup), args.peak_tflops)
+        result = add_shares(measure(cfg, rt, args.steps, args.warmup, args.doc_tokens), args.peak_tflops)
         if rt.is_main:
             print(report(result), flush=True)
             if args.json:

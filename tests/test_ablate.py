@@ -16,7 +16,7 @@ def test_ablation_table_matches_the_trainers_own_runs(small_sample, tmp_path, ca
     shared = {k: v for k, v in tiny_env(small_sample, tmp_path, **knobs).items()
               if k not in ("LOG_DIR", "RUN_ID", "SEED")}
     out = tmp_path / "ablate.json"
-    ablate.main(["--seeds", "3", "--variant", "smear:SMEAR_GATE=1", "--json", str(out),
+    ablate.main(["--seeds", "3", "--variant", "smear:SMEAR_GATE=0", "--json", str(out),
                  *(f"{k}={v}" for k, v in shared.items())])
     runs = json.loads(out.read_text())["runs"]
     direct = tg.main({**shared, "SEED": "3", "LOG_DIR": str(tmp_path / "direct"), "RUN_ID": "base"})
@@ -25,3 +25,8 @@ def test_ablation_table_matches_the_trainers_own_runs(small_sample, tmp_path, ca
     assert runs["smear"][0]["val_bpb"] != direct["val_bpb"]  # the variant's knob reached its run
     printed = capsys.readouterr().out
     assert "| baseline |" in printed and "| smear |" in printed
+
+
+def test_a_variant_value_may_hold_commas():
+    assert ablate.parse_variant("ctx:SMEAR_GATE=1,TRAIN_SEQ_SCHEDULE=64:0.3,128:0.6,MIN_LR=0.1") == (
+        "ctx", {"SMEAR_GATE": "1", "TRAIN_SEQ_SCHEDULE": "64:0.3,128:0.6", "MIN_LR": "0.1"})

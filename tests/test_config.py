@@ -17,9 +17,9 @@ def test_defaults_are_the_record_configuration():
     cfg = config_from_env({})
     assert (cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.VOCAB_SIZE) == (11, 512, 8, 4, 8192)
     assert (cfg.LOOP_START, cfg.LOOP_END, cfg.NUM_LOOPS, cfg.ENABLE_LOOPING_AT) == (3, 5, 2, 0.35)
-    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.25, 0.022, 0.095,
-                                                                                                0.9965, 0.72)
-    assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 12.0, 16_000_000)
+    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.0, 0.026, 0.095,
+                                                                                                0.9965, 0.85)
+    assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 8.0, 16_000_000)
 
 
 def test_environment_overrides_preset_and_defaults():
@@ -36,7 +36,7 @@ def test_environment_overrides_preset_and_defaults():
     ({"NUM_LAYERS": "0"}, ["NUM_LAYERS", "1 <= NUM_LAYERS"]),
     ({"MUON_ROW_NORMALIZE": "2"}, ["MUON_ROW_NORMALIZE", "0 <= MUON_ROW_NORMALIZE <= 1"]),
     ({"MUON_NS_COEFFS": "cubic"}, ["MUON_NS_COEFFS", "quintic, polar_express"]),
-    ({"PRESET": "tiny"}, ["PRESET", "record, sample"]),
+    ({"PRESET": "tiny"}, ["PRESET", "record, r1081, sample"]),
     ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS=3", "NUM_HEADS=8"]),
     ({"MODEL_DIM": "500"}, ["MODEL_DIM=500", "NUM_HEADS=8"]),
     ({"ROPE_DIMS": "15"}, ["ROPE_DIMS=15", "even"]),
@@ -46,6 +46,11 @@ def test_environment_overrides_preset_and_defaults():
     ({"TRAIN_BATCH_TOKENS": "1000"}, ["TRAIN_BATCH_TOKENS=1000", "multiple of TRAIN_SEQ_LEN=2048"]),
     ({"GPTQ_RESERVE_SECONDS": "600"}, ["GPTQ_RESERVE_SECONDS", "no training time"]),
     ({"VAL_BATCH_TOKENS": "100"}, ["VAL_BATCH_TOKENS=100", "TRAIN_SEQ_LEN=2048"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.3"}, ["TRAIN_SEQ_SCHEDULE='1024@0.3'", "LENGTH:FRACTION"]),
+    ({"TRAIN_SEQ_SCHEDULE": "2048:0.3"}, ["TRAIN_SEQ_SCHEDULE='2048:0.3'", "lengths must grow"]),
+    ({"TRAIN_SEQ_SCHEDULE": "512:0.6,1024:0.3"}, ["TRAIN_SEQ_SCHEDULE='512:0.6,1024:0.3'", "fractions must grow"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1024:1.5"}, ["TRAIN_SEQ_SCHEDULE='1024:1.5'", "within (0, 1)"]),
+    ({"TRAIN_SEQ_SCHEDULE": "1000:0.5"}, ["TRAIN_SEQ_SCHEDULE='1000:0.5'", "multiple of 256000"]),
     ({"RUN_ID": "../escape"}, ["RUN_ID='../escape'", "plain file name"]),
     ({"RUN_ID": "/tmp/run"}, ["RUN_ID='/tmp/run'", "plain file name"]),
     ({"RUN_ID": "sub\\run"}, ["RUN_ID='sub\\\\run'", "plain file name"]),
@@ -193,6 +198,13 @@ def test_an_attention_backend_that_cannot_run_stops_the_run_before_any_input_is_
     assert summary["status"] == "failed" and "flash-attention/hopper" in summary["error"]
     said = (tmp_path / "logs" / "fa3.txt").read_text().split("=" * 100)[-1]  # the log after the script's source
     assert "error: ATTENTION_BACKEND=fa3 cannot be used" in said and "train_shards:" not in said
+
+
+def test_fused_cross_entropy_off_a_gpu_stops_the_run_before_any_input_is_read(tmp_path):
+    env = {"PRESET": "sample", "FUSED_CE": "1", "DATA_PATH": str(tmp_path / "nowhere"),
+           "TOKENIZER_PATH": str(tmp_path / "nowhere.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "ce"}
+    with pytest.raises(ConfigError, match="FUSED_CE=1 cannot be used: its Triton kernels need a CUDA GPU .*FUSED_CE=0"):
+        tg.main(env)
 
 
 def test_import_has_no_side_effects(tmp_path):

@@ -47,12 +47,17 @@ def loss_and_grads(model: tg.GPT, model_fn, batch: torch.Tensor, rt: tg.Runtime)
 
 @pytest.mark.parametrize("looping", [False, True])
 def test_compiled_model_matches_eager(device, looping):
+    """With every weight perturbed, so the zero-initialized gates pass gradient (at zero their exact-zero
+    gradients would make any rounding an infinite relative gap), and a batch of many documents."""
     cfg = small_config()
     torch.manual_seed(0)
     model = tg.GPT(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     model.looping = looping
     rt = tg.Runtime(0, 1, device)
-    batch = tokens(cfg, 4, device)
+    batch = packed_documents(cfg, 4, device, 50)
     eager_loss, eager_grads = loss_and_grads(model, model, batch, rt)
     compiled_loss, compiled_grads = loss_and_grads(model, tg.compile_model(model), batch, rt)
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-2)  # bf16 autocast on both sides
@@ -71,6 +76,81 @@ def test_flash_attention_backends_agree_with_sdpa(device):
     for backend in available:
         got = tg.attention_function(backend)(q, k, v).float()
         assert (got - expected).abs().max() < 2e-2, backend
+
+
+def packed_documents(cfg: tg.Config, rows: int, device, every: int) -> torch.Tensor:
+    """Random tokens with a BOS about every `every` tokens: a batch of many documents."""
+    g = torch.Generator().manual_seed(every)
+    batch = torch.randint(2, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1), generator=g)
+    batch[torch.rand(batch.shape, generator=g) < 1 / every] = cfg.BOS_ID
+    return batch.to(device)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fa3", "fa2"])
+def test_varlen_kernel_matches_the_masked_reference(device, backend):
+    """Document isolation through the varlen kernel (FlashAttention's, or torch's behind sdpa) against SDPA
+    with the block-diagonal mask, forward and backward, with GQA."""
+    if backend != "sdpa" and not importable(backend):
+        pytest.skip(f"{backend} is not installed")
+    if tg.varlen_kernel(backend) is None or device.type != "cuda":
+        pytest.skip("no varlen kernel here: torch.nn.attention.varlen (torch >= 2.10) on CUDA")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 100, (3, 256), generator=g)
+    ids[torch.rand(ids.shape, generator=g) < 0.02] = 1
+    ids = ids.to(device)
+    q, k, v = (torch.randn(3, 256, heads, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for heads in (8, 4, 4))
+    outputs = []
+    for docs in (tg.document_starts(ids, 1), tg.document_mask(ids, 1)):
+        out = tg.attention_function(backend)(q, k, v, docs)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        outputs.append([out.float(), *(x.float() for x in grads)])
+    for got, want in zip(*outputs):
+        assert (got - want).norm() / want.norm() < 2e-2
+
+
+def test_compiled_varlen_model_compiles_once_for_any_document_count(device):
+    """The document starts enter the compiled forward with a dynamic length: batches with different numbers of
+    documents reuse one graph, and the losses match the eager model on the masked path."""
+    from torch._dynamo.utils import counters
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg).to(device)
+    if not (model.has_varlen_kernel and device.type == "cuda"):
+        pytest.skip("no varlen kernel: document isolation runs on the masked path, which has fixed shapes")
+    rt = tg.Runtime(0, 1, device)
+    torch._dynamo.reset()
+    compiled = tg.compile_model(model)
+    graphs = []
+    for every in (50, 20, 7):
+        batch = packed_documents(cfg, 4, device, every)
+        with torch.no_grad(), rt.autocast():
+            got = compiled(batch[:, :-1], batch[:, 1:]).mean().item()
+            model.has_varlen_kernel = False
+            want = model(batch[:, :-1], batch[:, 1:]).mean().item()
+            model.has_varlen_kernel = True
+        assert got == pytest.approx(want, rel=1e-2)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[-1], f"graphs compiled after each batch: {graphs}"
+
+
+def test_fused_cross_entropy_matches_the_eager_head(device):
+    """liger-kernel's fused linear cross-entropy (FUSED_CE=1) against GPT.forward's logits, softcap and
+    log-softmax: per-token losses and every gradient."""
+    pytest.importorskip("liger_kernel")
+    if device.type != "cuda":
+        pytest.skip("liger-kernel's Triton kernels are CUDA only")
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg).to(device)
+    rt = tg.Runtime(0, 1, device)
+    batch = packed_documents(cfg, 4, device, 50)
+    eager_loss, eager_grads = loss_and_grads(model, model, batch, rt)
+    fused_loss, fused_grads = loss_and_grads(model, tg.fused_cross_entropy(model, model.forward_hidden), batch, rt)
+    assert fused_loss == pytest.approx(eager_loss, rel=1e-3)
+    for name, g in eager_grads.items():
+        gap = float((fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert gap < 0.05, f"{name}: fused gradient is {gap:.3f} (relative) from eager"
 
 
 def importable(backend: str) -> bool:

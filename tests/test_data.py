@@ -100,6 +100,17 @@ def test_windows_are_contiguous_slices_of_the_shards(tmp_path):
     assert torch.all(batch[:, 1:] - batch[:, :-1] == 1)  # consecutive tokens of one shard
 
 
+def test_a_shorter_stage_cuts_the_same_windows_into_rows(tmp_path):
+    """Progressive context: a stage at a third of the loader's window reads the same tokens as the full
+    window, as three rows whose targets continue one another, so the batch's token count is fixed."""
+    files = make_shards(tmp_path, [3000, 1700])
+    whole = tg.TrainLoader(files, 48, seed=1).next_batch(8, 0, 1)
+    split = tg.TrainLoader(files, 48, seed=1).next_batch(8, 0, 1, split_len=16)
+    assert split.shape == (24, 17)
+    assert torch.equal(split[:, :-1].reshape(8, 48), whole[:, :-1])
+    assert torch.equal(split[:, 1:].reshape(8, 48), whole[:, 1:])
+
+
 def test_world_size_only_splits_the_global_batch(tmp_path):
     files = make_shards(tmp_path, [3000, 1700, 900])
     single = tg.TrainLoader(files, 16, seed=3)

@@ -9,7 +9,8 @@ import torch
 import train_gpt as tg
 from train_gpt import config_from_env
 
-FULL_OPTIONS = dict(VOCAB_SIZE="97", NUM_LAYERS="5", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+FULL_OPTIONS = dict(PRESET="r1081",  # every frontier switch off: the tests below turn each on against it
+                    VOCAB_SIZE="97", NUM_LAYERS="5", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
                     XSA_LAST_N="5", NUM_LOOPS="2", LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_START="3",
                     LOGIT_SOFTCAP="30", MLP_MULT="2")
 
@@ -297,7 +298,8 @@ def test_smear_gate_never_carries_a_token_across_a_bos():
 def test_a_tokenizer_whose_bos_is_not_bos_id_stops_a_run_that_cuts_documents(small_sample, tmp_path, switch):
     from test_training import tiny_env
 
-    cfg = config_from_env(tiny_env(small_sample, tmp_path, BOS_ID=5, **{switch: 1}))
+    cfg = config_from_env(tiny_env(small_sample, tmp_path, BOS_ID=5, **{"SMEAR_GATE": 0, "VARLEN_ATTENTION": 0,
+                                                                         switch: 1}))
     with pytest.raises(tg.ConfigError, match="starts documents with id 1 but BOS_ID=5; set BOS_ID=1"):
         tg.load_validation_data(cfg)
     assert tg.load_validation_data(tg.dataclasses.replace(cfg, **{switch: 0})).tokens.numel() > 0  # unused unless on

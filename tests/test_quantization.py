@@ -1,5 +1,6 @@
 """Quantization and the artifact: shuffling, GPTQ, the container, the model config it carries, auto-fit, the guard."""
 import ast
+import dataclasses
 import json
 import math
 import shutil
@@ -118,10 +119,10 @@ def with_header(blob: bytes, change) -> bytes:
 
 def test_artifact_format_is_written_and_an_older_one_is_refused_by_number():
     blob = tiny_artifact()
-    assert blob[:4] == b"PGQ3"
+    assert blob[:4] == b"PGQ4"
     assert tg.decode_artifact(with_header(blob, lambda h: None)).model_config.NUM_LAYERS == 2
-    older = with_header(blob, lambda h: h.update(format=2))
-    with pytest.raises(tg.ArtifactError, match="old.ptz: format 2 artifact, but this train_gpt.py reads format 3"):
+    older = with_header(blob, lambda h: h.update(format=3))
+    with pytest.raises(tg.ArtifactError, match="old.ptz: format 3 artifact, but this train_gpt.py reads format 4"):
         tg.decode_artifact(older, "old.ptz")
 
 
@@ -307,7 +308,7 @@ def test_autofit_lands_under_the_target_and_reports_its_cost(artifact_run, small
     assert calls == ["model_from_artifact", "evaluate_artifact_model", "model_from_artifact"]
     assert summary["artifact_bytes_total"] <= target < reference["artifact_bytes_total"]
     assert summary["autofit_sigma_scale"] > 1 and abs(summary["autofit_probes"][0][1] - reference["artifact_bytes_total"]) <= 64
-    assert summary["clip_sigmas"]["mlp"] == pytest.approx(12.85 * summary["autofit_sigma_scale"])
+    assert summary["clip_sigmas"]["mlp"] == pytest.approx(tg.Config.MLP_CLIP_SIGMAS * summary["autofit_sigma_scale"])
     assert "autofit_bpb_cost" in summary and "autofit: sigma_scale:" in (tmp_path / "logs" / "run.txt").read_text()
 
 
@@ -388,8 +389,15 @@ def test_every_frontier_switch_survives_the_artifact():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     qm = tg.quantize_model(cfg, model, tg.quantization_plan(model, cfg), None)
-    assert set(qm.quantized) | set(qm.passthrough) == set(model.state_dict())
-    assert {"smear_w", "smear_lambda", "blocks.0.attn.gate_w", "blocks.2.lane_post"} <= set(qm.passthrough)
+    stored = {n for n in qm.quantized if not n.endswith((tg.LQER_A, tg.LQER_B))} | set(qm.passthrough)
+    assert stored == set(model.state_dict())
+    assert {"smear_w", "smear_lambda", "blocks.2.lane_post"} <= set(qm.passthrough)
+    for i in range(3):  # the sparse gate: int8 per row, each row's largest weight at +-127, within half a step
+        gate, stored = model.state_dict()[f"blocks.{i}.attn.gate_w"], qm.quantized[f"blocks.{i}.attn.gate_w"]
+        assert (stored["bits"], stored["group"], stored["q"].dtype) == (8, "gate", torch.int8)
+        assert torch.equal(stored["q"].abs().amax(1), torch.full((cfg.NUM_HEADS,), 127, dtype=torch.int8))
+        error = (tg.dequantize(stored["q"], stored["scale"]) - gate).abs()
+        assert torch.all(error <= stored["scale"].float()[:, None] * 0.5 + 1e-3 * gate.abs())
     rebuilt = tg.model_from_artifact(tg.decode_artifact(tg.encode_artifact(qm, "lzma")[0]), cfg, "sdpa", torch.device("cpu"))
     assert rebuilt.smear_gate and rebuilt.varlen and rebuilt.blocks[2].lanes and not rebuilt.blocks[1].lanes
     reference = tg.GPT(cfg)
@@ -398,3 +406,69 @@ def test_every_frontier_switch_survives_the_artifact():
     tokens[0, 10] = 1  # a BOS inside the row
     with torch.no_grad():
         assert torch.equal(rebuilt.forward_hidden(tokens), reference.forward_hidden(tokens))
+
+
+def test_per_module_damping_reaches_each_group_and_falls_back_to_gptq_damp():
+    cfg = tg.config_from_env({**{k: str(v) for k, v in TINY_MODEL.items()}, "GPTQ_DAMP_MLP": "0.5",
+                              "GPTQ_DAMP_EMBED": "0.001", "QUANT_PASSTHROUGH_NUMEL": "0"})
+    model = tg.GPT(cfg)
+    plan, state = tg.quantization_plan(model, cfg), model.state_dict()
+    assert {group.group for group in plan} == {"attention", "mlp", "embedding"}
+    g = torch.Generator().manual_seed(0)
+    hessians = {}
+    for group in plan:
+        X = torch.randn(256, state[group.names[0]].size(1), generator=g)
+        hessians[group.hessian] = X.T @ X / 256
+    factors = tg.gptq_factors(cfg, plan, hessians)
+    damps = {"attention": cfg.GPTQ_DAMP, "mlp": 0.5, "embedding": 0.001}
+    for group in plan:
+        want = tg.gptq_factor(hessians[group.hessian], damps[group.group]).upper
+        assert torch.equal(factors[group.hessian].upper, want), group.hessian
+        if group.group != "attention":  # the knob changed the factor
+            assert not torch.equal(want, tg.gptq_factor(hessians[group.hessian], cfg.GPTQ_DAMP).upper)
+
+
+def lqer_problem(**knobs):
+    """A model with planned matrices of uneven error, quantized coarsely (RTN int3) with the given LQER knobs."""
+    env = {**{k: str(v) for k, v in TINY_MODEL.items()}, "QUANT_PASSTHROUGH_NUMEL": "0", "MATRIX_BITS": "3",
+           **{k: str(v) for k, v in knobs.items()}}
+    cfg = tg.config_from_env(env)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(torch.randn_like(p) * 0.02 * (1 + i % 3))
+    return cfg, model, tg.quantize_model(cfg, model, tg.quantization_plan(model, cfg), None)
+
+
+def test_lqer_corrects_the_largest_errors_on_int2_and_int4_grids():
+    cfg, model, with_lqer = lqer_problem(LQER_RANK=4, LQER_TOP_K=3, LQER_GROUP=16)
+    _, _, without = lqer_problem(LQER_RANK=0)
+    state = model.state_dict()
+    matrices = [n for n in without.quantized if without.quantized[n]["group"] != "gate"]
+    error = {n: float((state[n] - tg.dequantize(without.quantized[n]["q"], without.quantized[n]["scale"])).norm())
+             for n in matrices}
+    corrected = sorted(n[:-len(tg.LQER_A)] for n in with_lqer.quantized if n.endswith(tg.LQER_A))
+    assert corrected == sorted(sorted(error, key=error.get)[-3:])  # the three largest errors, no other
+    template = {n: t.float() for n, t in state.items()}
+    fixed, plain = with_lqer.state_dict(template), without.state_dict(template)
+    for n in corrected:
+        a, b = with_lqer.quantized[n + tg.LQER_A], with_lqer.quantized[n + tg.LQER_B]
+        assert a["q"].min() >= -2 and a["q"].max() <= 1 and b["q"].min() >= -8 and b["q"].max() <= 7
+        assert a["q"].shape[0] == 1 and b["q"].shape[1] == 16  # one scale for A, one per 16 columns of B
+        error, after = (state[n] - plain[n]), (state[n] - fixed[n]).norm()
+        best = torch.linalg.svdvals(error)[4:].square().sum().sqrt()  # the unquantized rank-4 optimum
+        assert error.norm() - after > 0.5 * (error.norm() - best)  # int2/int4 factors keep most of its gain
+    assert all(torch.equal(fixed[n], plain[n]) for n in state if n not in corrected)
+
+
+def test_lqer_artifact_round_trip_is_exact_and_refuses_a_stray_factor():
+    cfg, model, qm = lqer_problem(LQER_RANK=2, LQER_TOP_K=2)
+    blob, by_group = tg.encode_artifact(qm, "lzma")
+    assert by_group["lqer"] > 0
+    decoded = tg.decode_artifact(blob)
+    template = model.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(decoded.state_dict(template).values(), qm.state_dict(template).values()))
+    stray = dataclasses.replace(qm, quantized={n: e for n, e in qm.quantized.items() if not n.endswith(tg.LQER_B)})
+    with pytest.raises(tg.ArtifactError, match="LQER factor without its matrix or its other factor"):
+        tg.decode_artifact(tg.encode_artifact(stray, "lzma")[0], "stray.ptz")

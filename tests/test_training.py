@@ -22,7 +22,8 @@ def tiny_env(sample, tmp_path, **overrides) -> dict:
     """Every architecture option on, at a size that trains 8 steps in a few seconds."""
     env = dict(DATA_PATH=sample["dataset_dir"], TOKENIZER_PATH=sample["tokenizer_model"], VOCAB_SIZE=1024,
                NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, XSA_LAST_N=4,
-               NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=2, ENABLE_LOOPING_AT=0.5,
+               NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, PARALLEL_RESIDUAL_START=2, PARALLEL_LANES_START=3,
+               ENABLE_LOOPING_AT=0.5,
                TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=1024, ITERATIONS=8, MAX_WALLCLOCK_SECONDS=0,
                GPTQ_RESERVE_SECONDS=0, WARMUP_STEPS=0, VAL_BATCH_TOKENS=4096, VAL_LOSS_EVERY=4,
                TRAIN_LOG_EVERY=1, EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=4, QUANT_PASSTHROUGH_NUMEL=1024,
@@ -85,7 +86,18 @@ def test_warmup_is_rolled_back_exactly(reference_run, small_sample, tmp_path):
     reference, _ = reference_run
     primed = tg.main(tiny_env(small_sample, tmp_path, WARMUP_STEPS=3))
     assert losses(primed) == losses(reference) and primed["val_bpb"] == reference["val_bpb"]
-    assert "warmup: primed 3 steps looping=True" in (tmp_path / "logs" / "run.txt").read_text()
+    assert "warmup: primed 3 steps seq_len=64 looping=True" in (tmp_path / "logs" / "run.txt").read_text()
+
+
+def test_progressive_context_primes_every_length_and_switches_on_schedule(small_sample, tmp_path):
+    run = tg.main(tiny_env(small_sample, tmp_path, TRAIN_SEQ_SCHEDULE="16:0.25,32:0.5", WARMUP_STEPS=1))
+    log = (tmp_path / "logs" / "run.txt").read_text()
+    primed = [f"warmup: primed 1 steps seq_len={n} looping={b}" for n in (16, 32, 64) for b in (False, True)]
+    assert all(line in log for line in primed)
+    assert [line.split()[0] for line in log.splitlines() if line.startswith("seq_len:")] == [
+        "seq_len:16", "seq_len:32", "seq_len:64"]
+    assert "step:2 frac:0.250" in log and "step:4 frac:0.500" in log  # 8 steps: 2 at 16, 2 at 32, 4 at 64
+    assert math.isfinite(run["val_bpb"])
 
 
 def test_prime_compilation_restores_model_and_optimizer_state(small_sample, tmp_path):

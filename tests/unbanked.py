@@ -154,7 +154,7 @@ def replicated_step(cfg, model: UnbankedGPT, adam, muon) -> float:
 
 # A small problem for comparing the banked trainer with these references: 3 layers make the MLP
 # banks hold 3 matrices, which 2 ranks cannot split evenly; the clip is low enough to bind.
-PROBLEM_KNOBS = dict(VOCAB_SIZE="97", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+PROBLEM_KNOBS = dict(PRESET="r1081", VOCAB_SIZE="97", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
                      XSA_LAST_N="3", NUM_LOOPS="1", LOOP_START="1", LOOP_END="1", PARALLEL_RESIDUAL_START="2",
                      MLP_MULT="2", TRAIN_SEQ_LEN="16", TRAIN_BATCH_TOKENS="128", GRAD_CLIP_NORM="0.05",
                      MATRIX_LR="0.05", SCALAR_LR="0.05", TIED_EMBED_LR="0.05")

@@ -37,12 +37,11 @@ def cell(text: str) -> str:
 
 
 def knob_table() -> str:
-    sample = train_gpt.SAMPLE_PRESET
-    rows = ["| knob | default | PRESET=sample | accepted | meaning |", "|---|---|---|---|---|"]
+    presets = (train_gpt.R1081_PRESET, train_gpt.SAMPLE_PRESET)
+    rows = ["| knob | default | PRESET=r1081 | PRESET=sample | accepted | meaning |", "|---|---|---|---|---|---|"]
     for f in dataclasses.fields(train_gpt.Config):
-        preset = sample.get(f.name, "")
-        rows.append(f"| `{f.name}` | `{f.default!r}` | {f'`{preset!r}`' if preset != '' else ''} | "
-                    f"{accepted(f.metadata)} | {cell(f.metadata['doc'])} |")
+        swapped = " | ".join(f"`{p[f.name]!r}`" if f.name in p else "" for p in presets)
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {swapped} | {accepted(f.metadata)} | {cell(f.metadata['doc'])} |")
     return "\n".join(rows)
 
 
