@@ -1831,14 +1831,6 @@ def quantize_rtn(W: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(W.float() / scale[:, None]), -qmax, qmax).to(torch.int8), scale
 
 
-def quantize_absmax(W: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Round to nearest with each row's largest magnitude at the end of the grid: for the sparse attention gate,
-    one short row per head, where a std-based clip would cut the one weight that matters."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = (W.float().abs().amax(1) / qmax).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
-    return torch.clamp(torch.round(W.float() / scale[:, None]), -qmax, qmax).to(torch.int8), scale
-
-
 def quantize_gptq(W: Tensor, factor: GPTQFactor, bits: int, sigmas: float, block: int) -> tuple[Tensor, Tensor]:
     """GPTQ on the std-based grid: quantize columns in act-order, spreading each column's
     error over the columns not yet quantized (within a block now, beyond it lazily)."""
@@ -1911,8 +1903,10 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
         rows = [state[n].size(0) for n in g.names]
         for n, qn, sn in zip(g.names, q.split(rows), scale.split(rows)):
             quantized[n] = dict(q=qn.cpu(), scale=sn.to(torch.float16).cpu(), bits=bits, group=g.group)
-    for n in [n for n in state if n.endswith(".attn.gate_w")]:  # int8 per row: half the bytes of fp16
-        q, scale = quantize_absmax(state[n], 8)
+    # The sparse gates, int8 per row (half the bytes of fp16), each row's largest weight at +-127: one short row
+    # per head, where a std-based clip would cut the one weight that matters.
+    for n in [n for n in state if n.endswith(".attn.gate_w")]:
+        q, scale = quantize_grid(state[n].float(), -127, 127, 127)
         quantized[n] = dict(q=q.cpu(), scale=scale.to(torch.float16).cpu(), bits=8, group="gate")
     if cfg.LQER_RANK and cfg.LQER_TOP_K:
         quantized.update(lqer_corrections(cfg, {n: state[n] for g in plan for n in g.names}, quantized))
@@ -3062,8 +3056,8 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
     backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
-    need(fused_ce_problem(cfg, rt.device) is None, f"FUSED_CE=1 cannot be used: {fused_ce_problem(cfg, rt.device)}; "
-         "or set FUSED_CE=0 (the eager head)")
+    fused_ce = fused_ce_problem(cfg, rt.device)
+    need(fused_ce is None, f"FUSED_CE=1 cannot be used: {fused_ce}; or set FUSED_CE=0 (the eager head)")
     summary.update(versions=versions(rt, backend))
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))
