@@ -35,6 +35,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # the language of FUSED_MLP's kernel: Triton resolves it from this module's globals
+    import triton.language as tl
+except ImportError:  # Triton comes with torch's CUDA builds; only FUSED_MLP needs it
+    tl = None
+
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +175,8 @@ class Config(ModelConfig):
     COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
     FUSED_CE: int = knob(0, 0, 1, doc="CUDA: the loss through liger-kernel's fused linear softcapped cross-entropy, "
                          "which never materializes the logits (pip install liger-kernel)")
+    FUSED_MLP: int = knob(0, 0, 1, doc="CUDA: training's MLP through a Triton matmul with LeakyReLU(0.5)² (and its "
+                          "derivative in backward) in the epilogue")
     ATTENTION_BACKEND: str = knob("auto", choices=("auto", "fa3", "fa2", "sdpa"),
                                   doc="auto = FA3 on Hopper, else FA2, else SDPA; one that cannot run stops the run")
     # Evaluation of the artifact: sliding window, score-first TTT, context-only SLOT
@@ -303,6 +310,9 @@ def validate_model_config(mc: ModelConfig) -> None:
         need(mc.PARALLEL_LANES_START > mc.LOOP_END,
              f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must come after LOOP_END={mc.LOOP_END}: a looped "
              "layer would run with one lane and then with two")
+    need(mc.PARALLEL_LANES_START >= mc.NUM_LAYERS // 2,
+         f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must be at least NUM_LAYERS // 2 = {mc.NUM_LAYERS // 2}: "
+         "the lanes open in the decoder half, where the U-Net skips join lane 0")
 
 
 def validate_config(cfg: Config) -> None:
@@ -395,15 +405,24 @@ def format_config(cfg: Config) -> str:
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+# A byte sidecar (fineweb_val_bytes_*.bin) holds, per validation token, the UTF-8 bytes of the original text it
+# stands for, in the shard layout under its own magic. The public CaseOps sidecars carry the token magic, so a
+# file under the sidecar name may have either.
+SIDECAR_MAGIC = 20240521
+SIDECAR_MAGICS = (SIDECAR_MAGIC, SHARD_MAGIC)
+# The CaseOps transform's operators (TITLE, ALLCAPS, CAPNEXT, ESC; data/caseops.py): a tokenizer that reserves
+# them reads transformed text, whose bytes are not the original's, so its scores need the sidecar.
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")
 
 
-def write_shard(path, tokens) -> None:
-    """Write tokens as a challenge shard (1024-byte int32 header, then uint16 ids), atomically."""
+def write_shard(path, tokens, magic: int = SHARD_MAGIC) -> None:
+    """Write tokens (or a sidecar's byte counts) as a challenge shard (1024-byte int32 header, then uint16
+    values), atomically."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
-        raise ValueError(f"{path}: token ids must fit in uint16")
+        raise ValueError(f"{path}: values must fit in uint16")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    header[:3] = (magic, SHARD_VERSION, tokens.size)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -411,7 +430,7 @@ def write_shard(path, tokens) -> None:
     os.replace(tmp, path)
 
 
-def shard_token_count(path) -> int:
+def shard_token_count(path, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> int:
     """Validate a shard's header and size; return its token count. Errors name the file."""
     path = Path(path)
     if not path.is_file():
@@ -422,8 +441,9 @@ def shard_token_count(path) -> int:
         raise ConfigError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header "
                           "(truncated or not a shard)")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[0] not in magics:
+        raise ConfigError(f"{path}: bad magic {header[0]} (expected {' or '.join(map(str, magics))}); "
+                          "not a challenge shard of this kind")
     if header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
     count = int(header[2])
@@ -433,15 +453,16 @@ def shard_token_count(path) -> int:
     return count
 
 
-def read_shard(path) -> np.ndarray:
+def read_shard(path, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> np.ndarray:
     """Memory-map a validated shard as a uint16 array."""
-    count = shard_token_count(path)
+    count = shard_token_count(path, magics)
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
 
 def find_shards(data_path: Path, split: str) -> list[Path]:
     # Path.glob matches the pattern inside the folder only, so '[', '*' or '?' in DATA_PATH stay literal.
-    files = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+    # The digit keeps the byte sidecar (fineweb_val_bytes_*) out of the validation tokens.
+    files = sorted(Path(data_path).glob(f"fineweb_{split}_[0-9]*.bin"))
     if not files:
         raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_path}: download FineWeb with "
                           "`python3 data/cached_challenge_fineweb.py --variant sp8192`, build the sample with "
@@ -462,6 +483,22 @@ def check_training_shards(files: list[Path], vocab_size: int) -> None:
         if sample.size and int(sample.max()) >= vocab_size:
             raise ConfigError(f"{f}: token id {int(sample.max())} >= VOCAB_SIZE={vocab_size}; "
                               "the shard was tokenized with another vocabulary")
+
+
+def load_byte_sidecar(data_path: Path, tokens: Tensor, bos_id: int) -> Tensor | None:
+    """The validation byte sidecar as int32, one count per token, or None where the folder has none."""
+    files = sorted(Path(data_path).glob("fineweb_val_bytes_[0-9]*.bin"))
+    if not files:
+        return None
+    counts = np.concatenate([read_shard(f, SIDECAR_MAGICS) for f in files])
+    if counts.size != tokens.numel():
+        raise ConfigError(f"{data_path}: the byte sidecar fineweb_val_bytes_*.bin holds {counts.size} counts for "
+                          f"{tokens.numel()} validation tokens; rebuild or re-download the two together")
+    counts = torch.from_numpy(counts.astype(np.int32))
+    if bool((counts[tokens == bos_id] != 0).any()):
+        raise ConfigError(f"{data_path}: the byte sidecar charges bytes to a BOS (id {bos_id}); a document start "
+                          "stands for no text: rebuild the sidecar, or set BOS_ID to the tokenizer's BOS")
+    return counts
 
 
 def load_validation_tokens(data_path: Path) -> Tensor:
@@ -583,17 +620,28 @@ def target_bytes(tables, inputs: Tensor, targets: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class ValidationData:
-    """The validation stream (every document, in order) and the byte tables that charge each target token
-    the UTF-8 bytes it stands for."""
+    """The validation stream (every document, in order) and what charges each target token the UTF-8 bytes it
+    stands for: the byte sidecar where the data has one (CaseOps), else the tokenizer's byte tables."""
     tokens: Tensor
     tables: tuple[Tensor, Tensor, Tensor]
+    sidecar: Tensor | None = None  # original bytes per token of the stream
 
     @property
     def n_targets(self) -> int:
         return self.tokens.numel() - 1
 
+    @property
+    def byte_source(self) -> str:
+        return "tokenizer" if self.sidecar is None else "sidecar"
+
+    def head(self, n: int) -> ValidationData:
+        """The first n tokens of the stream, with their bytes."""
+        return ValidationData(self.tokens[:n], self.tables, None if self.sidecar is None else self.sidecar[:n])
+
     def byte_counts(self, device: torch.device) -> Tensor:
         """Bytes of every target 1..N-1 of the stream, as float64 on `device`."""
+        if self.sidecar is not None:
+            return self.sidecar[1:].to(device).double()
         tables, tokens = [t.to(device) for t in self.tables], self.tokens.to(device)
         return target_bytes(tables, tokens[:-1].long(), tokens[1:].long()).double()
 
@@ -800,8 +848,11 @@ class MLP(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc, self.proj = BankedLinear(), BankedLinear()
+        self.fused: Callable | None = None  # FUSED_MLP: fused_leaky_square_mlp(), for steps that take gradients
 
     def forward(self, x: Tensor, w: LayerWeights) -> Tensor:
+        if self.fused is not None and torch.is_grad_enabled():  # not under no_grad: GPTQ's hooks need fc and proj
+            return self.fused(x, w.up.to(x.dtype), w.down.to(x.dtype))
         return self.proj(F.leaky_relu(self.fc(x, w.up), 0.5).square(), w.down)
 
 
@@ -815,8 +866,8 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.MODEL_DIM), torch.zeros(cfg.MODEL_DIM))))
         self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
-        if layer >= cfg.PARALLEL_LANES_START:  # all ones: the parallel block exactly, until training moves them
-            self.lane_keep = nn.Parameter(torch.ones(2))  # what each lane keeps of itself
+        if layer >= cfg.PARALLEL_LANES_START:  # the 1.0611 record's initial values
+            self.lane_keep = nn.Parameter(torch.full((2,), 1.1))  # what each lane keeps of itself
             self.lane_post = nn.Parameter(torch.ones(2, 2))  # [attention, MLP] -> what each lane takes of its output
         self.lanes = layer >= cfg.PARALLEL_LANES_START
 
@@ -835,15 +886,13 @@ class Block(nn.Module):
 
     def two_lanes(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
                   docs: Tensor | None) -> Tensor:
-        """Two residual lanes, stacked on a leading dim of 2 (the first lane block opens them as two copies of
-        the stream): attention reads lane 0, the MLP lane 1, and each lane keeps a learned share of itself
-        and takes a learned share of both outputs."""
-        if x.dim() == x0.dim():
-            x = torch.stack((x, x))
+        """Two residual lanes, stacked on a leading dim of 2 (GPT.forward_hidden opens them): attention reads
+        lane 0 mixed with x0, the MLP reads lane 1 as it is, and each lane keeps a learned share of itself
+        (unmixed) and takes a learned share of both outputs, as in the 1.0611 record."""
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         keep, post = (p.to(x.dtype)[..., None, None, None] for p in (self.lane_keep, self.lane_post))
-        x = mix[0] * x + mix[1] * x0
-        attn_out = attn_scale * self.attn(rms_norm(x[0]) * self.norm_scale, w, rope, docs)
+        attn_in = mix[0] * x[0] + mix[1] * x0
+        attn_out = attn_scale * self.attn(rms_norm(attn_in) * self.norm_scale, w, rope, docs)
         mlp_out = mlp_scale * self.mlp(rms_norm(x[1]) * self.norm_scale, w)
         return keep * x + post[0] * attn_out + post[1] * mlp_out
 
@@ -997,9 +1046,12 @@ class GPT(nn.Module):
             x = self.blocks[layer](x, x0, weights[layer], rope, docs)
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
+            if self.blocks[layer].lanes and x.dim() == x0.dim():
+                x = torch.stack((x, x))  # the lanes open as two copies of the stream
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
-                x = gate * x + (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
+                skip = (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
+                x = gate * x + skip if x.dim() == x0.dim() else torch.stack((gate * x[0] + skip, x[1]))  # lane 0 only
             x = self.blocks[layer](x, x0, weights[layer], rope, docs)
         if x.dim() > x0.dim():  # two lanes: their mean is the output
             x = x.mean(0)
@@ -1434,16 +1486,82 @@ def fused_cross_entropy(model: GPT, hidden_fn: Callable) -> Callable[[Tensor, Te
     return nll
 
 
-def fused_ce_problem(cfg: Config, device: torch.device) -> str | None:
-    """Why FUSED_CE=1 cannot run here, or None."""
-    if not cfg.FUSED_CE:
-        return None
-    if device.type != "cuda":
-        return f"its Triton kernels need a CUDA GPU and this run is on {device.type}"
-    try:
-        importlib.import_module("liger_kernel.transformers.fused_linear_cross_entropy")
-    except ImportError as e:
-        return f"liger-kernel cannot be imported ({e}); pip install liger-kernel"
+def matmul_leaky_square(a, b, out, aux, M, N, K: tl.constexpr, FORWARD: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """FUSED_MLP's Triton kernel (fused_leaky_square_mlp jits it): acc = A Bᵀ for row-major A (M, K) and B (N, K).
+    FORWARD: out = acc, aux = LeakyReLU(acc)². Else aux holds the pre-activation p and
+    out = acc · d(LeakyReLU(p)²)/dp = acc · (p > 0 ? 2p : p/2)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = (k0 + ks)[None, :] < K
+        a_tile = tl.load(a + rows[:, None] * K + (k0 + ks)[None, :], mask=(rows[:, None] < M) & k_in, other=0.0)
+        b_tile = tl.load(b + cols[:, None] * K + (k0 + ks)[None, :], mask=(cols[:, None] < N) & k_in, other=0.0)
+        acc = tl.dot(a_tile, tl.trans(b_tile), acc)
+    at = rows[:, None] * N + cols[None, :]
+    inside = (rows[:, None] < M) & (cols[None, :] < N)
+    if FORWARD:
+        pre = acc.to(out.dtype.element_ty)  # the square is taken of the stored (rounded) value, as eager does
+        leaky = tl.where(pre > 0, pre, 0.5 * pre)
+        tl.store(out + at, pre, mask=inside)
+        tl.store(aux + at, (leaky * leaky).to(aux.dtype.element_ty), mask=inside)
+    else:
+        pre = tl.load(aux + at, mask=inside, other=0.0)
+        tl.store(out + at, (acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)).to(out.dtype.element_ty), mask=inside)
+
+
+def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """FUSED_MLP: the MLP as (x, W_up, W_down) -> LeakyReLU(0.5)(x W_upᵀ)² W_downᵀ, with the activation in the
+    epilogue of a Triton matmul: forward writes the pre-activation and its square in one pass, and backward's
+    dpost = g W_down is multiplied by the activation's derivative before it leaves registers, so neither
+    elementwise pass reads the hidden tensor again. TRITON_INTERPRET=1 runs the kernel on the CPU (how the tests
+    check it without a GPU)."""
+    import triton
+    kernel = triton.jit(matmul_leaky_square)  # decorated here, so TRITON_INTERPRET set by then takes effect
+
+    def launch(a: Tensor, b: Tensor, aux: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        (M, K), N = a.shape, b.size(0)
+        out = a.new_empty(M, N)
+        forward = aux is None
+        aux = a.new_empty(M, N) if forward else aux
+        # Large tiles on a GPU; the CPU interpreter's minimum (tl.dot needs 16) keeps the tests fast.
+        bm, bn, bk, extra = (128, 128, 64, dict(num_warps=8, num_stages=3)) if a.is_cuda else (16, 16, 16, {})
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        kernel[grid](a, b, out, aux, M, N, K, forward, bm, bn, bk, **extra)
+        return out, aux
+
+    class LeakySquareMLP(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+            x2 = x.reshape(-1, x.size(-1)).contiguous()
+            pre, post = launch(x2, w_up.contiguous())
+            ctx.save_for_backward(x2, w_up, w_down, pre, post)
+            return F.linear(post, w_down).view(*x.shape[:-1], w_down.size(0))
+
+        @staticmethod
+        def backward(ctx, grad: Tensor):
+            x2, w_up, w_down, pre, post = ctx.saved_tensors
+            g = grad.reshape(-1, grad.size(-1)).contiguous()
+            dpre, _ = launch(g, w_down.t().contiguous(), aux=pre)
+            return (dpre @ w_up).view(grad.shape[:-1] + (x2.size(-1),)), dpre.t() @ x2, g.t() @ post
+
+    return LeakySquareMLP.apply
+
+
+def fused_kernel_problem(cfg: Config, device: torch.device) -> str | None:
+    """Why FUSED_CE=1 or FUSED_MLP=1 cannot run here, or None."""
+    wanted = [(knob, module) for knob, module in (("FUSED_CE", "liger_kernel.transformers.fused_linear_cross_entropy"),
+                                                  ("FUSED_MLP", "triton")) if getattr(cfg, knob)]
+    for knob, module in wanted:
+        if device.type != "cuda":
+            return f"{knob}=1: its Triton kernels need a CUDA GPU and this run is on {device.type}; set {knob}=0"
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            package = module.split(".")[0].replace("_", "-")
+            return f"{knob}=1: {package} cannot be imported ({e}); pip install {package}, or set {knob}=0"
     return None
 
 
@@ -2403,18 +2521,20 @@ def evaluate(nll_fn: Callable[[Tensor, Tensor], Tensor], data: ValidationData, s
     padded[:val_tokens.numel()] = val_tokens
     lo, hi = rt.rank * n_seqs // rt.world_size, (rt.rank + 1) * n_seqs // rt.world_size
     offsets = torch.arange(seq_len + 1)
-    tables = [t.to(rt.device) for t in data.tables]
+    position_bytes = torch.zeros(padded.numel(), dtype=torch.float64, device=rt.device)  # bytes of the target there
+    position_bytes[1:val_tokens.numel()] = data.byte_counts(rt.device)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, bytes, tokens
     for start in range(lo, hi, batch_seqs):
         seq_ids = torch.arange(start, start + batch_seqs)
-        rows = padded[seq_ids.clamp(max=n_seqs - 1)[:, None] * seq_len + offsets].to(rt.device)
+        index = seq_ids.clamp(max=n_seqs - 1)[:, None] * seq_len + offsets
+        rows = padded[index].to(rt.device)
         x, y = rows[:, :-1].contiguous(), rows[:, 1:]  # the layout the compiled forward was warmed up on
         positions = seq_ids[:, None] * seq_len + offsets[1:]  # global index of each target token
         mask = ((positions <= n_targets) & (seq_ids < hi)[:, None]).to(rt.device)
         with rt.autocast():
             nll = nll_fn(x, y)
         sums[0] += (nll.double() * mask).sum()
-        sums[1] += (target_bytes(tables, x, y) * mask).sum()
+        sums[1] += (position_bytes[index[:, 1:].to(rt.device)] * mask).sum()
         sums[2] += mask.sum()
     nll_sum, byte_count, token_count = all_reduce_(sums, rt).tolist()
     return dict(val_loss=nll_sum / token_count, val_bpb=nll_sum / (math.log(2) * byte_count),
@@ -2979,9 +3099,21 @@ def checked_validation_tokens(cfg: Config) -> Tensor:
 
 
 def load_validation_data(cfg: Config) -> ValidationData:
-    """The validation stream and the tokenizer's byte tables, both checked."""
-    tables = byte_tables(checked_tokenizer(cfg))
-    return ValidationData(checked_validation_tokens(cfg), tables)
+    """The validation stream and what counts its bytes (the sidecar where the data has one, else the
+    tokenizer's tables), all checked. A CaseOps tokenizer without a sidecar stops here: its pieces spell the
+    transformed text, whose bytes (3 per operator) would inflate the denominator."""
+    sp = checked_tokenizer(cfg)
+    data_path, tokenizer_path = resolve_paths(cfg)
+    tokens = checked_validation_tokens(cfg)
+    sidecar = load_byte_sidecar(data_path, tokens, cfg.BOS_ID)
+    operators = [op for op in CASEOPS_OPERATORS if sp.piece_to_id(op) != sp.unk_id()]
+    if operators and sidecar is None:
+        raise ConfigError(f"tokenizer {tokenizer_path} reserves the CaseOps operators "
+                          f"{', '.join(f'U+{ord(op):04X}' for op in operators)}, but {data_path} has no byte sidecar "
+                          "(fineweb_val_bytes_*.bin), so val_bpb cannot divide by the original text's bytes: build "
+                          "the data with `python3 data/make_sample.py --caseops` or download it with "
+                          "`python3 data/cached_challenge_fineweb.py --variant sp8192-caseops`")
+    return ValidationData(tokens, byte_tables(sp), sidecar)
 
 
 def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
@@ -2989,11 +3121,11 @@ def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
     validation stream's ids. Returns the training shards and the validation data."""
     check_compressor(cfg.COMPRESSOR)
     data_path, tokenizer_path = resolve_paths(cfg)
-    tables = byte_tables(checked_tokenizer(cfg))
+    val = load_validation_data(cfg)
     train_files = find_shards(data_path, "train")
     check_training_shards(train_files, cfg.VOCAB_SIZE)
-    val = ValidationData(checked_validation_tokens(cfg), tables)
-    log(f"train_shards:{len(train_files)} val_tokens:{val.tokens.numel()} data:{data_path} tokenizer:{tokenizer_path}")
+    log(f"train_shards:{len(train_files)} val_tokens:{val.tokens.numel()} byte_source:{val.byte_source} "
+        f"data:{data_path} tokenizer:{tokenizer_path}")
     return train_files, val
 
 
@@ -3007,7 +3139,8 @@ def build_model(cfg: Config, backend: str, rt: Runtime, log) -> tuple[GPT, Calla
         log(f"warning: VARLEN_ATTENTION=1 without FlashAttention runs {kernel}, slower than FlashAttention's "
             "varlen kernel (docs/gpu.md has the figures); install FlashAttention 3 for record runs")
     model_fn = training_function(cfg, model, rt.device)
-    log(f"compile:{'on' if compiles(cfg, rt.device) else 'off'} fused_ce:{cfg.FUSED_CE} accum_steps:{rt.accum_steps} "
+    log(f"compile:{'on' if compiles(cfg, rt.device) else 'off'} fused_ce:{cfg.FUSED_CE} fused_mlp:{cfg.FUSED_MLP} "
+        f"accum_steps:{rt.accum_steps} "
         f"world_size:{rt.world_size}")
     optimizers = build_optimizers(cfg, model, rt.world_size)
     log(optimizers.muon.describe())
@@ -3016,8 +3149,11 @@ def build_model(cfg: Config, backend: str, rt: Runtime, log) -> tuple[GPT, Calla
 
 def training_function(cfg: Config, model: GPT, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
     """What training runs the model through: per-token NLL of (inputs, targets), compiled where `compiles` says,
-    with liger-kernel's fused head under FUSED_CE."""
+    with liger-kernel's fused head under FUSED_CE and the Triton MLP under FUSED_MLP."""
     compiled = compiles(cfg, device)
+    fused_mlp = fused_leaky_square_mlp() if cfg.FUSED_MLP else None
+    for block in model.blocks:
+        block.mlp.fused = fused_mlp
     if not cfg.FUSED_CE:
         return compile_model(model) if compiled else model
     hidden_fn = documents_outside(model, compile_static(model.forward_hidden)) if compiled else model.forward_hidden
@@ -3056,12 +3192,13 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
     backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
-    fused_ce = fused_ce_problem(cfg, rt.device)
-    need(fused_ce is None, f"FUSED_CE=1 cannot be used: {fused_ce}; or set FUSED_CE=0 (the eager head)")
+    fused = fused_kernel_problem(cfg, rt.device)
+    need(fused is None, f"a fused kernel cannot be used: {fused}")
     summary.update(versions=versions(rt, backend))
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))
     train_files, val = load_inputs(cfg, log)
+    summary.update(byte_source=val.byte_source)
     model, model_fn, optimizers = build_model(cfg, backend, rt, log)
     summary.update(params=sum(p.numel() for p in model.parameters()))
     val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))

@@ -4,7 +4,7 @@
     python3 bench/gpu_check.py --tiny --out gc      # the same steps at tiny size, on a CPU
 
 Steps, each a row of the table (pass / fail / skip, seconds, figures):
-  1. environment: torch, CUDA, GPU, FlashAttention 3/2, brotli, liger-kernel, and the attention backend `auto` picks;
+  1. environment: torch, CUDA, GPU, FlashAttention 3/2, brotli, liger-kernel, triton, and the attention backend `auto` picks;
   2. the `cuda`-marked tests (tests/test_cuda.py): compiled == eager, FA3/FA2 == SDPA, Parallel Muon
      == the unbanked reference, GPTQ on the GPU == on the CPU, a bit-exact artifact round trip;
   3. a short training run through GPTQ, the artifact and every evaluation pass on a local corpus
@@ -34,7 +34,7 @@ TINY_KNOBS = dict(PRESET="sample", NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=2, NUM_
                   LOOP_END=1, PARALLEL_RESIDUAL_START=2, TRAIN_SEQ_LEN=128, TRAIN_BATCH_TOKENS=1024, EVAL_SEQ_LEN=128,
                   EVAL_STRIDE=128, GPTQ_CALIBRATION_BATCHES=2, SLOT_STEPS=1)
 PACKAGES = {"flash_attn_interface": "FlashAttention 3", "flash_attn": "FlashAttention 2", "brotli": "brotli",
-            "liger_kernel": "liger-kernel"}
+            "liger_kernel": "liger-kernel", "triton": "triton"}
 
 
 def package_versions() -> dict:

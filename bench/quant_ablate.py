@@ -41,6 +41,11 @@ def variant_config(cfg: tg.Config, knobs: dict[str, str]) -> tg.Config:
     return changed
 
 
+def plain_pass(model_fn, cfg: tg.Config, val, rt: tg.Runtime) -> dict:
+    """The plain validation pass train_gpt.py scores before and after quantization."""
+    return tg.evaluate(model_fn, val, cfg.TRAIN_SEQ_LEN, max(1, cfg.VAL_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN), rt)
+
+
 def trained_model(cfg: tg.Config, rt: tg.Runtime):
     """(EMA model with recurrence on, training files, validation data, backend), trained as train_gpt.py trains."""
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -48,9 +53,8 @@ def trained_model(cfg: tg.Config, rt: tg.Runtime):
     backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     model, model_fn, optimizers = tg.build_model(cfg, backend, rt, log)
     budget = tg.training_budget(cfg, model, rt, log)
-    batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN)
     result = tg.Trainer(cfg, model_fn, model, optimizers, train_files, rt, log).train(
-        lambda: tg.evaluate(model_fn, val, cfg.TRAIN_SEQ_LEN, batch_seqs, rt), budget.seconds)
+        lambda: plain_pass(model_fn, cfg, val, rt), budget.seconds)
     if result.ema is not None:
         result.ema.copy_to()
     model.looping = cfg.NUM_LOOPS > 0
@@ -76,9 +80,8 @@ def measure(cfg: tg.Config, model: tg.GPT, plan, hessians, val, backend: str, rt
     decoded_model = tg.model_from_artifact(tg.decode_artifact(blob), cfg, backend, rt.device)
     state = model.state_dict()
     errors = weighted_errors(plan, state, decoded_model.state_dict(), hessians)
-    batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN)
-    bpb = tg.evaluate(decoded_model, val, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)["val_bpb"]
-    return dict(model_bytes=len(blob), bytes_by_group=by_group, weighted_error=errors, quantized_val_bpb=bpb)
+    return dict(model_bytes=len(blob), bytes_by_group=by_group, weighted_error=errors,
+                quantized_val_bpb=plain_pass(decoded_model, cfg, val, rt)["val_bpb"])
 
 
 def table(results: dict, pre_quant_bpb: float) -> str:
@@ -107,8 +110,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rt = tg.Runtime(0, 1, device)
     model, train_files, val, backend = trained_model(cfg, rt)
-    batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // cfg.TRAIN_SEQ_LEN)
-    pre_quant_bpb = tg.evaluate(model, val, cfg.TRAIN_SEQ_LEN, batch_seqs, rt)["val_bpb"]
+    pre_quant_bpb = plain_pass(model, cfg, val, rt)["val_bpb"]
     plan = tg.quantization_plan(model, cfg)
     hessians, _ = tg.collect_hessians(cfg, model, plan, tg.calibration_batches(cfg, train_files, rt), rt)
     results = {}

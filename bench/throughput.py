@@ -112,7 +112,7 @@ def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int, doc_tokens:
     batches = random_batches(cfg, rows, doc_tokens)
     result = dict(device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                   world_size=rt.world_size, accum_steps=rt.accum_steps, attention_backend=backend, compile=compiled,
-                  fused_ce=cfg.FUSED_CE, varlen=cfg.VARLEN_ATTENTION, doc_tokens=doc_tokens,
+                  fused_ce=cfg.FUSED_CE, fused_mlp=cfg.FUSED_MLP, varlen=cfg.VARLEN_ATTENTION, doc_tokens=doc_tokens,
                   train_batch_tokens=cfg.TRAIN_BATCH_TOKENS, train_seq_len=cfg.TRAIN_SEQ_LEN,
                   params=sum(p.numel() for p in model.parameters()))
     for phase, looping in (("plain", False), ("looping", True))[:2 if cfg.NUM_LOOPS > 0 else 1]:
@@ -153,7 +153,7 @@ def add_shares(result: dict, peak_tflops: float) -> dict:
 def report(r: dict) -> str:
     lines = [f"device:{r['device']} world_size:{r['world_size']} accum_steps:{r['accum_steps']} "
              f"attention_backend:{r['attention_backend']} compile:{'on' if r['compile'] else 'off'} "
-             f"fused_ce:{r['fused_ce']} varlen:{r['varlen']} "
+             f"fused_ce:{r['fused_ce']} fused_mlp:{r['fused_mlp']} varlen:{r['varlen']} "
              f"doc_tokens:{r['doc_tokens']} params:{r['params']} "
              f"batch:{r['train_batch_tokens']} tokens x seq {r['train_seq_len']}"]
     for phase in ("plain", "looping"):

@@ -13,9 +13,15 @@ Output (paths relative to --out, default <repo>/data):
 Every document is written as BOS (id 1) followed by its SentencePiece ids; no EOS.
 Two builds from the same inputs give byte-identical files.
 
+--caseops builds CaseOps data (data/caseops.py): the tokenizer is trained on transformed text with the four
+operators reserved as user-defined pieces, every document is transformed before encoding, and the validation
+folder gets a byte sidecar, datasets/<name>/fineweb_val_bytes_000000.bin (the shard layout, its own magic, one
+uint16 per validation token: the original UTF-8 bytes it stands for, 0 for BOS and the operators).
+
   python3 data/make_sample.py
   python3 data/make_sample.py --jsonl train.jsonl.xz --val-jsonl val.jsonl.xz --name enwiki_sp1024 \\
       --tokenizer-name enwiki_1024_bpe
+  python3 data/make_sample.py --caseops     # datasets/sample_sp1024_caseops, tokenizers/sample_1024_bpe_caseops
 """
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # caseops.py beside this file, however it is loaded
+import caseops  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "data"
@@ -168,7 +177,7 @@ def tokenizer_sentences(texts):
                 yield line
 
 
-def train_tokenizer(texts, vocab_size: int) -> bytes:
+def train_tokenizer(texts, vocab_size: int, reserved: tuple[str, ...] = ()) -> bytes:
     """Serialized SentencePiece model trained on texts in order.
 
     The model comes back through model_writer rather than model_prefix because SentencePiece
@@ -180,11 +189,11 @@ def train_tokenizer(texts, vocab_size: int) -> bytes:
                                        vocab_size=vocab_size, **SPM_SETTINGS, **extra)
         return out.getvalue()
 
-    model = train()
+    model = train(user_defined_symbols=list(reserved)) if reserved else train()
     # The trainer's byte accounting needs the bare space piece. BPE keeps every frequent
     # character, so it is always there for real text; force it for space-free corpora.
     if not has_whitespace_piece(model):
-        model = train(user_defined_symbols=[WHITESPACE_PIECE])
+        model = train(user_defined_symbols=[*reserved, WHITESPACE_PIECE])
     if not has_whitespace_piece(model):
         raise SystemExit(f"make_sample: trained tokenizer lacks the bare {WHITESPACE_PIECE!r} piece")
     return model
@@ -210,15 +219,29 @@ def encode_documents(sp: spm.SentencePieceProcessor, texts, batch: int = 256) ->
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def write_split(tokens: np.ndarray, folder: Path, split: str, shard_tokens: int) -> list[Path]:
-    from train_gpt import write_shard  # the trainer owns the shard format
-    # Shards left by an earlier, larger build would be read as part of this one.
-    for stale in folder.glob(f"fineweb_{split}_*.bin"):
+def encode_caseops_documents(sp: spm.SentencePieceProcessor, texts) -> tuple[np.ndarray, np.ndarray]:
+    """BOS + ids of each transformed document, concatenated, and the original bytes of each of those tokens."""
+    ids, counts = [], []
+    for text in texts:
+        doc_ids = sp.encode(caseops.transform(text), out_type=int)
+        ids.append(np.array([BOS_ID, *doc_ids], dtype=np.uint16))
+        counts.append(np.array([0, *caseops.token_original_bytes(sp, doc_ids, BOS_ID)], dtype=np.uint16))
+    empty = np.zeros(0, dtype=np.uint16)
+    return (np.concatenate(ids) if ids else empty), (np.concatenate(counts) if counts else empty)
+
+
+def write_split(tokens: np.ndarray, folder: Path, split: str, shard_tokens: int, kind: str = "",
+                magic: int | None = None) -> list[Path]:
+    """Shards fineweb_{split}_{kind}NNNNNN.bin; kind "bytes_" with the sidecar magic writes a byte sidecar."""
+    from train_gpt import SHARD_MAGIC, write_shard  # the trainer owns the shard format
+    # Shards left by an earlier, larger build would be read as part of this one (a token split's pattern also
+    # takes an earlier CaseOps build's sidecar, which this build may not replace).
+    for stale in folder.glob(f"fineweb_{split}_{kind}*.bin"):
         stale.unlink()
     paths = []
     for index, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
-        path = folder / f"fineweb_{split}_{index:06d}.bin"
-        write_shard(path, tokens[start:start + shard_tokens])
+        path = folder / f"fineweb_{split}_{kind}{index:06d}.bin"
+        write_shard(path, tokens[start:start + shard_tokens], SHARD_MAGIC if magic is None else magic)
         paths.append(path)
     return paths
 
@@ -247,7 +270,7 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
           max_val_docs: int | None = None, tokenizer_train_docs: int | None = None,
           tokenizer_train_bytes: int | None = 20_000_000, shard_tokens: int = 100_000_000,
           val_fraction: float = DEFAULT_VAL_FRACTION, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-          verbose: bool = True) -> dict:
+          caseops_transform: bool = False, verbose: bool = True) -> dict:
     """Build the corpus; return its paths and per-split docs/bytes/tokens. Errors raise SystemExit."""
     t0 = time.time()
     if bool(jsonl) != bool(val_jsonl):
@@ -272,7 +295,10 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
 
     tok_texts = cap_texts(train, tokenizer_train_docs, tokenizer_train_bytes)
-    model = train_tokenizer(tok_texts, vocab_size)
+    if caseops_transform:
+        model = train_tokenizer([caseops.transform(t) for t in tok_texts], vocab_size, caseops.CASEOPS_OPERATORS)
+    else:
+        model = train_tokenizer(tok_texts, vocab_size)
     sp = spm.SentencePieceProcessor(model_proto=model)
     model_path = tokenizer_dir / f"{tokenizer_name}.model"
     vocab_path = tokenizer_dir / f"{tokenizer_name}.vocab"
@@ -280,12 +306,19 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
     vocab_path.write_text(vocab_text(sp), encoding="utf-8")
 
     summary = dict(dataset_dir=dataset_dir, tokenizer_model=model_path, tokenizer_vocab=vocab_path,
-                   vocab_size=sp.vocab_size(),
+                   vocab_size=sp.vocab_size(), caseops=caseops_transform,
                    tokenizer_train=dict(docs=len(tok_texts), bytes=text_bytes(tok_texts)))
+    from train_gpt import SIDECAR_MAGIC
     for split, texts in (("train", train), ("val", val)):
-        tokens = encode_documents(sp, texts)
+        if caseops_transform:
+            tokens, counts = encode_caseops_documents(sp, texts)
+        else:
+            tokens = encode_documents(sp, texts)
         shards = write_split(tokens, dataset_dir, split, shard_tokens)
         summary[split] = dict(docs=len(texts), bytes=text_bytes(texts), tokens=int(tokens.size), shards=shards)
+        if caseops_transform and split == "val":
+            summary[split]["sidecar"] = write_split(counts, dataset_dir, split, shard_tokens, "bytes_", SIDECAR_MAGIC)
+            summary[split]["sidecar_bytes"] = int(counts.sum(dtype=np.int64))
     summary["seconds"] = round(time.time() - t0, 2)
     if verbose:
         print_summary(summary)
@@ -298,6 +331,9 @@ def print_summary(s: dict) -> None:
         print(f"{split:5s}: {d['docs']:,} docs, {d['bytes']:,} bytes of text, {d['tokens']:,} tokens "
               f"({d['bytes'] / max(d['tokens'], 1):.2f} bytes/token) -> "
               + ", ".join(str(p) for p in d["shards"]))
+        if "sidecar" in d:
+            print(f"       byte sidecar: {d['sidecar_bytes']:,} bytes of normalized original text -> "
+                  + ", ".join(str(p) for p in d["sidecar"]))
     t = s["tokenizer_train"]
     print(f"tokenizer: vocab {s['vocab_size']}, trained on {t['docs']:,} train docs ({t['bytes']:,} bytes) "
           f"-> {s['tokenizer_model']}")
@@ -326,7 +362,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default corpus: share of documents held out for validation (default: %(default)s)")
     p.add_argument("--max-text-bytes", type=int, default=DEFAULT_MAX_TEXT_BYTES,
                    help="default corpus: total text cap (default: %(default)s)")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps data: transformed text, reserved operators, a validation byte sidecar; the "
+                        "default names gain a _caseops suffix")
     args = p.parse_args(argv)
+    if args.caseops:
+        args.name += "_caseops" if args.name == DEFAULT_NAME else ""
+        args.tokenizer_name += "_caseops" if args.tokenizer_name == DEFAULT_TOKENIZER_NAME else ""
     if bool(args.jsonl) != bool(args.val_jsonl):
         p.error("--jsonl and --val-jsonl must be given together")
     for path in [*(args.jsonl or []), *(args.val_jsonl or [])]:
@@ -341,7 +383,7 @@ def main(argv=None) -> dict:
                  jsonl=a.jsonl, val_jsonl=a.val_jsonl, max_train_docs=a.max_train_docs,
                  max_val_docs=a.max_val_docs, tokenizer_train_docs=a.tokenizer_train_docs,
                  tokenizer_train_bytes=a.tokenizer_train_bytes, shard_tokens=a.shard_tokens,
-                 val_fraction=a.val_fraction, max_text_bytes=a.max_text_bytes)
+                 val_fraction=a.val_fraction, max_text_bytes=a.max_text_bytes, caseops_transform=a.caseops)
 
 
 if __name__ == "__main__":

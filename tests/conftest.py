@@ -1,9 +1,16 @@
 """Shared fixtures: the repo root on sys.path, and sample corpora built once per test session."""
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (test_kernels.py). Triton reads this
+# when triton.language is first imported, so it is set before anything imports train_gpt.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 import train_gpt as tg
 from train_gpt import ConfigError, config_from_env
@@ -200,11 +201,26 @@ def test_an_attention_backend_that_cannot_run_stops_the_run_before_any_input_is_
     assert "error: ATTENTION_BACKEND=fa3 cannot be used" in said and "train_shards:" not in said
 
 
-def test_fused_cross_entropy_off_a_gpu_stops_the_run_before_any_input_is_read(tmp_path):
-    env = {"PRESET": "sample", "FUSED_CE": "1", "DATA_PATH": str(tmp_path / "nowhere"),
+@pytest.mark.parametrize("knob", ["FUSED_CE", "FUSED_MLP"])
+def test_a_fused_kernel_off_a_gpu_stops_the_run_before_any_input_is_read(tmp_path, knob):
+    env = {"PRESET": "sample", knob: "1", "DATA_PATH": str(tmp_path / "nowhere"),
            "TOKENIZER_PATH": str(tmp_path / "nowhere.model"), "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "ce"}
-    with pytest.raises(ConfigError, match="FUSED_CE=1 cannot be used: its Triton kernels need a CUDA GPU .*FUSED_CE=0"):
+    with pytest.raises(ConfigError, match=f"{knob}=1: its Triton kernels need a CUDA GPU and this run is on cpu; "
+                                          f"set {knob}=0"):
         tg.main(env)
+
+
+def test_a_fused_kernel_whose_library_is_missing_is_named_with_its_install(monkeypatch):
+    cfg = tg.config_from_env({"FUSED_MLP": "1"})
+    real_import = tg.importlib.import_module
+
+    def import_module(name):
+        if name == "triton":
+            raise ImportError("no")
+        return real_import(name)
+    monkeypatch.setattr(tg.importlib, "import_module", import_module)
+    assert tg.fused_kernel_problem(cfg, torch.device("cuda")) == \
+        "FUSED_MLP=1: triton cannot be imported (no); pip install triton, or set FUSED_MLP=0"
 
 
 def test_import_has_no_side_effects(tmp_path):

@@ -3,6 +3,7 @@
 Marked `cuda` and skipped without a GPU; `python3 bench/gpu_check.py` runs them and tabulates the
 outcome. CUDA_CHECK_DEVICE=cpu runs the same checks on the CPU, to debug the checks themselves.
 """
+import dataclasses
 import os
 
 import pytest
@@ -148,6 +149,29 @@ def test_fused_cross_entropy_matches_the_eager_head(device):
     eager_loss, eager_grads = loss_and_grads(model, model, batch, rt)
     fused_loss, fused_grads = loss_and_grads(model, tg.fused_cross_entropy(model, model.forward_hidden), batch, rt)
     assert fused_loss == pytest.approx(eager_loss, rel=1e-3)
+    for name, g in eager_grads.items():
+        gap = float((fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert gap < 0.05, f"{name}: fused gradient is {gap:.3f} (relative) from eager"
+
+
+def test_fused_mlp_matches_the_eager_mlp_compiled(device):
+    """FUSED_MLP's Triton kernel inside the compiled model, in bf16: the loss and every gradient against the
+    eager MLP of the same compiled model."""
+    pytest.importorskip("triton")
+    if device.type != "cuda":
+        pytest.skip("test_kernels.py runs the kernel in Triton's interpreter on the CPU")
+    cfg = small_config(FUSED_MLP=1)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    rt = tg.Runtime(0, 1, device)
+    batch = packed_documents(cfg, 4, device, 50)
+    eager = tg.training_function(dataclasses.replace(cfg, FUSED_MLP=0), model, device)
+    eager_loss, eager_grads = loss_and_grads(model, eager, batch, rt)
+    fused_loss, fused_grads = loss_and_grads(model, tg.training_function(cfg, model, device), batch, rt)
+    assert fused_loss == pytest.approx(eager_loss, rel=1e-2)
     for name, g in eager_grads.items():
         gap = float((fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
         assert gap < 0.05, f"{name}: fused gradient is {gap:.3f} (relative) from eager"

@@ -353,21 +353,54 @@ def test_the_document_mask_is_causal_and_cut_at_every_bos():
                              [0, 0, 0, 0, 1, 1]]
 
 
-def test_two_lanes_start_as_the_parallel_block_exactly():
-    """All-ones lane scalars on two copies of the stream compute today's parallel block, bit for bit."""
+def test_two_lanes_without_skips_or_x0_and_keeping_all_are_the_parallel_block_exactly():
+    """Lanes that keep all of themselves and take all of both outputs, with no U-Net skip and no x0 mix (the two
+    things only lane 0 receives), compute the single-stream parallel block, bit for bit."""
     torch.manual_seed(0)
     plain = tg.GPT(config_from_env(FULL_OPTIONS)).double()
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+        plain.skip_gates.fill_(1e4)  # sigmoid 1.0 exactly: the stream passes whole and no skip joins it
+        for block in plain.blocks[3:]:
+            block.resid_mix.copy_(torch.tensor([[1.0], [0.0]]))
     laned = tg.GPT(config_from_env({**FULL_OPTIONS, "PARALLEL_LANES_START": "3"})).double()
     missing, _ = laned.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == [f"blocks.{i}.{n}" for i in (3, 4) for n in ("lane_keep", "lane_post")]
+    assert all(torch.equal(b.lane_keep, torch.full((2,), 1.1)) for b in laned.blocks[3:])  # the record's start
     tokens = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
+        for block in laned.blocks[3:]:
+            block.lane_keep.fill_(1.0)
         assert torch.equal(laned.forward_hidden(tokens), plain.forward_hidden(tokens))
         laned.blocks[4].lane_post.add_(torch.randn(2, 2))
         assert not torch.equal(laned.forward_hidden(tokens), plain.forward_hidden(tokens))  # the scalars are live
+
+
+def test_the_skip_and_x0_reach_the_attention_lane_only():
+    """At the first lane layer, the U-Net skip joins lane 0 and x0 is mixed into attention's read: the MLP's
+    input (lane 1) is the same whatever the skip weights or the x0 mix are; attention's input is not."""
+    model = randomized_model(PARALLEL_LANES_START="3")
+    block = model.blocks[3]
+    seen = {}
+    block.attn.c_q.register_forward_pre_hook(lambda _m, args: seen.__setitem__("attention", args[0].clone()))
+    block.mlp.fc.register_forward_pre_hook(lambda _m, args: seen.__setitem__("mlp", args[0].clone()))
+    tokens = torch.randint(0, 97, (1, 12))
+
+    def inputs():
+        with torch.no_grad():
+            model.forward_hidden(tokens)
+        return dict(seen)
+
+    before = inputs()
+    order = model.layer_order()
+    slot = order[len(order) // 2:].index(3)  # the decoder position of layer 3, whose skip this is
+    with torch.no_grad():
+        model.skip_weights[slot].mul_(2.0)
+        block.resid_mix[1].add_(1.0)
+    after = inputs()
+    assert torch.equal(after["mlp"], before["mlp"])
+    assert not torch.allclose(after["attention"], before["attention"])
 
 
 @pytest.mark.parametrize("reader, other", [(0, 1), (1, 0)], ids=["attention reads lane 0", "MLP reads lane 1"])
@@ -388,6 +421,9 @@ def test_each_sublayer_reads_its_own_lane(reader, other):
         assert not torch.equal(out, block(moved, x0, w, None))
 
 
-def test_lanes_cannot_start_inside_the_loop():
+def test_lanes_cannot_start_inside_the_loop_or_the_encoder():
     with pytest.raises(tg.ConfigError, match="PARALLEL_LANES_START=2 must come after LOOP_END=2"):
         config_from_env({**FULL_OPTIONS, "PARALLEL_LANES_START": "2"})
+    with pytest.raises(tg.ConfigError, match="PARALLEL_LANES_START=1 must be at least NUM_LAYERS // 2 = 2: the "
+                                             "lanes open in the decoder half"):
+        config_from_env({**FULL_OPTIONS, "NUM_LOOPS": "0", "PARALLEL_LANES_START": "1"})

@@ -47,13 +47,14 @@ def evaluate_file(env, path: Path, max_tokens: int = 0, log=print) -> dict:
         log(warning)
     val = tg.load_validation_data(cfg)
     if max_tokens:
-        val = tg.ValidationData(val.tokens[:max_tokens], val.tables)
+        val = val.head(max_tokens)
     batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
     result = tg.evaluate_artifact_model(cfg, model, val, batch_seqs, rt, log)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return dict(artifact=str(path), tokens=val.tokens.numel(), model_config=tg.dataclasses.asdict(qm.model_config),
+    return dict(artifact=str(path), tokens=val.tokens.numel(), byte_source=val.byte_source,
+                model_config=tg.dataclasses.asdict(qm.model_config),
                 **tg.summary_fields(result))
 
 
