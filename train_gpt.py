@@ -310,9 +310,6 @@ def validate_model_config(mc: ModelConfig) -> None:
         need(mc.PARALLEL_LANES_START > mc.LOOP_END,
              f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must come after LOOP_END={mc.LOOP_END}: a looped "
              "layer would run with one lane and then with two")
-    need(mc.PARALLEL_LANES_START >= mc.NUM_LAYERS // 2,
-         f"PARALLEL_LANES_START={mc.PARALLEL_LANES_START} must be at least NUM_LAYERS // 2 = {mc.NUM_LAYERS // 2}: "
-         "the lanes open in the decoder half, where the U-Net skips join lane 0")
 
 
 def validate_config(cfg: Config) -> None:
@@ -886,9 +883,12 @@ class Block(nn.Module):
 
     def two_lanes(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
                   docs: Tensor | None) -> Tensor:
-        """Two residual lanes, stacked on a leading dim of 2 (GPT.forward_hidden opens them): attention reads
+        """Two residual lanes, stacked on a leading dim of 2 (the first lane block opens them as two copies of the
+        stream, unless GPT.forward_hidden already has, to add a U-Net skip to lane 0): attention reads
         lane 0 mixed with x0, the MLP reads lane 1 as it is, and each lane keeps a learned share of itself
         (unmixed) and takes a learned share of both outputs, as in the 1.0611 record."""
+        if x.dim() == x0.dim():
+            x = torch.stack((x, x))
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         keep, post = (p.to(x.dtype)[..., None, None, None] for p in (self.lane_keep, self.lane_post))
         attn_in = mix[0] * x[0] + mix[1] * x0
@@ -1050,7 +1050,9 @@ class GPT(nn.Module):
                 x = torch.stack((x, x))  # the lanes open as two copies of the stream
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
-                skip = (1 - gate) * self.skip_weights[slot].to(dtype) * skips.pop()
+                skip = skips.pop()
+                skip = skip.mean(0) if skip.dim() > x0.dim() else skip  # an encoder layer on lanes: their mean
+                skip = (1 - gate) * self.skip_weights[slot].to(dtype) * skip
                 x = gate * x + skip if x.dim() == x0.dim() else torch.stack((gate * x[0] + skip, x[1]))  # lane 0 only
             x = self.blocks[layer](x, x0, weights[layer], rope, docs)
         if x.dim() > x0.dim():  # two lanes: their mean is the output
@@ -3098,11 +3100,11 @@ def checked_validation_tokens(cfg: Config) -> Tensor:
     return tokens
 
 
-def load_validation_data(cfg: Config) -> ValidationData:
+def load_validation_data(cfg: Config, sp=None) -> ValidationData:
     """The validation stream and what counts its bytes (the sidecar where the data has one, else the
     tokenizer's tables), all checked. A CaseOps tokenizer without a sidecar stops here: its pieces spell the
     transformed text, whose bytes (3 per operator) would inflate the denominator."""
-    sp = checked_tokenizer(cfg)
+    sp = sp or checked_tokenizer(cfg)
     data_path, tokenizer_path = resolve_paths(cfg)
     tokens = checked_validation_tokens(cfg)
     sidecar = load_byte_sidecar(data_path, tokens, cfg.BOS_ID)
@@ -3121,9 +3123,10 @@ def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
     validation stream's ids. Returns the training shards and the validation data."""
     check_compressor(cfg.COMPRESSOR)
     data_path, tokenizer_path = resolve_paths(cfg)
-    val = load_validation_data(cfg)
+    sp = checked_tokenizer(cfg)
     train_files = find_shards(data_path, "train")
     check_training_shards(train_files, cfg.VOCAB_SIZE)
+    val = load_validation_data(cfg, sp)
     log(f"train_shards:{len(train_files)} val_tokens:{val.tokens.numel()} byte_source:{val.byte_source} "
         f"data:{data_path} tokenizer:{tokenizer_path}")
     return train_files, val
