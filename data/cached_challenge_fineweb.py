@@ -1,10 +1,13 @@
 """Download the challenge's tokenized FineWeb shards and tokenizer from the Hugging Face hub.
 
     python3 data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
+    python3 data/cached_challenge_fineweb.py --variant sp8192-caseops --train-shards 80
 
 fills data/datasets/fineweb10B_sp8192/ (every val shard, the first N train shards) and
 data/tokenizers/ (the tokenizer's .model and .vocab). The variant picks the dataset repo
-(sp8192: kevclark/parameter-golf, everything else: willdepueoai/parameter-golf);
+(sp8192: kevclark/parameter-golf; sp8192-caseops: romeerp/parameter-golf-caseops-v1, the CaseOps
+records' data in data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/ with its validation
+byte sidecar fineweb_val_bytes_*.bin, one per val shard; everything else: willdepueoai/parameter-golf);
 MATCHED_FINEWEB_REPO_ID overrides it and MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default
 "datasets") names the repo folder that holds manifest.json, datasets/ and tokenizers/.
 
@@ -55,9 +58,13 @@ from typing import NamedTuple, NoReturn
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_REPO = "willdepueoai/parameter-golf"
-VARIANT_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf"}
+VARIANT_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf",
+                 "sp8192-caseops": "romeerp/parameter-golf-caseops-v1"}
+# Variants whose dataset is not named fineweb10B_<variant>; a CaseOps dataset always comes with a byte sidecar.
+VARIANT_DATASETS = {"sp8192-caseops": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"}
 DEFAULT_TRAIN_SHARDS = 80
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+SIDECAR_MAGICS = (20240521, SHARD_MAGIC)  # train_gpt.SIDECAR_MAGICS: the public sidecars carry the token magic
 OFFLINE_HINT = ("check your network connection and HF_HUB_OFFLINE (offline, only files already in the "
                 "HF cache can be used), and HF_TOKEN for gated repos; --skip-manifest reuses a manifest "
                 "cached earlier for this same repo")
@@ -106,9 +113,9 @@ def download_errors() -> tuple[type[BaseException], ...]:
 
 
 def variant_name(text: str) -> str:
-    if not re.fullmatch(r"sp\d+|byte260", text):
+    if not re.fullmatch(r"sp\d+|byte260", text) and text not in VARIANT_DATASETS:
         raise argparse.ArgumentTypeError(f"unknown variant {text!r}: expected sp<vocab size> "
-                                         "(e.g. sp1024, sp8192) or byte260")
+                                         f"(e.g. sp1024, sp8192), byte260 or {', '.join(VARIANT_DATASETS)}")
     return text
 
 
@@ -125,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-shards", type=shard_count_arg, metavar="N",
                    help=f"number of train shards to fetch, from the first (default {DEFAULT_TRAIN_SHARDS}, "
                         "or all the repo has if fewer)")
-    p.add_argument("--variant", type=variant_name, default="sp1024", help="sp<vocab size> or byte260 (default sp1024)")
+    p.add_argument("--variant", type=variant_name, default="sp1024",
+                   help="sp<vocab size>, byte260 or sp8192-caseops (default sp1024)")
     p.add_argument("--skip-manifest", action="store_true",
                    help="do not fetch manifest.json; use the one cached earlier for the same repo")
     p.add_argument("--out", type=Path, default=DATA_DIR, help="local data folder (default: this script's folder)")
     return p
 
 
-def shard_problem(path: Path) -> str | None:
+def shard_problem(path: Path, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> str | None:
     """Why path is not a challenge shard, or None when it is one."""
     try:
         with open(path, "rb") as f:
@@ -140,11 +148,16 @@ def shard_problem(path: Path) -> str | None:
         size = path.stat().st_size
     except (OSError, struct.error):
         return "missing, unreadable or shorter than a shard header"
-    if magic != SHARD_MAGIC or version != SHARD_VERSION:
+    if magic not in magics or version != SHARD_VERSION:
         return f"bad shard header (magic {magic}, version {version})"
     if size != SHARD_HEADER_BYTES + 2 * count:
         return f"{size} bytes, but its header promises {count} tokens"
     return None
+
+
+def sidecar_problem(path: Path) -> str | None:
+    """Why path is not a byte sidecar (the shard layout, either magic), or None when it is one."""
+    return shard_problem(path, SIDECAR_MAGICS)
 
 
 def tokenizer_problem(path: Path) -> str | None:
@@ -324,10 +337,15 @@ def tokenizer_files(manifest: dict, entry: dict, where: str) -> list[str]:
     return [inside_data(p, where) for p in paths] or [f"tokenizers/{name}.model", f"tokenizers/{name}.vocab"]
 
 
-def plan(manifest: dict, where: str, variant: str, requested: int | None, repo_id: str) -> tuple[int, int, list[str]]:
-    """(val shards, train shards, tokenizer files) to fetch for the variant."""
+def dataset_name(variant: str) -> str:
+    return VARIANT_DATASETS.get(variant, f"fineweb10B_{variant}")
+
+
+def plan(manifest: dict, where: str, variant: str, requested: int | None,
+         repo_id: str) -> tuple[int, int, list[str], bool]:
+    """(val shards, train shards, tokenizer files, whether each val shard has a byte sidecar) for the variant."""
     datasets = by_name(manifest.get("datasets"))
-    dataset = f"fineweb10B_{variant}"
+    dataset = dataset_name(variant)
     if dataset not in datasets:
         fail(f"manifest {where} (repo {repo_id}) has no dataset {dataset} for variant {variant}; it has: "
              f"{', '.join(sorted(map(str, datasets))) or 'none'}. Set MATCHED_FINEWEB_REPO_ID to a repo that has it.")
@@ -340,7 +358,8 @@ def plan(manifest: dict, where: str, variant: str, requested: int | None, repo_i
         fail(f"{variant} on {repo_id} has only {available} train shards ({where}); requested {requested}")
     else:
         train = requested
-    return val, train, tokenizer_files(manifest, entry, where)
+    sidecar = variant in VARIANT_DATASETS or bool(entry.get("val_bytes_glob"))
+    return val, train, tokenizer_files(manifest, entry, where), sidecar
 
 
 def main(argv=None, download=hf_download, file_info=hub_file_info) -> None:
@@ -355,16 +374,19 @@ def main(argv=None, download=hf_download, file_info=hub_file_info) -> None:
     print(f"variant {args.variant} from dataset repo {repo_id} (prefix {fetcher.prefix!r}) into {args.out}", flush=True)
 
     manifest, where = load_manifest(fetcher, args.skip_manifest)
-    val, train, tokenizer = plan(manifest, str(where), args.variant, requested, repo_id)
-    shard_dir = f"datasets/fineweb10B_{args.variant}"
+    val, train, tokenizer, has_sidecar = plan(manifest, str(where), args.variant, requested, repo_id)
+    shard_dir = f"datasets/{dataset_name(args.variant)}"
     shards = [f"{shard_dir}/fineweb_{split}_{i:06d}.bin" for split, n in (("val", val), ("train", train))
               for i in range(n)]
-    fetcher.learn_published(shards + tokenizer)
+    sidecars = [f"{shard_dir}/fineweb_val_bytes_{i:06d}.bin" for i in range(val if has_sidecar else 0)]
+    fetcher.learn_published(shards + sidecars + tokenizer)
     for rel in shards:
         fetcher.ensure(rel, shard_problem)
+    for rel in sidecars:
+        fetcher.ensure(rel, sidecar_problem)
     for rel in tokenizer:
         fetcher.ensure(rel, tokenizer_problem)
-    print(f"done: {val} val + {train} train shards, {len(tokenizer)} tokenizer files; "
+    print(f"done: {val} val + {train} train shards, {len(sidecars)} byte sidecars, {len(tokenizer)} tokenizer files; "
           f"fetched {fetcher.fetched} files ({human(fetcher.fetched_bytes)}), "
           f"{fetcher.skipped} already present ({human(fetcher.skipped_bytes)})\n"
           f"  shards:    {args.out / shard_dir}\n  tokenizer: {', '.join(str(args.out / t) for t in tokenizer)}",

@@ -144,6 +144,14 @@ def test_a_sidecar_that_disagrees_with_the_tokens_is_refused(tmp_path, damage, m
         tg.load_byte_sidecar(tmp_path, torch.from_numpy(tokens.astype(np.int32)), BOS_ID)
 
 
+def test_a_sidecar_with_the_token_magic_is_read_as_the_public_files_have_it(tmp_path):
+    tokens = np.array([BOS_ID, 7, 8], dtype=np.uint16)
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    tg.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.array([0, 3, 1], dtype=np.uint16), tg.SHARD_MAGIC)
+    counts = tg.load_byte_sidecar(tmp_path, torch.from_numpy(tokens.astype(np.int32)), BOS_ID)
+    assert counts.tolist() == [0, 3, 1]
+
+
 def test_a_run_on_caseops_data_scores_every_pass_against_the_original_bytes(caseops_sample, tmp_path):
     summary = tg.main(tiny_env(caseops_sample, tmp_path, ITERATIONS=4, VAL_LOSS_EVERY=0))
     assert summary["status"] == "ok" and summary["byte_source"] == "sidecar"
@@ -177,3 +185,21 @@ def test_real_validation_documents_round_trip_and_their_bytes_add_up(corpus):
     sp = spm.SentencePieceProcessor(model_proto=make_sample.train_tokenizer(train, 1024, tg.CASEOPS_OPERATORS))
     val = shared_documents(f"{corpus}.part4of4.jsonl.xz", 150 if corpus == "enwiki_2015" else 800)
     assert check_documents(sp, val) > 0
+
+
+def test_every_evaluation_pass_divides_by_the_sidecar():
+    """The same losses over a sidecar twice as large: the plain, TTT and SLOT passes' bpb all halve."""
+    from test_evaluation import CPU, check_causality, setup
+    results = []
+    for scale in (1, 2):
+        cfg, model, tokens = setup(n_tokens=200, TTT_ENABLED=1, SLOT_ENABLED=1)
+        counts = torch.randint(1, 5, (tokens.numel(),), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+        data = tg.ValidationData(tokens, check_causality.one_byte_per_token(cfg.VOCAB_SIZE), counts * scale)
+        results.append(tg.Evaluator(cfg, model, data, CPU, lambda _: None).score(4))
+    once, twice = results
+    bpb_fields = [k for k in once.passes if k.endswith("_val_bpb")]
+    assert bpb_fields and once.score_source.startswith("ttt")
+    for field in bpb_fields:
+        assert twice.passes[field] == pytest.approx(once.passes[field] / 2, rel=1e-9), field
+    assert twice.quantized_val_bpb == pytest.approx(once.quantized_val_bpb / 2, rel=1e-9)
+    assert twice.val_loss == once.val_loss

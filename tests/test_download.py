@@ -448,3 +448,59 @@ def test_imports_without_huggingface_hub():
     code = f"import sys; sys.modules['huggingface_hub'] = None; import runpy; runpy.run_path({str(SCRIPT)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+CASEOPS_REPO, CASEOPS_DATASET = "romeerp/parameter-golf-caseops-v1", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def publish_caseops(remote: Path, n_train: int, n_val: int, sidecar_magic: int = 20240520) -> None:
+    """The CaseOps repo's layout: its own dataset name, a byte sidecar per val shard (the public files carry the
+    token magic), and val_bytes_glob in the manifest."""
+    publish(remote, CASEOPS_REPO, 8192, n_train, n_val)
+    root = remote / CASEOPS_REPO / "datasets"
+    (root / "datasets" / "fineweb10B_sp8192").rename(root / "datasets" / CASEOPS_DATASET)
+    for i in range(n_val):
+        count = (len((root / "datasets" / CASEOPS_DATASET / f"fineweb_val_{i:06d}.bin").read_bytes()) - 1024) // 2
+        header = np.zeros(256, dtype="<i4")
+        header[:3] = (sidecar_magic, 1, count)
+        (root / "datasets" / CASEOPS_DATASET / f"fineweb_val_bytes_{i:06d}.bin").write_bytes(
+            header.tobytes() + np.ones(count, dtype="<u2").tobytes())
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["datasets"][0].update(name=CASEOPS_DATASET, val_bytes_glob="fineweb_val_bytes_*.bin")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_caseops_variant_fetches_its_repo_dataset_and_byte_sidecars(env):
+    hub, out, remote, run = env
+    publish_caseops(remote, n_train=2, n_val=2)
+    run("--variant", "sp8192-caseops", "--train-shards", 1)
+    assert {r for r, _ in hub.calls} == {CASEOPS_REPO}
+    d = f"datasets/datasets/{CASEOPS_DATASET}"
+    assert hub.files() == ["datasets/manifest.json", f"{d}/fineweb_val_000000.bin", f"{d}/fineweb_val_000001.bin",
+                           f"{d}/fineweb_train_000000.bin", f"{d}/fineweb_val_bytes_000000.bin",
+                           f"{d}/fineweb_val_bytes_000001.bin", "datasets/tokenizers/fineweb_8192_bpe.model",
+                           "datasets/tokenizers/fineweb_8192_bpe.vocab"]
+    for f in hub.files()[1:]:
+        assert (out / f.removeprefix("datasets/")).read_bytes() == (remote / CASEOPS_REPO / f).read_bytes()
+
+
+def test_a_damaged_byte_sidecar_is_fetched_again(env):
+    hub, out, remote, run = env
+    publish_caseops(remote, n_train=1, n_val=1)
+    name = f"datasets/datasets/{CASEOPS_DATASET}/fineweb_val_bytes_000000.bin"
+    hub.damage[name] = (1, lambda data: data[:-2])
+    run("--variant", "sp8192-caseops", "--train-shards", 0)
+    assert hub.forced == [name]
+    assert (out / name.removeprefix("datasets/")).read_bytes() == (remote / CASEOPS_REPO / name).read_bytes()
+
+
+def test_a_caseops_sidecar_with_a_foreign_magic_is_refused():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fineweb_val_bytes_000000.bin"
+        header = np.zeros(256, dtype="<i4")
+        header[:3] = (12345, 1, 0)
+        path.write_bytes(header.tobytes())
+        assert dl.sidecar_problem(path) == "bad shard header (magic 12345, version 1)"
+        header[0] = 20240521
+        path.write_bytes(header.tobytes())
+        assert dl.sidecar_problem(path) is None and dl.shard_problem(path) is not None
