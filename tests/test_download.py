@@ -450,7 +450,8 @@ def test_imports_without_huggingface_hub():
     assert result.returncode == 0, result.stderr
 
 
-CASEOPS_REPO, CASEOPS_DATASET = "romeerp/parameter-golf-caseops-v1", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_REPO = "romeerp/parameter-golf-caseops-v1"
+CASEOPS_DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
 
 
 def publish_caseops(remote: Path, n_train: int, n_val: int, sidecar_magic: int = 20240520) -> None:
