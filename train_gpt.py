@@ -164,6 +164,10 @@ class Config(ModelConfig):
                           "0 = off")
     LQER_TOP_K: int = knob(3, 0, 1 << 20, doc="LQER: how many quantized matrices (largest |W - W_hat|) get one")
     LQER_GROUP: int = knob(64, 1, 1 << 20, doc="LQER: columns per int4 scale of the B factor")
+    AWQ_TOP_GROUPS: int = knob(0, 0, 1 << 10, doc="AWQ-lite (PR #1908): per GPTQ matrix, this many blocks of "
+                               "AWQ_GROUP_SIZE columns (largest activation RMS x mean |w|) on an int8 grid inside the "
+                               "GPTQ solve; 0 = off (PR #1946: 1)")
+    AWQ_GROUP_SIZE: int = knob(64, 1, 1 << 16, doc="AWQ-lite: columns per block")
     COMPRESSOR: str = knob("brotli", choices=("brotli", "lzma"), doc="brotli quality 11, or raw LZMA2 preset 9|extreme")
     ARTIFACT_TARGET_BYTES: int = knob(16_000_000, 0, 16_000_000,
                                       doc="if code+model is over this size, raise the clip sigmas until it fits; 0 = "
@@ -1785,7 +1789,7 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
-ARTIFACT_FORMAT = 4  # the header's "format" and the magic's digit; 4: LQER factors as <name>.lqer_a/.lqer_b
+ARTIFACT_FORMAT = 5  # the header's "format" and the magic's digit; 4: LQER factors; 5: AWQ-lite blocks
 ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma")
@@ -1919,10 +1923,12 @@ class GPTQFactor:
     perm: Tensor   # act-order: columns by descending diag(H)
     upper: Tensor  # upper Cholesky factor of the permuted, damped inverse Hessian
     dead: Tensor   # columns whose input is always zero
+    diag: Tensor   # diag(H) as collected: each input's mean square, AWQ-lite's activation saliency
 
 
 def gptq_factor(H: Tensor, damp: float) -> GPTQFactor:
     H = H.float().clone()
+    diag = H.diagonal().clone()
     dead = H.diagonal() <= 0
     H[dead, dead] = 1.0
     perm = torch.argsort(H.diagonal(), descending=True)
@@ -1933,7 +1939,7 @@ def gptq_factor(H: Tensor, damp: float) -> GPTQFactor:
         if info == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0:
-                return GPTQFactor(perm, upper, dead)
+                return GPTQFactor(perm, upper, dead, diag)
     raise ArtifactError(f"GPTQ: Hessian is not positive definite even with damping {damp * 1e5:g}; raise GPTQ_DAMP")
 
 
@@ -1951,23 +1957,27 @@ def quantize_rtn(W: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
     return torch.clamp(torch.round(W.float() / scale[:, None]), -qmax, qmax).to(torch.int8), scale
 
 
-def quantize_gptq(W: Tensor, factor: GPTQFactor, bits: int, sigmas: float, block: int) -> tuple[Tensor, Tensor]:
+def quantize_gptq(W: Tensor, factor: GPTQFactor, bits: int, sigmas: float, block: int,
+                  awq: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """GPTQ on the std-based grid: quantize columns in act-order, spreading each column's
-    error over the columns not yet quantized (within a block now, beyond it lazily)."""
+    error over the columns not yet quantized (within a block now, beyond it lazily). awq = (column mask,
+    per-row int8 step): those columns go on the int8 grid instead, in the same solve."""
     qmax, scale = 2 ** (bits - 1) - 1, row_scales(W, bits, sigmas)
     W = W.float().clone()
     W[:, factor.dead] = 0
     W = W[:, factor.perm]
     U, cols = factor.upper, W.size(1)
+    fine = awq[0][factor.perm].tolist() if awq is not None else [False] * cols
     Q = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         Wb, Ub = W[:, i1:i2], U[i1:i2, i1:i2]
         err = torch.zeros_like(Wb)
         for j in range(i2 - i1):
-            q = torch.clamp(torch.round(Wb[:, j] / scale), -qmax, qmax)
+            step, limit = (awq[1], 127) if fine[i1 + j] else (scale, qmax)
+            q = torch.clamp(torch.round(Wb[:, j] / step), -limit, limit)
             Q[:, i1 + j] = q.to(torch.int8)
-            err[:, j] = (Wb[:, j] - q * scale) / Ub[j, j]
+            err[:, j] = (Wb[:, j] - q * step) / Ub[j, j]
             Wb[:, j:].sub_(err[:, j:j + 1] * Ub[j:j + 1, j:])
         W[:, i2:].sub_(err @ U[i1:i2, i2:])
     return Q[:, torch.argsort(factor.perm)], scale
@@ -1975,6 +1985,31 @@ def quantize_gptq(W: Tensor, factor: GPTQFactor, bits: int, sigmas: float, block
 
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
+
+
+def awq_blocks(W: Tensor, diag: Tensor, size: int, top: int) -> list[int]:
+    """AWQ-lite: the first column of each of the `top` blocks of `size` columns that matter most to the output,
+    by the block's sum of activation RMS (sqrt of the Hessian's diagonal) times mean |w| of the column."""
+    saliency = diag.float().clamp_min(0).sqrt() * W.float().abs().mean(0)
+    starts = list(range(0, W.size(1), size))
+    sums = torch.stack([saliency[s:s + size].sum() for s in starts])
+    return sorted(starts[i] for i in sums.topk(min(top, len(starts))).indices.tolist())
+
+
+def awq_mask(starts: list[int], size: int, cols: int) -> Tensor:
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        mask[start:start + size] = True
+    return mask
+
+
+def dequantize_entry(e: dict) -> Tensor:
+    """A stored matrix's weights: its int values times the row steps, the AWQ-lite columns times their own."""
+    weight = dequantize(e["q"], e["scale"])
+    if e.get("awq"):
+        cols = awq_mask(e["awq"], e["awq_size"], weight.size(1))
+        weight[:, cols] = dequantize(e["q"][:, cols], e["awq_scale"])
+    return weight
 
 
 @dataclasses.dataclass
@@ -1998,7 +2033,7 @@ class QuantizedModel:
         for name, t in template.items():
             if name in self.quantized:
                 e = self.quantized[name]
-                weight = dequantize(e["q"], e["scale"])
+                weight = dequantize_entry(e)
                 if name + LQER_A in self.quantized:
                     weight = weight + self.lqer_correction(name, weight.shape)
                 out[name] = weight.to(t.dtype)
@@ -2016,13 +2051,20 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
     for g in plan:
         bits, sigmas = group_bits(cfg, g.group), clip_sigmas(cfg, g.group) * sigma_scale
         W = torch.cat([state[n] for n in g.names])
+        rows, awq = [state[n].size(0) for n in g.names], None
         if factors is None:
             q, scale = quantize_rtn(W, bits, sigmas)
         else:
-            q, scale = quantize_gptq(W, factors[g.hessian], bits, sigmas, cfg.GPTQ_BLOCK_SIZE)
-        rows = [state[n].size(0) for n in g.names]
-        for n, qn, sn in zip(g.names, q.split(rows), scale.split(rows)):
+            if cfg.AWQ_TOP_GROUPS:
+                starts = awq_blocks(W, factors[g.hessian].diag, cfg.AWQ_GROUP_SIZE, cfg.AWQ_TOP_GROUPS)
+                mask = awq_mask(starts, cfg.AWQ_GROUP_SIZE, W.size(1)).to(W.device)
+                awq = (mask, quantize_grid(W[:, mask].float(), -127, 127, 127)[1])
+            q, scale = quantize_gptq(W, factors[g.hessian], bits, sigmas, cfg.GPTQ_BLOCK_SIZE, awq)
+        for i, (n, qn, sn) in enumerate(zip(g.names, q.split(rows), scale.split(rows))):
             quantized[n] = dict(q=qn.cpu(), scale=sn.to(torch.float16).cpu(), bits=bits, group=g.group)
+            if awq is not None:
+                quantized[n].update(awq=starts, awq_size=cfg.AWQ_GROUP_SIZE,
+                                    awq_scale=awq[1].split(rows)[i].to(torch.float16).cpu())
     # The sparse gates, int8 per row (half the bytes of fp16), each row's largest weight at +-127: one short row
     # per head, where a std-based clip would cut the one weight that matters.
     for n in [n for n in state if n.endswith(".attn.gate_w")]:
@@ -2050,8 +2092,7 @@ def quantize_grid(x: Tensor, lo: int, hi: int, half_span: float) -> tuple[Tensor
 
 def lqer_corrections(cfg: Config, weights: dict[str, Tensor], quantized: dict[str, dict]) -> dict[str, dict]:
     """The LQER factors of the LQER_TOP_K matrices with the largest |W - W_hat| (Frobenius)."""
-    errors = {n: W.float() - dequantize(quantized[n]["q"], quantized[n]["scale"]).to(W.device)
-              for n, W in weights.items()}
+    errors = {n: W.float() - dequantize_entry(quantized[n]).to(W.device) for n, W in weights.items()}
     top = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:cfg.LQER_TOP_K]
     factors = {}
     for n in top:
@@ -2112,7 +2153,9 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
 
     qnames, pnames = sorted(qm.quantized), sorted(qm.passthrough)
     raw = [qm.quantized[n]["q"].numpy().astype(np.int8).tobytes() for n in qnames]
-    raw.append(byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes() for n in qnames), 2))
+    raw.append(byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes()
+                                     + (qm.quantized[n]["awq_scale"].numpy().tobytes() if qm.quantized[n].get("awq")
+                                        else b"") for n in qnames), 2))
     raw.append(byte_shuffle(b"".join(qm.passthrough[n].numpy().tobytes() for n in pnames), 2))
     # brotli and lzma release the GIL, so threads compress the streams in parallel.
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
@@ -2121,7 +2164,9 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
                     passthrough=len(packed[-1]))
     for n, stream in zip(qnames, packed):
         by_group[qm.quantized[n]["group"]] += len(stream)
-    tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]] for n in qnames]
+    tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]]
+               + ([qm.quantized[n]["awq"], qm.quantized[n]["awq_size"]] if qm.quantized[n].get("awq") else [])
+               for n in qnames]
     tensors += [[n, "fp16", list(qm.passthrough[n].shape), 16] for n in pnames]
     header = dict(format=ARTIFACT_FORMAT, model_config=dataclasses.asdict(qm.model_config),
                   run_start_id=qm.run_start_id,
@@ -2197,6 +2242,15 @@ def header_model_config(header: dict, origin: str) -> ModelConfig:
     return model_config
 
 
+def tensor_group(name: str) -> str:
+    """The group a quantized tensor's bytes are reported under, from its name (as quantize_model assigns it)."""
+    if name.endswith((LQER_A, LQER_B)):
+        return "lqer"
+    if name.endswith(".attn.gate_w"):
+        return "gate"
+    return "embedding" if name == "tok_emb.weight" else "attention" if ".attn." in name else "mlp"
+
+
 def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
     """Rebuild every tensor, checking each stream holds exactly what its header entry says."""
     qentries = [t for t in header["tensors"] if t[1] == "q"]
@@ -2205,7 +2259,7 @@ def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
     scales = np.frombuffer(byte_unshuffle(streams[-2], 2), np.float16)
     flat = np.frombuffer(byte_unshuffle(streams[-1], 2), np.float16)
     quantized, passthrough, s_at, p_at = {}, {}, 0, 0
-    for i, (name, kind, shape, bits) in enumerate(header["tensors"]):
+    for i, (name, kind, shape, bits, *awq) in enumerate(header["tensors"]):
         count = math.prod(shape)
         if kind == "fp16":
             passthrough[name] = torch.from_numpy(flat[p_at:p_at + count].copy()).view(shape)
@@ -2215,8 +2269,16 @@ def tensors_from_streams(header: dict, streams: list[bytes]) -> QuantizedModel:
         if not 2 <= bits <= 8 or len(raw) != count:
             raise ValueError(f"{name}: {len(raw)} bytes do not hold {count} {bits}-bit values")
         quantized[name] = dict(q=torch.from_numpy(np.frombuffer(raw, np.int8).copy()).view(shape),
-                               scale=torch.from_numpy(scales[s_at:s_at + shape[0]].copy()), bits=bits, group=None)
+                               scale=torch.from_numpy(scales[s_at:s_at + shape[0]].copy()), bits=bits,
+                               group=tensor_group(name))
         s_at += shape[0]
+        if awq:  # AWQ-lite: [block starts, block size], the blocks' row steps after the matrix's own
+            (starts, size), cols = awq, shape[1]
+            if size < 1 or not starts or any(not 0 <= s < cols or s % size for s in starts):
+                raise ValueError(f"{name}: AWQ blocks {starts} of {size} columns do not fit {cols} columns")
+            quantized[name].update(awq=starts, awq_size=size,
+                                   awq_scale=torch.from_numpy(scales[s_at:s_at + shape[0]].copy()))
+            s_at += shape[0]
     if s_at != scales.size or p_at != flat.size:
         raise ValueError(f"{scales.size} scales and {flat.size} pass-through values for {s_at} rows and {p_at} values")
     check_lqer_shapes(quantized)

@@ -27,7 +27,7 @@ from ablate import parse_knobs, parse_variant  # noqa: E402
 POST_TRAINING_KNOBS = {"QUANT_METHOD", "MATRIX_BITS", "EMBED_BITS", "MATRIX_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS",
                        "MLP_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "QUANT_PASSTHROUGH_NUMEL", "GPTQ_DAMP", "GPTQ_DAMP_ATTN",
                        "GPTQ_DAMP_MLP", "GPTQ_DAMP_EMBED", "GPTQ_BLOCK_SIZE", "LQER_RANK", "LQER_TOP_K", "LQER_GROUP",
-                       "COMPRESSOR"}
+                       "AWQ_TOP_GROUPS", "AWQ_GROUP_SIZE", "COMPRESSOR"}
 
 
 def variant_config(cfg: tg.Config, knobs: dict[str, str]) -> tg.Config:

@@ -119,10 +119,10 @@ def with_header(blob: bytes, change) -> bytes:
 
 def test_artifact_format_is_written_and_an_older_one_is_refused_by_number():
     blob = tiny_artifact()
-    assert blob[:4] == b"PGQ4"
+    assert blob[:4] == b"PGQ5"
     assert tg.decode_artifact(with_header(blob, lambda h: None)).model_config.NUM_LAYERS == 2
-    older = with_header(blob, lambda h: h.update(format=3))
-    with pytest.raises(tg.ArtifactError, match="old.ptz: format 3 artifact, but this train_gpt.py reads format 4"):
+    older = with_header(blob, lambda h: h.update(format=4))
+    with pytest.raises(tg.ArtifactError, match="old.ptz: format 4 artifact, but this train_gpt.py reads format 5"):
         tg.decode_artifact(older, "old.ptz")
 
 
@@ -472,3 +472,67 @@ def test_lqer_artifact_round_trip_is_exact_and_refuses_a_stray_factor():
     stray = dataclasses.replace(qm, quantized={n: e for n, e in qm.quantized.items() if not n.endswith(tg.LQER_B)})
     with pytest.raises(tg.ArtifactError, match="LQER factor without its matrix or its other factor"):
         tg.decode_artifact(tg.encode_artifact(stray, "lzma")[0], "stray.ptz")
+
+
+def test_awq_lite_takes_the_block_that_matters_and_lowers_the_weighted_error():
+    """Inputs 8x larger on columns 128..191: AWQ-lite picks that block, puts it on the int8 grid in the same
+    GPTQ solve, and the Hessian-weighted error drops; the other columns keep the int6 grid."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=g)
+    x[:, 128:192] *= 8
+    H, W = x.T @ x / x.size(0), torch.randn(32, 256, generator=g) * 0.05
+    factor = tg.gptq_factor(H, 0.01)
+    assert tg.awq_blocks(W, factor.diag, 64, 1) == [128]
+    mask = tg.awq_mask([128], 64, 256)
+    step = tg.quantize_grid(W[:, mask], -127, 127, 127)[1]
+    q, scale = tg.quantize_gptq(W, factor, 6, 12.85, 128, (mask, step))
+    with_awq = tg.dequantize_entry(dict(q=q, scale=scale, awq=[128], awq_size=64, awq_scale=step))
+    without = tg.dequantize(*tg.quantize_gptq(W, factor, 6, 12.85, 128))
+    error = lambda Wh: float(torch.trace((W - Wh) @ H @ (W - Wh).T))  # noqa: E731
+    assert error(with_awq) < 0.5 * error(without)
+    assert q[:, mask].abs().max() > 31 and q[:, ~mask].abs().max() <= 31
+
+
+def awq_model():
+    cfg = tg.config_from_env({k: str(v) for k, v in dict(TINY_MODEL, VOCAB_SIZE=256, MODEL_DIM=128, NUM_HEADS=4,
+                                                         NUM_KV_HEADS=2, QUANT_PASSTHROUGH_NUMEL=1024,
+                                                         AWQ_TOP_GROUPS=1, AWQ_GROUP_SIZE=32).items()})
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, "sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plan = tg.quantization_plan(model, cfg)
+    state = model.state_dict()
+    hessians = {}
+    for group in plan:
+        x = torch.randn(512, state[group.names[0]].size(1))
+        hessians[group.hessian] = x.T @ x / 512
+    return cfg, model, plan, tg.gptq_factors(cfg, plan, hessians)
+
+
+def test_an_artifact_with_awq_blocks_decodes_to_the_same_weights_bit_for_bit():
+    cfg, model, plan, factors = awq_model()
+    qm = tg.quantize_model(cfg, model, plan, factors)
+    assert all(e.get("awq") and len(e["awq"]) == 1 for e in qm.quantized.values() if e["group"] != "gate"
+               and not e["group"] == "lqer")
+    blob, by_group = tg.encode_artifact(qm, "brotli")
+    decoded = tg.decode_artifact(blob)
+    template = model.state_dict()
+    for name, want in qm.state_dict(template).items():
+        assert torch.equal(decoded.state_dict(template)[name], want), name
+    assert sum(by_group.values()) == len(blob)
+    no_awq = tg.quantize_model(dataclasses.replace(cfg, AWQ_TOP_GROUPS=0), model, plan, factors)
+    assert by_group["scales"] > tg.encode_artifact(no_awq, "brotli")[1]["scales"]  # the blocks' row steps
+
+
+@pytest.mark.parametrize("blocks", [[[999], 32], [[0], 0], [[5], 32]])
+def test_awq_blocks_that_do_not_fit_the_matrix_are_refused(blocks):
+    cfg, model, plan, factors = awq_model()
+    blob = tg.encode_artifact(tg.quantize_model(cfg, model, plan, factors), "brotli")[0]
+
+    def change(header):
+        entry = next(t for t in header["tensors"] if len(t) == 6)
+        entry[4:] = blocks
+    with pytest.raises(tg.ArtifactError, match="AWQ blocks .* do not fit"):
+        tg.decode_artifact(with_header(blob, change))
