@@ -321,6 +321,9 @@ def validate_config(cfg: Config) -> None:
          f"RUN_ID={cfg.RUN_ID!r} must be a plain file name (no '/', '\\' or '..'): it names "
          "LOG_DIR/<RUN_ID>.txt, .json and .ptz; leave it empty for a random one")
     validate_model_config(cfg)
+    need(not (cfg.AWQ_TOP_GROUPS and cfg.QUANT_METHOD == "rtn"),
+         f"AWQ_TOP_GROUPS={cfg.AWQ_TOP_GROUPS} needs QUANT_METHOD=gptq: it ranks columns by the GPTQ Hessian and "
+         "solves them with GPTQ; set AWQ_TOP_GROUPS=0 for round-to-nearest")
     need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0,
          f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}")
     check_seq_schedule(cfg)
@@ -1529,6 +1532,9 @@ def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
     def launch(a: Tensor, b: Tensor, aux: Tensor | None = None) -> tuple[Tensor, Tensor]:
         (M, K), N = a.shape, b.size(0)
+        if M * max(N, K) >= 2**31:  # the kernel's offsets are int32
+            raise ValueError(f"FUSED_MLP: a {M}x{K} by {N}x{K} product overflows the kernel's int32 offsets; "
+                             "use more micro-batches (fewer rows per step) or FUSED_MLP=0")
         out = a.new_empty(M, N)
         forward = aux is None
         aux = a.new_empty(M, N) if forward else aux
@@ -1549,7 +1555,7 @@ def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         @staticmethod
         def backward(ctx, grad: Tensor):
             x2, w_up, w_down, pre, post = ctx.saved_tensors
-            g = grad.reshape(-1, grad.size(-1)).contiguous()
+            g = grad.reshape(-1, grad.size(-1)).to(pre.dtype).contiguous()  # autocast may hand back another dtype
             dpre, _ = launch(g, w_down.t().contiguous(), aux=pre)
             return (dpre @ w_up).view(grad.shape[:-1] + (x2.size(-1),)), dpre.t() @ x2, g.t() @ post
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import CASEOPS_OPERATORS, byte_tables, target_bytes  # noqa: E402  (the trainer owns these)
+from train_gpt import CASEOPS_OPERATORS, target_bytes  # noqa: E402  (the trainer owns these)
 
 TITLE, ALLCAPS, CAPNEXT, ESC = CASEOPS_OPERATORS
 
@@ -116,12 +116,12 @@ def original_bytes_per_char(transformed: str) -> list[int]:
     return weights
 
 
-def token_original_bytes(sp, ids: list[int], bos_id: int) -> list[int]:
+def token_original_bytes(sp, tables, ids: list[int], bos_id: int) -> list[int]:
     """The bytes each token of one document (ids of transformed text, without its BOS) stands for in the
     original text: what the trainer's byte tables count for it, except that an operator acting as one counts 0.
     An escaped operator keeps its 3 bytes, as the character it is. So the counts are exactly the byte tables'
-    count of the same document tokenized without CaseOps under the same normalization."""
-    tables = byte_tables(sp)
+    count of the same document tokenized without CaseOps under the same normalization. `tables` is
+    train_gpt.byte_tables(sp), built once by the caller."""
     previous = torch.tensor([bos_id, *ids[:-1]], dtype=torch.long)
     counts = target_bytes(tables, previous, torch.tensor(ids, dtype=torch.long)).tolist()
     escaped = False

@@ -221,11 +221,12 @@ def encode_documents(sp: spm.SentencePieceProcessor, texts, batch: int = 256) ->
 
 def encode_caseops_documents(sp: spm.SentencePieceProcessor, texts) -> tuple[np.ndarray, np.ndarray]:
     """BOS + ids of each transformed document, concatenated, and the original bytes of each of those tokens."""
-    ids, counts = [], []
+    from train_gpt import byte_tables
+    tables, ids, counts = byte_tables(sp), [], []
     for text in texts:
         doc_ids = sp.encode(caseops.transform(text), out_type=int)
         ids.append(np.array([BOS_ID, *doc_ids], dtype=np.uint16))
-        counts.append(np.array([0, *caseops.token_original_bytes(sp, doc_ids, BOS_ID)], dtype=np.uint16))
+        counts.append(np.array([0, *caseops.token_original_bytes(sp, tables, doc_ids, BOS_ID)], dtype=np.uint16))
     empty = np.zeros(0, dtype=np.uint16)
     return (np.concatenate(ids) if ids else empty), (np.concatenate(counts) if counts else empty)
 
@@ -310,8 +311,10 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
                    tokenizer_train=dict(docs=len(tok_texts), bytes=text_bytes(tok_texts)))
     from train_gpt import SIDECAR_MAGIC
     for split, texts in (("train", train), ("val", val)):
-        if caseops_transform:
+        if caseops_transform and split == "val":  # the sidecar is for validation only
             tokens, counts = encode_caseops_documents(sp, texts)
+        elif caseops_transform:
+            tokens = encode_documents(sp, [caseops.transform(t) for t in texts])
         else:
             tokens = encode_documents(sp, texts)
         shards = write_split(tokens, dataset_dir, split, shard_tokens)

@@ -68,7 +68,7 @@ def sidecar_and_tokens(sample) -> tuple[np.ndarray, np.ndarray]:
 
 def check_documents(sp, texts) -> int:
     """Round trips of every document and the sidecar's count of each; returns the sidecar's bytes in all."""
-    charged = 0
+    charged, tables = 0, tg.byte_tables(sp)
     for text in texts:
         transformed = caseops.transform(text)
         assert caseops.inverse(transformed) == text
@@ -76,7 +76,7 @@ def check_documents(sp, texts) -> int:
         decoded = sp.decode(ids)
         # SentencePiece's nmt_nfkc: NFKC, whitespace runs folded to one space, none at the ends; '▁' is a space.
         assert decoded == sp.normalize(transformed).replace("\u2581", " ")
-        counts = caseops.token_original_bytes(sp, ids, BOS_ID)
+        counts = caseops.token_original_bytes(sp, tables, ids, BOS_ID)
         assert all(c == 0 for i, c in zip(ids, counts) if sp.id_to_piece(i) in (TITLE, ALLCAPS, CAPNEXT))
         assert sum(counts) == len(caseops.inverse(decoded).encode("utf-8"))
         charged += sum(counts)

@@ -49,6 +49,19 @@ def test_every_byte_is_in_one_group_and_each_coder_matches_its_own_compressor(qu
     assert r["coders"] == ["brotli", "lzma"] and not r["lrzip"]
 
 
+def test_the_scales_stream_holds_awq_blocks_row_steps_as_the_artifact_does():
+    from test_quantization import awq_model
+    cfg, model, plan, factors = awq_model()
+    qm = tg.quantize_model(cfg, model, plan, factors)
+    blob = tg.encode_artifact(qm, "brotli")[0]
+    header_len = tg.ARTIFACT_PREFIX.unpack_from(blob)[2]
+    start = tg.ARTIFACT_PREFIX.size
+    header = tg.json.loads(tg.decompress(blob[start:start + header_len], "brotli"))
+    scales, _ = compress_report.group_streams(qm)["scales"]
+    assert len(scales) == header["streams"][-2][1]
+    assert any(e.get("awq") for e in qm.quantized.values())
+
+
 def test_order0_entropy_of_known_streams():
     assert compress_report.order0_entropy_bytes(bytes([0, 1]) * 50) == pytest.approx(100 / 8)
     assert compress_report.order0_entropy_bytes(bytes(64)) == 0.0

@@ -392,15 +392,15 @@ def test_the_skip_and_x0_reach_the_attention_lane_only():
             model.forward_hidden(tokens)
         return dict(seen)
 
-    before = inputs()
     order = model.layer_order()
     slot = order[len(order) // 2:].index(3)  # the decoder position of layer 3, whose skip this is
-    with torch.no_grad():
-        model.skip_weights[slot].mul_(2.0)
-        block.resid_mix[1].add_(1.0)
-    after = inputs()
-    assert torch.equal(after["mlp"], before["mlp"])
-    assert not torch.allclose(after["attention"], before["attention"])
+    for change in (lambda: model.skip_weights[slot].mul_(2.0), lambda: block.resid_mix[1].add_(1.0)):
+        before = inputs()
+        with torch.no_grad():
+            change()
+        after = inputs()
+        assert torch.equal(after["mlp"], before["mlp"])
+        assert not torch.allclose(after["attention"], before["attention"])
 
 
 @pytest.mark.parametrize("reader, other", [(0, 1), (1, 0)], ids=["attention reads lane 0", "MLP reads lane 1"])
@@ -427,10 +427,21 @@ def test_lanes_cannot_start_inside_the_loop():
 
 
 def test_lanes_in_the_encoder_feed_their_mean_to_the_skip():
-    """Lanes from layer 1 of 5 without recurrence: layer 1 is in the encoder, so a skip holds two lanes; it
-    still runs, and changing a token changes no earlier hidden state."""
+    """Lanes from layer 1 of 5 without recurrence: the encoder is layers 0 and 1, so layer 1's output is two
+    (different) lanes, and it is both the stream and the skip that the first decoder block (layer 2) receives:
+    lane 0 becomes gate*lane0 + (1-gate)*w*mean(skip lanes), lane 1 passes as it is. Causality holds."""
     model = randomized_model(NUM_LOOPS="0", PARALLEL_LANES_START="1")
     tokens = torch.randint(0, 97, (1, 12))
+    seen = {}
+    model.blocks[1].register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out.clone()))
+    model.blocks[2].register_forward_pre_hook(lambda _m, args: seen.__setitem__("into", args[0].clone()))
+    with torch.no_grad():
+        model.forward_hidden(tokens)
+    out, into = seen["out"], seen["into"]
+    assert out.dim() == 4 and not torch.equal(out[0], out[1])
+    gate, weight = torch.sigmoid(model.skip_gates[0]), model.skip_weights[0]
+    assert torch.allclose(into[0], gate * out[0] + (1 - gate) * weight * out.mean(0))
+    assert torch.equal(into[1], out[1])
     moved = tokens.clone()
     moved[0, 7] = (moved[0, 7] + 1) % 97
     with torch.no_grad():

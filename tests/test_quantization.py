@@ -526,6 +526,11 @@ def test_an_artifact_with_awq_blocks_decodes_to_the_same_weights_bit_for_bit():
     assert by_group["scales"] > tg.encode_artifact(no_awq, "brotli")[1]["scales"]  # the blocks' row steps
 
 
+def test_awq_lite_with_round_to_nearest_is_refused():
+    with pytest.raises(tg.ConfigError, match="AWQ_TOP_GROUPS=1 needs QUANT_METHOD=gptq"):
+        tg.config_from_env({"AWQ_TOP_GROUPS": "1", "QUANT_METHOD": "rtn"})
+
+
 @pytest.mark.parametrize("blocks", [[[999], 32], [[0], 0], [[5], 32]])
 def test_awq_blocks_that_do_not_fit_the_matrix_are_refused(blocks):
     cfg, model, plan, factors = awq_model()

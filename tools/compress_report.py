@@ -38,7 +38,10 @@ def group_streams(qm: tg.QuantizedModel) -> dict[str, tuple[bytes, int]]:
         entry = qm.quantized[name]
         data, count = streams.get(entry["group"], (b"", 0))
         streams[entry["group"]] = (data + entry["q"].numpy().astype(np.int8).tobytes(), count + entry["q"].numel())
-    scales = [qm.quantized[n]["scale"].numpy() for n in sorted(qm.quantized)]
+    scales = []
+    for n in sorted(qm.quantized):  # each matrix's row steps, then its AWQ-lite blocks' (as encode_artifact writes)
+        e = qm.quantized[n]
+        scales += [e["scale"].numpy()] + ([e["awq_scale"].numpy()] if e.get("awq") else [])
     passthrough = [qm.passthrough[n].numpy() for n in sorted(qm.passthrough)]
     for group, arrays in (("scales", scales), ("passthrough", passthrough)):
         if arrays:
