@@ -890,12 +890,9 @@ class Block(nn.Module):
 
     def two_lanes(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
                   docs: Tensor | None) -> Tensor:
-        """Two residual lanes, stacked on a leading dim of 2 (the first lane block opens them as two copies of the
-        stream, unless GPT.forward_hidden already has, to add a U-Net skip to lane 0): attention reads
+        """Two residual lanes, stacked on a leading dim of 2 (GPT.forward_hidden opens them): attention reads
         lane 0 mixed with x0, the MLP reads lane 1 as it is, and each lane keeps a learned share of itself
         (unmixed) and takes a learned share of both outputs, as in the 1.0611 record."""
-        if x.dim() == x0.dim():
-            x = torch.stack((x, x))
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         keep, post = (p.to(x.dtype)[..., None, None, None] for p in (self.lane_keep, self.lane_post))
         attn_in = mix[0] * x[0] + mix[1] * x0
@@ -1032,9 +1029,13 @@ class GPT(nn.Module):
         starts (given by the caller when the forward is compiled, see documents_outside), else a bool mask."""
         if not self.varlen:
             return None
-        if input_ids.is_cuda and self.has_varlen_kernel:
+        if self.runs_varlen_kernel(input_ids):
             return starts if starts is not None else document_starts(input_ids, self.bos_id)
         return document_mask(input_ids, self.bos_id)
+
+    def runs_varlen_kernel(self, input_ids: Tensor) -> bool:
+        """Whether attention isolates documents with a varlen kernel (CUDA), fed sequence starts."""
+        return self.varlen and self.has_varlen_kernel and input_ids.is_cuda
 
     def forward_hidden(self, input_ids: Tensor, doc_starts: Tensor | None = None) -> Tensor:
         """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam. The residual
@@ -1050,11 +1051,10 @@ class GPT(nn.Module):
         n_encoder = len(order) // 2
         skips = []
         for layer in order[:n_encoder]:
-            x = self.blocks[layer](x, x0, weights[layer], rope, docs)
+            x = self.blocks[layer](self.open_lanes(x, x0, layer), x0, weights[layer], rope, docs)
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
-            if self.blocks[layer].lanes and x.dim() == x0.dim():
-                x = torch.stack((x, x))  # the lanes open as two copies of the stream
+            x = self.open_lanes(x, x0, layer)  # before the skip, which joins lane 0 alone
             if skips:
                 gate = torch.sigmoid(self.skip_gates[slot]).to(dtype)
                 skip = skips.pop()
@@ -1065,6 +1065,10 @@ class GPT(nn.Module):
         if x.dim() > x0.dim():  # two lanes: their mean is the output
             x = x.mean(0)
         return rms_norm(x.to(self.tok_emb.weight.dtype))
+
+    def open_lanes(self, x: Tensor, x0: Tensor, layer: int) -> Tensor:
+        """The input of the first lane block: the stream as two lanes, two copies of it."""
+        return torch.stack((x, x)) if self.blocks[layer].lanes and x.dim() == x0.dim() else x
 
     def smear(self, x: Tensor, input_ids: Tensor) -> Tensor:
         """SmearGate: x_t + lambda * sigmoid(W x_t[:12]) * x_{t-1}, except where token t is a BOS, so the last
@@ -1589,7 +1593,7 @@ def documents_outside(model: GPT, fn: Callable) -> Callable:
     found before it runs: their count changes with every batch, which a graph cannot compute at a fixed shape,
     so they enter as an input whose length is dynamic, and no batch recompiles."""
     def call(input_ids: Tensor, *args) -> Tensor:
-        if not (model.varlen and model.has_varlen_kernel and input_ids.is_cuda):
+        if not model.runs_varlen_kernel(input_ids):
             return fn(input_ids, *args)
         starts = document_starts(input_ids, model.bos_id)
         torch._dynamo.mark_dynamic(starts, 0)
@@ -1746,9 +1750,10 @@ class Trainer:
             if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
                 model.looping, loop_step, loop_seconds = True, step, train_seconds
                 log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
-            if len(stages) > 1 and stage_seq_len(stages, frac) != seq_len:
-                log(f"seq_len:{stage_seq_len(stages, frac)} step:{step} frac:{frac:.3f}")
-            seq_len = stage_seq_len(stages, frac)
+            stage_len = stage_seq_len(stages, frac)
+            if len(stages) > 1 and stage_len != seq_len:
+                log(f"seq_len:{stage_len} step:{step} frac:{frac:.3f}")
+            seq_len = stage_len
             set_schedule(cfg, self.optimizers, step, frac)
             rt.sync()
             t0 = time.perf_counter()
@@ -2151,18 +2156,26 @@ def decompress(data: bytes, compressor: str) -> bytes:
     return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
-def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[str, int]]:
-    """Serialize and compress: one byte per quantized value (bit-packing the int6 values compressed 11 %
-    larger at the record shape: the compressor finds the unused high bits itself). Returns the blob and
-    its bytes per group."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def artifact_streams(qm: QuantizedModel) -> tuple[list[str], list[str], list[bytes]]:
+    """(quantized names, pass-through names, raw streams) as the container stores them, uncompressed: one stream
+    per quantized tensor (a byte per value, names sorted), then every scale (each matrix's row steps, then its
+    AWQ-lite blocks'), then every pass-through tensor, both fp16 and byte-shuffled."""
     qnames, pnames = sorted(qm.quantized), sorted(qm.passthrough)
     raw = [qm.quantized[n]["q"].numpy().astype(np.int8).tobytes() for n in qnames]
     raw.append(byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes()
                                      + (qm.quantized[n]["awq_scale"].numpy().tobytes() if qm.quantized[n].get("awq")
                                         else b"") for n in qnames), 2))
     raw.append(byte_shuffle(b"".join(qm.passthrough[n].numpy().tobytes() for n in pnames), 2))
+    return qnames, pnames, raw
+
+
+def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[str, int]]:
+    """Serialize and compress: one byte per quantized value (bit-packing the int6 values compressed 11 %
+    larger at the record shape: the compressor finds the unused high bits itself). Returns the blob and
+    its bytes per group."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    qnames, pnames, raw = artifact_streams(qm)
     # brotli and lzma release the GIL, so threads compress the streams in parallel.
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
         packed = list(pool.map(lambda data: compress(data, compressor), raw))

@@ -101,21 +101,6 @@ def inverse(text: str) -> str:
     return "".join(out)
 
 
-def original_bytes_per_char(transformed: str) -> list[int]:
-    """For each character of a transform output, the UTF-8 bytes of the original text it stands for."""
-    weights, escaped = [], False
-    for ch in transformed:
-        if escaped:
-            weights.append(len(ch.encode("utf-8")))
-            escaped = False
-        elif ch in CASEOPS_OPERATORS:
-            weights.append(0)
-            escaped = ch == ESC
-        else:
-            weights.append(len(ch.encode("utf-8")))
-    return weights
-
-
 def token_original_bytes(sp, tables, ids: list[int], bos_id: int) -> list[int]:
     """The bytes each token of one document (ids of transformed text, without its BOS) stands for in the
     original text: what the trainer's byte tables count for it, except that an operator acting as one counts 0.

@@ -32,20 +32,16 @@ GROUPS = ("embedding", "attention", "mlp", "gate", "lqer", "scales", "passthroug
 
 
 def group_streams(qm: tg.QuantizedModel) -> dict[str, tuple[bytes, int]]:
-    """(bytes, values) per group, in the artifact's layout; a group with no tensor is left out."""
+    """(bytes, values) per group: the container's raw streams, each quantized tensor's joined to its group's; a
+    group with no tensor is left out."""
+    qnames, _, raw = tg.artifact_streams(qm)
     streams: dict[str, tuple[bytes, int]] = {}
-    for name in sorted(qm.quantized):
-        entry = qm.quantized[name]
-        data, count = streams.get(entry["group"], (b"", 0))
-        streams[entry["group"]] = (data + entry["q"].numpy().astype(np.int8).tobytes(), count + entry["q"].numel())
-    scales = []
-    for n in sorted(qm.quantized):  # each matrix's row steps, then its AWQ-lite blocks' (as encode_artifact writes)
-        e = qm.quantized[n]
-        scales += [e["scale"].numpy()] + ([e["awq_scale"].numpy()] if e.get("awq") else [])
-    passthrough = [qm.passthrough[n].numpy() for n in sorted(qm.passthrough)]
-    for group, arrays in (("scales", scales), ("passthrough", passthrough)):
-        if arrays:
-            streams[group] = (tg.byte_shuffle(b"".join(a.tobytes() for a in arrays), 2), sum(a.size for a in arrays))
+    for name, data in zip(qnames, raw):
+        joined, count = streams.get(qm.quantized[name]["group"], (b"", 0))
+        streams[qm.quantized[name]["group"]] = (joined + data, count + len(data))
+    for group, data in (("scales", raw[-2]), ("passthrough", raw[-1])):
+        if data:
+            streams[group] = (data, len(data) // 2)  # fp16 values
     return {g: streams[g] for g in GROUPS if g in streams}
 
 
