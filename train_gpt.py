@@ -12,6 +12,8 @@ import base64
 import copy
 import dataclasses
 import difflib
+import faulthandler
+import functools
 import importlib
 import inspect
 import json
@@ -1525,6 +1527,7 @@ def matmul_leaky_square(a, b, out, aux, M, N, K: tl.constexpr, FORWARD: tl.const
         tl.store(out + at, (acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)).to(out.dtype.element_ty), mask=inside)
 
 
+@functools.cache  # the custom ops register once per process
 def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """FUSED_MLP: the MLP as (x, W_up, W_down) -> LeakyReLU(0.5)(x W_upᵀ)² W_downᵀ, with the activation in the
     epilogue of a Triton matmul: forward writes the pre-activation and its square in one pass, and backward's
@@ -1548,22 +1551,40 @@ def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         kernel[grid](a, b, out, aux, M, N, K, forward, bm, bn, bk, **extra)
         return out, aux
 
-    class LeakySquareMLP(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-            x2 = x.reshape(-1, x.size(-1)).contiguous()
-            pre, post = launch(x2, w_up.contiguous())
-            ctx.save_for_backward(x2, w_up, w_down, pre, post)
-            return F.linear(post, w_down).view(*x.shape[:-1], w_down.size(0))
+    # Custom ops rather than an autograd.Function: torch.compile keeps them opaque (it cannot trace a Triton launch,
+    # nor, in torch 2.11, an autograd.Function held as a module attribute), and register_fake gives it their shapes.
+    @torch.library.custom_op("parameter_golf::leaky_square_mlp", mutates_args=())
+    def mlp(x2: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pre, post = launch(x2, w_up.contiguous())
+        return F.linear(post, w_down), pre, post  # pre and post ride along as outputs for the backward
 
-        @staticmethod
-        def backward(ctx, grad: Tensor):
-            x2, w_up, w_down, pre, post = ctx.saved_tensors
-            g = grad.reshape(-1, grad.size(-1)).to(pre.dtype).contiguous()  # autocast may hand back another dtype
-            dpre, _ = launch(g, w_down.t().contiguous(), aux=pre)
-            return (dpre @ w_up).view(grad.shape[:-1] + (x2.size(-1),)), dpre.t() @ x2, g.t() @ post
+    @mlp.register_fake
+    def _(x2, w_up, w_down):
+        hidden = x2.new_empty(x2.size(0), w_up.size(0))
+        return x2.new_empty(x2.size(0), w_down.size(0)), hidden, torch.empty_like(hidden)
 
-    return LeakySquareMLP.apply
+    @torch.library.custom_op("parameter_golf::leaky_square_mlp_dpre", mutates_args=())
+    def dpre(g: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:
+        return launch(g, w_down.t().contiguous(), aux=pre)[0]
+
+    @dpre.register_fake
+    def _(g, w_down, pre):
+        return torch.empty_like(pre)
+
+    def save(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output[1:])
+
+    def backward(ctx, grad, _grad_pre, _grad_post):
+        x2, w_up, w_down, pre, post = ctx.saved_tensors
+        g = grad.to(pre.dtype).contiguous()  # autocast may hand back another dtype
+        d = dpre(g, w_down, pre)
+        return d @ w_up, d.t() @ x2, g.t() @ post
+
+    mlp.register_autograd(backward, setup_context=save)
+
+    def apply(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+        return mlp(x.reshape(-1, x.size(-1)).contiguous(), w_up, w_down)[0].view(*x.shape[:-1], w_down.size(0))
+    return apply
 
 
 def fused_kernel_problem(cfg: Config, device: torch.device) -> str | None:
@@ -3447,6 +3468,9 @@ def main(env=None) -> dict:
     cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or random_id)
     files = RunFiles(Path(cfg.LOG_DIR), cfg.RUN_ID)
     old_handlers = raise_on_signals()
+    # `kill -USR1 PID` prints every thread's Python stack to stderr at once, even from inside a CUDA call that
+    # a stuck kernel never returns from: how a hung run shows where it hangs (bench/gpu_check.py sends it).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     summary = dict(run_id=cfg.RUN_ID, run_start_id=start_id, seed=cfg.SEED, status="running",
                    config=dataclasses.asdict(cfg), warnings=warnings)
     log = RunLog(None)
@@ -3479,6 +3503,7 @@ def main(env=None) -> dict:
         log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        faulthandler.unregister(signal.SIGUSR1)
         if dist.is_initialized():
             if summary["status"] == "ok":  # leave together: a rank that exits early can abort gloo
                 dist.barrier()

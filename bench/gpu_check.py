@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,15 +66,24 @@ class OutOfTime(Exception):
 
 
 def run_logged(cmd: list[str], env: dict, log: Path, timeout: float, deadline: float) -> subprocess.CompletedProcess:
-    """Run a command, keeping its whole output in `log`; stop it at its timeout or at the check's deadline."""
+    """Run a command, keeping its whole output in `log`; stop it at its timeout or at the check's deadline.
+    A command stopped that way is first asked for every thread's stack (SIGUSR1, which train_gpt.py answers),
+    then SIGTERM lets it write its log and summary, and only then is it killed."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    timeout = min(timeout, deadline - time.perf_counter())
-    try:
-        with open(log, "w") as out:
-            return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=max(timeout, 1),
-                                  cwd=REPO_ROOT)
-    except subprocess.TimeoutExpired:
-        raise OutOfTime(f"stopped after {timeout:.0f}s; see {log.name}") from None
+    timeout = max(min(timeout, deadline - time.perf_counter()), 1)
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            return subprocess.CompletedProcess(cmd, process.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGUSR1, 3), (signal.SIGTERM, 10), (signal.SIGKILL, None)):
+                process.send_signal(sig)
+                try:
+                    process.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise OutOfTime(f"stopped after {timeout:.0f}s; see {log.name}") from None
 
 
 def cuda_tests(args, env: dict) -> dict:
@@ -159,7 +169,7 @@ def training_run(args, env: dict) -> dict:
         # One GPU reads all 64 calibration batches that 8 ranks share on the record's machine (94 s on an H200):
         # 8 gives this GPU one rank's share, so a short run keeps most of its cap for training.
         knobs.update(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=args.train_seconds, VAL_LOSS_EVERY=200,
-                     TRAIN_LOG_EVERY=50,
+                     TRAIN_LOG_EVERY=5,
                      GPTQ_CALIBRATION_BATCHES=8)
     done = run_logged([sys.executable, "train_gpt.py"], with_knobs(env, knobs), args.out / "training.log", 1500,
                       args.deadline)

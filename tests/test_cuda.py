@@ -3,6 +3,7 @@
 Marked `cuda` and skipped without a GPU; `python3 bench/gpu_check.py` runs them and tabulates the
 outcome. CUDA_CHECK_DEVICE=cpu runs the same checks on the CPU, to debug the checks themselves.
 """
+import contextlib
 import dataclasses
 import os
 
@@ -46,10 +47,22 @@ def loss_and_grads(model: tg.GPT, model_fn, batch: torch.Tensor, rt: tg.Runtime)
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
+class Float32:
+    """A runtime stand-in for loss_and_grads whose autocast is off: the float32 reference."""
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("looping", [False, True])
-def test_compiled_model_matches_eager(device, looping):
+def test_compiled_model_is_as_accurate_as_eager(device, looping):
     """With every weight perturbed, so the zero-initialized gates pass gradient (at zero their exact-zero
-    gradients would make any rounding an infinite relative gap), and a batch of many documents."""
+    gradients would make any rounding an infinite relative gap), and a batch of many documents. Compiled and
+    eager both round in bf16, differently (Inductor fuses ops and keeps their intermediates in float32), and
+    the first H200 run put the per-head q_gain gradients, sums over every token with heavy cancellation,
+    10-17 % apart while every other tensor agreed within 2 %. So each is measured against the float32
+    model: compilation may not add more than twice eager's own rounding error, plus 2 %."""
     cfg = small_config()
     torch.manual_seed(0)
     model = tg.GPT(cfg).to(device)
@@ -57,14 +70,17 @@ def test_compiled_model_matches_eager(device, looping):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.looping = looping
+    model.compute_dtype = torch.float32  # the residual stream too, for the reference and both bf16 runs alike
     rt = tg.Runtime(0, 1, device)
     batch = packed_documents(cfg, 4, device, 50)
-    eager_loss, eager_grads = loss_and_grads(model, model, batch, rt)
-    compiled_loss, compiled_grads = loss_and_grads(model, tg.compile_model(model), batch, rt)
-    assert compiled_loss == pytest.approx(eager_loss, rel=1e-2)  # bf16 autocast on both sides
-    for name, g in eager_grads.items():
-        gap = float((compiled_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
-        assert gap < 0.05, f"{name}: compiled gradient is {gap:.3f} (relative) from eager"
+    exact_loss, exact = loss_and_grads(model, model, batch, Float32)
+    eager_loss, eager = loss_and_grads(model, model, batch, rt)
+    compiled_loss, compiled = loss_and_grads(model, tg.compile_model(model), batch, rt)
+    assert compiled_loss == pytest.approx(exact_loss, rel=1e-2) and eager_loss == pytest.approx(exact_loss, rel=1e-2)
+    eager_error, compiled_error = gaps(eager, exact), gaps(compiled, exact)
+    over = {n: f"{compiled_error[n]:.3f} vs eager {e:.3f}" for n, e in eager_error.items()
+            if compiled_error[n] > 2 * e + 0.02}
+    assert not over, f"compiled gradients further from float32 than eager's rounding explains: {over}"
 
 
 def test_flash_attention_backends_agree_with_sdpa(device):
@@ -172,9 +188,22 @@ def test_fused_mlp_matches_the_eager_mlp_compiled(device):
     eager_loss, eager_grads = loss_and_grads(model, eager, batch, rt)
     fused_loss, fused_grads = loss_and_grads(model, tg.training_function(cfg, model, device), batch, rt)
     assert fused_loss == pytest.approx(eager_loss, rel=1e-2)
-    for name, g in eager_grads.items():
-        gap = float((fused_grads[name] - g).norm() / g.norm().clamp_min(1e-12))
-        assert gap < 0.05, f"{name}: fused gradient is {gap:.3f} (relative) from eager"
+    assert_gaps_below(fused_grads, eager_grads, 0.05, "fused-MLP gradient from eager")
+
+
+def worst(gaps: dict, n: int = 4) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(gaps.items(), key=lambda kv: -kv[1])[:n])
+
+
+def gaps(got: dict, want: dict) -> dict:
+    """Each tensor's relative distance."""
+    return {n: float((got[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in want.items()}
+
+
+def assert_gaps_below(got: dict, want: dict, limit: float, what: str) -> None:
+    """Every tensor's relative distance under `limit`; a failure lists the worst few, not only the first."""
+    found = gaps(got, want)
+    assert max(found.values()) < limit, f"{what}, relative: {worst(found)}"
 
 
 def importable(backend: str) -> bool:
@@ -186,19 +215,25 @@ def importable(backend: str) -> bool:
 
 
 def test_parallel_muon_on_one_gpu_is_the_replicated_muon(device):
-    """The banked trainer (bf16 autocast, bf16 Newton-Schulz, fused AdamW on CUDA) against the
-    unbanked model and replicated Muon fed the same batches on the same device."""
+    """The banked trainer (bf16 Newton-Schulz, fused AdamW and the bank layout on CUDA) against the unbanked
+    model and replicated Muon fed the same batches on the same device, both in float32 without autocast. Under
+    bf16 autocast the two models round differently, and AdamW's first steps, about lr x sign(gradient), turn
+    the near-zero gradients of the small control vectors into sign flips: the H200 runs found mlp_scale and
+    resid_mix 17-35 % apart after one step that way while the matrices agreed within 6 %. That is rounding,
+    not the optimizer this test is about (test_compiled_model_is_as_accurate_as_eager covers bf16)."""
     cfg, model, batches = unbanked.small_training_problem()
     model = model.to(device)
+    model.compute_dtype = torch.float32
     batches = [b.to(device) for b in batches]
     rt = tg.Runtime(0, 1, device)
-    with rt.autocast():
-        expected, _ = reference_run(cfg, model, batches)
+    rt.autocast = Float32.autocast
+    expected, _ = reference_run(cfg, model, batches)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     optimizers = tg.build_optimizers(cfg, model)
-    for batch, want in zip(batches, expected):
+    for step, (batch, want) in enumerate(zip(batches, expected), 1):
         tg.train_step(cfg, model, model, optimizers, batch, rt)
-        assert relative_gap(model.state_dict(), want, start) < 0.05  # bf16 rounding, as in the two-rank test
+        gaps = {k: relative_gap(model.state_dict(), {k: v}, start) for k, v in want.items()}
+        assert max(gaps.values()) < 0.05, f"step {step}: worst {worst(gaps)}"
 
 
 def test_gptq_on_the_gpu_matches_the_cpu(device):

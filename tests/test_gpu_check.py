@@ -24,3 +24,26 @@ def test_tiny_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     summary = json.loads((tmp_path / "logs" / "gpu_check.json").read_text())
     assert run["figures"]["val_bpb"] == summary["val_bpb"] and summary["status"] == "ok"
     assert "| training run | pass |" in done.stdout and "| cuda tests | skip (all skipped (no GPU)) |" in done.stdout
+
+
+def test_a_run_stopped_at_its_time_limit_shows_where_it_hung_and_leaves_its_summary(tmp_path):
+    """A hung training run (here: stuck in a sleep where training would be) is asked for its threads' stacks,
+    then stopped with SIGTERM, so the log says where it was and the summary says it was killed."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import gpu_check
+
+    child = ("import sys, time; sys.path.insert(0, sys.argv[1]); import train_gpt as tg\n"
+             "def stuck_in_training(*args):\n    time.sleep(600)\n"
+             "tg.train_and_evaluate = stuck_in_training\ntg.main()\n")
+    env = {**gpu_check.os.environ, "PRESET": "sample", "LOG_DIR": str(tmp_path / "logs"), "RUN_ID": "hung",
+           "DATA_PATH": str(tmp_path / "no_data"), "TOKENIZER_PATH": str(tmp_path / "none.model")}  # never read
+    log = tmp_path / "run.log"
+    try:
+        gpu_check.run_logged([sys.executable, "-c", child, str(REPO_ROOT)], env, log, 25, float("inf"))
+        raise AssertionError("the hung run returned")
+    except gpu_check.OutOfTime as stopped:
+        assert "stopped after 25s" in str(stopped)
+    text = log.read_text()
+    assert "most recent call first" in text and "in stuck_in_training" in text, text[-2000:]
+    summary = json.loads((tmp_path / "logs" / "hung.json").read_text())
+    assert summary["status"] == "failed" and "SIGTERM" in summary["error"]

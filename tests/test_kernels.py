@@ -76,3 +76,22 @@ def test_without_gradients_the_mlp_runs_its_hooked_projections(fused_mlp):
     assert hooked == len(model.blocks)
     model(batch[:, :-1], batch[:, 1:])
     assert len(seen) == hooked, "the fused path ran the hooked projection"
+
+
+def test_the_compiled_model_runs_the_fused_mlp_as_eager_does(fused_mlp):
+    """torch.compile must keep the kernel opaque (fullgraph: a graph break is an error): the compiled model with
+    the fused MLP gives the eager model's loss and gradients."""
+    model = randomized_model(MLP_MULT="3").float()
+    batch = torch.randint(0, model.tok_emb.num_embeddings, (1, 33), generator=torch.Generator().manual_seed(2))
+    results = []
+    for fused, run in ((None, model), (fused_mlp, tg.compile_model(model))):
+        for block in model.blocks:
+            block.mlp.fused = fused
+        model.zero_grad()
+        loss = run(batch[:, :-1], batch[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for name, g in eager_grads.items():
+        assert torch.allclose(compiled_grads[name], g, rtol=1e-3, atol=1e-5), name
