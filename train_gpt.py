@@ -200,7 +200,21 @@ class Config(ModelConfig):
     TTT_MOMENTUM: float = knob(0.9, 0.0, 0.99999)
     TTT_EPOCHS: int = knob(3, 1, 1000, doc="passes over each chunk after it is scored")
     TTT_GRAD_CLIP: float = knob(1.0, 0.0, INF, doc="0 = off")
-    TTT_FREEZE_BLOCKS: int = knob(0, 0, 256, doc="first N blocks stay fixed during TTT")
+    TTT_FREEZE_BLOCKS: int = knob(0, 0, 256, doc="first N blocks stay fixed during TTT (TTT_MODE=chunk)")
+    TTT_MODE: str = knob("chunk", choices=("chunk", "lora"),
+                         doc="chunk = SGD on all weights over stream chunks; lora = per-document LoRA, chunk by chunk")
+    TTT_DOC_BATCH: int = knob(64, 1, 1 << 16, doc="documents adapted together, one LoRA row each (TTT_MODE=lora)")
+    TTT_DOC_CHUNK: int = knob(48, 1, 1 << 20, doc="targets per scored-then-trained chunk of a document")
+    TTT_SHORT_DOC_CHUNK: int = knob(0, 0, 1 << 20, doc="chunk size for documents under TTT_SHORT_DOC_LEN; 0 = off")
+    TTT_SHORT_DOC_LEN: int = knob(2048, 1, 1 << 30, doc="documents with fewer targets take TTT_SHORT_DOC_CHUNK")
+    TTT_LORA_RANK: int = knob(80, 1, 4096)
+    TTT_LORA_ALPHA: float = knob(144.0, 0.0, 1e6, doc="the delta is scaled by ALPHA / RANK")
+    TTT_LORA_LR: float = knob(1e-4, 0.0, 10.0, doc="Adam LR of the adapters; 0 scores with the base model")
+    TTT_LORA_BETA1: float = knob(0.0, 0.0, 0.99999)
+    TTT_LORA_BETA2: float = knob(0.99, 0.0, 0.99999)
+    TTT_LORA_WD: float = knob(0.5, 0.0, 100.0)
+    TTT_LORA_NO_QV: int = knob(0, 0, 1, doc="no adapters on Q and V (K, O, MLP and the head keep theirs)")
+    TTT_WARM_START_A: int = knob(1, 0, 1, doc="keep each row's A from one document batch to the next; B restarts at 0")
     SLOT_ENABLED: int = knob(0, 0, 1, doc="fit a per-window hidden delta (and optional logit bias) before scoring")
     SLOT_STEPS: int = knob(8, 0, 1000, doc="optimizer steps per window batch")
     SLOT_LR: float = knob(0.005, 0.0, 100.0)
@@ -333,6 +347,9 @@ def validate_config(cfg: Config) -> None:
          f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
     need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN,
          f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
+    need(not (cfg.TTT_ENABLED and cfg.TTT_MODE == "lora" and cfg.SLOT_ENABLED),
+         "TTT_MODE=lora with SLOT_ENABLED=1: SLOT runs inside the chunk TTT's window scoring only; set SLOT_ENABLED=0 "
+         "or TTT_MODE=chunk")
     need(cfg.MAX_WALLCLOCK_SECONDS <= 0 or cfg.GPTQ_RESERVE_SECONDS < cfg.MAX_WALLCLOCK_SECONDS,
          f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of "
          f"MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
@@ -825,11 +842,11 @@ class Attention(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(cfg.NUM_HEADS, GATE_INPUTS)) if cfg.SPARSE_ATTN_GATE else None
 
     def forward(self, x: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
-                docs: Tensor | None = None) -> Tensor:
+                docs: Tensor | None = None, lora: nn.ModuleDict | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = rms_norm(self.c_q(x, w.q).view(B, T, self.heads, self.head_dim))
-        k = rms_norm(self.c_k(x, w.k).view(B, T, self.kv_heads, self.head_dim))
-        v = self.c_v(x, w.v).view(B, T, self.kv_heads, self.head_dim)
+        q = rms_norm(plus_lora(self.c_q(x, w.q), lora, "q", x).view(B, T, self.heads, self.head_dim))
+        k = rms_norm(plus_lora(self.c_k(x, w.k), lora, "k", x).view(B, T, self.kv_heads, self.head_dim))
+        v = plus_lora(self.c_v(x, w.v), lora, "v", x).view(B, T, self.kv_heads, self.head_dim)
         if rope is not None:
             q, k = apply_partial_rope(q, *rope), apply_partial_rope(k, *rope)
         q = (q * self.q_gain[:, None].to(q.dtype)).to(v.dtype)  # QK-norm makes the gain the logit temperature
@@ -838,7 +855,12 @@ class Attention(nn.Module):
             y = exclusive_self_attention(y, v)
         if self.gate_w is not None:
             y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_INPUTS], self.gate_w.to(x.dtype)))[..., None]
-        return self.proj(y.reshape(B, T, -1), w.o)
+        return plus_lora(self.proj(y.reshape(B, T, -1), w.o), lora, "o", x)  # O's adapter reads the block input
+
+
+def plus_lora(y: Tensor, lora: nn.ModuleDict | None, name: str, x: Tensor) -> Tensor:
+    """y plus the TTT adapter `name`'s delta for input x, where the adapters given have one (TTT_MODE=lora)."""
+    return y + lora[name](x) if lora is not None and name in lora else y
 
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
@@ -878,28 +900,32 @@ class Block(nn.Module):
         self.lanes = layer >= cfg.PARALLEL_LANES_START
 
     def forward(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
-                docs: Tensor | None = None) -> Tensor:
-        """The float32 mixes and scales are cast to the stream's dtype, so a bf16 stream stays bf16."""
+                docs: Tensor | None = None, lora: nn.ModuleDict | None = None) -> Tensor:
+        """The float32 mixes and scales are cast to the stream's dtype, so a bf16 stream stays bf16. `lora`: this
+        virtual layer's TTT adapters (TTT_MODE=lora), None elsewhere."""
         if self.lanes:
-            return self.two_lanes(x, x0, w, rope, docs)
+            return self.two_lanes(x, x0, w, rope, docs, lora)
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
-        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope, docs)
+        attn_out = attn_scale * self.attn(rms_norm(x) * self.norm_scale, w, rope, docs, lora)
         if self.parallel:  # GPT-J style: attention and MLP both read the block input
-            return x + attn_out + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
+            return x + attn_out + mlp_scale * self.mlp_with_lora(rms_norm(x) * self.norm_scale, w, lora)
         x = x + attn_out
-        return x + mlp_scale * self.mlp(rms_norm(x) * self.norm_scale, w)
+        return x + mlp_scale * self.mlp_with_lora(rms_norm(x) * self.norm_scale, w, lora)
+
+    def mlp_with_lora(self, x: Tensor, w: LayerWeights, lora: nn.ModuleDict | None) -> Tensor:
+        return plus_lora(self.mlp(x, w), lora, "mlp", x)
 
     def two_lanes(self, x: Tensor, x0: Tensor, w: LayerWeights, rope: tuple[Tensor, Tensor] | None,
-                  docs: Tensor | None) -> Tensor:
+                  docs: Tensor | None, lora: nn.ModuleDict | None = None) -> Tensor:
         """Two residual lanes, stacked on a leading dim of 2 (GPT.forward_hidden opens them): attention reads
         lane 0 mixed with x0, the MLP reads lane 1 as it is, and each lane keeps a learned share of itself
         (unmixed) and takes a learned share of both outputs, as in the 1.0611 record."""
         mix, attn_scale, mlp_scale = (p.to(x.dtype) for p in (self.resid_mix, self.attn_scale, self.mlp_scale))
         keep, post = (p.to(x.dtype)[..., None, None, None] for p in (self.lane_keep, self.lane_post))
         attn_in = mix[0] * x[0] + mix[1] * x0
-        attn_out = attn_scale * self.attn(rms_norm(attn_in) * self.norm_scale, w, rope, docs)
-        mlp_out = mlp_scale * self.mlp(rms_norm(x[1]) * self.norm_scale, w)
+        attn_out = attn_scale * self.attn(rms_norm(attn_in) * self.norm_scale, w, rope, docs, lora)
+        mlp_out = mlp_scale * self.mlp_with_lora(rms_norm(x[1]) * self.norm_scale, w, lora)
         return keep * x + post[0] * attn_out + post[1] * mlp_out
 
 
@@ -1039,9 +1065,11 @@ class GPT(nn.Module):
         """Whether attention isolates documents with a varlen kernel (CUDA), fed sequence starts."""
         return self.varlen and self.has_varlen_kernel and input_ids.is_cuda
 
-    def forward_hidden(self, input_ids: Tensor, doc_starts: Tensor | None = None) -> Tensor:
+    def forward_hidden(self, input_ids: Tensor, doc_starts: Tensor | None = None,
+                       adapters: DocumentAdapters | None = None) -> Tensor:
         """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam. The residual
-        stream runs in compute_dtype; the final norm (like the logits) runs in the parameters' dtype."""
+        stream runs in compute_dtype; the final norm (like the logits) runs in the parameters' dtype.
+        `adapters` (TTT_MODE=lora): one set per virtual layer, so a looped layer adapts once per pass."""
         dtype = self.compute_dtype
         x = self.tok_emb(input_ids)
         if self.smear_gate:
@@ -1052,8 +1080,9 @@ class GPT(nn.Module):
         order = self.layer_order()
         n_encoder = len(order) // 2
         skips = []
-        for layer in order[:n_encoder]:
-            x = self.blocks[layer](self.open_lanes(x, x0, layer), x0, weights[layer], rope, docs)
+        lora = adapters.layers if adapters is not None else [None] * len(order)
+        for virtual, layer in enumerate(order[:n_encoder]):
+            x = self.blocks[layer](self.open_lanes(x, x0, layer), x0, weights[layer], rope, docs, lora[virtual])
             skips.append(x)
         for slot, layer in enumerate(order[n_encoder:]):
             x = self.open_lanes(x, x0, layer)  # before the skip, which joins lane 0 alone
@@ -1063,7 +1092,7 @@ class GPT(nn.Module):
                 skip = skip.mean(0) if skip.dim() > x0.dim() else skip  # an encoder layer on lanes: their mean
                 skip = (1 - gate) * self.skip_weights[slot].to(dtype) * skip
                 x = gate * x + skip if x.dim() == x0.dim() else torch.stack((gate * x[0] + skip, x[1]))  # lane 0 only
-            x = self.blocks[layer](x, x0, weights[layer], rope, docs)
+            x = self.blocks[layer](x, x0, weights[layer], rope, docs, lora[n_encoder + slot])
         if x.dim() > x0.dim():  # two lanes: their mean is the output
             x = x.mean(0)
         return rms_norm(x.to(self.tok_emb.weight.dtype))
@@ -1081,8 +1110,10 @@ class GPT(nn.Module):
             previous = previous * (input_ids != self.bos_id).unsqueeze(-1)
         return x + gate * previous
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
+    def compute_logits(self, hidden: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
         logits = F.linear(hidden, self.tok_emb.weight).float()
+        if adapters is not None:  # the head's TTT adapter, before the softcap as the tied head's own logits
+            logits = logits + adapters.head(hidden).float()
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
@@ -2839,6 +2870,99 @@ def strong_wolfe_rows(objective: RowObjective, x: Tensor, f0: Tensor, g0: Tensor
     return x_best, f_best, g_best
 
 
+class LoRA(nn.Module):
+    """A low-rank delta for one matrix, one (A, B) pair per document row: x (rows, time, in) ->
+    (x Aᵀ) Bᵀ · scale. A starts uniform in ±1/√in, B at zero, so a fresh adapter adds exactly nothing."""
+
+    def __init__(self, rows: int, fan_in: int, fan_out: int, rank: int, scale: float, generator: torch.Generator):
+        super().__init__()
+        self.scale, self.bound = scale, 1 / math.sqrt(fan_in)
+        self.A = nn.Parameter(torch.empty(rows, rank, fan_in).uniform_(-self.bound, self.bound, generator=generator))
+        self.B = nn.Parameter(torch.zeros(rows, fan_out, rank))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+
+    @torch.no_grad()
+    def restart(self, warm_a: bool, generator: torch.Generator) -> None:
+        self.B.zero_()
+        if not warm_a:  # drawn on the CPU, where the generator lives, so every device draws the same A
+            self.A.copy_(torch.empty(self.A.shape).uniform_(-self.bound, self.bound, generator=generator))
+
+
+class DocumentAdapters(nn.Module):
+    """TTT_MODE=lora's adapters for a batch of documents: Q, K, V, O and the MLP of every virtual layer (a looped
+    layer has one set per pass), and the output head. GPT.forward_hidden and compute_logits take them, so the
+    adapted forward is the model's own, every architecture switch included."""
+
+    def __init__(self, cfg: Config, model: GPT, rows: int, generator: torch.Generator):
+        super().__init__()
+        dim, kv, rank = cfg.MODEL_DIM, cfg.NUM_KV_HEADS * cfg.head_dim, cfg.TTT_LORA_RANK
+        widths = dict(q=dim, k=kv, v=kv, o=dim, mlp=dim)
+        names = [n for n in widths if not (cfg.TTT_LORA_NO_QV and n in ("q", "v"))]
+
+        def lora(fan_out: int) -> LoRA:
+            return LoRA(rows, dim, fan_out, rank, cfg.TTT_LORA_ALPHA / rank, generator)
+        self.layers = nn.ModuleList(nn.ModuleDict({n: lora(widths[n]) for n in names}) for _ in model.layer_order())
+        self.head = lora(cfg.VOCAB_SIZE)
+        self.rows = rows
+
+    def restart(self, warm_a: bool, generator: torch.Generator) -> None:
+        for module in self.modules():
+            if isinstance(module, LoRA):
+                module.restart(warm_a, generator)
+
+
+def document_spans(tokens: Tensor, bos_id: int) -> list[tuple[int, int]]:
+    """(first token, target count) of every document: from its BOS up to and including the next BOS, which is its
+    last target (the stream's end for the last one). Targets 1..N-1 are each in exactly one document; a stream
+    that does not start with a BOS has a leading document from token 0."""
+    starts = (tokens == bos_id).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    ends = starts[1:] + [tokens.numel() - 1]
+    return [(s, e - s) for s, e in zip(starts, ends) if e > s]
+
+
+def lora_batches(spans: list[tuple[int, int]], batch_docs: int) -> list[list[int]]:
+    """Documents by length into batches of TTT_DOC_BATCH (like lengths pad little), the longest batch first, so the
+    evaluation clock's projection from the batches done so far errs on the safe side."""
+    by_length = sorted(range(len(spans)), key=lambda d: (spans[d][1], d))
+    batches = [by_length[i:i + batch_docs] for i in range(0, len(by_length), batch_docs)]
+    return sorted(batches, key=lambda b: -spans[b[-1]][1])
+
+
+def doc_chunk_size(cfg: Config, targets: int) -> int:
+    short = cfg.TTT_SHORT_DOC_CHUNK and targets < cfg.TTT_SHORT_DOC_LEN
+    return cfg.TTT_SHORT_DOC_CHUNK if short else cfg.TTT_DOC_CHUNK
+
+
+def lora_chunk_rows(docs: list[tuple[int, int]], sizes: list[int], chunks: list[int], chunk: int,
+                    seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Chunk `chunk` of a batch of documents as one padded batch: stream index of every input and target token
+    (rows, width + 1), the targets it scores (rows, width), and those it then trains on (all but a document's last
+    chunk). A document without this chunk is a row of padding, scored and trained nowhere."""
+    windows = [chunk_window(chunk, size, n, seq_len) if chunk < k else None
+               for (_, n), size, k in zip(docs, sizes, chunks)]
+    width = max(end - first for first, end, _ in filter(None, windows))
+    index = torch.zeros(len(docs), width + 1, dtype=torch.long)
+    scored = torch.zeros(len(docs), width, dtype=torch.bool)
+    for row, ((start, _), window) in enumerate(zip(docs, windows)):
+        if window is not None:
+            first, end, first_scored = window
+            index[row, :end - first + 1] = start + torch.arange(first, end + 1)
+            scored[row, first_scored - 1 - first:end - first] = True
+    trains = torch.tensor([chunk < k - 1 for k in chunks])[:, None]
+    return index, scored, scored & trains
+
+
+def chunk_window(chunk: int, size: int, targets: int, seq_len: int) -> tuple[int, int, int]:
+    """(first input, end, first scored target) of a document's chunk, in document positions: the chunk scores
+    targets first..end (target t is token t, predicted from tokens < t), reading at most seq_len tokens back."""
+    end = min((chunk + 1) * size, targets)
+    return max(0, end - seq_len), end, chunk * size + 1
+
+
 @dataclasses.dataclass
 class StreamScores:
     """Per-target results of one evaluation pass, indexed by target position - 1."""
@@ -3072,7 +3196,78 @@ class Evaluator:
             model.zero_grad(set_to_none=True)  # the frozen blocks' gradients too
         model.eval()
 
+    def lora_pass(self, with_mass: bool = False) -> tuple[StreamScores, dict]:
+        """Per-document LoRA TTT, score-first. Documents go in batches (lora_batches), one adapter row each; every
+        rank takes every world_size-th batch. Each batch walks its documents' chunks in order: one forward with
+        the current adapters scores chunk c of every document, then one Adam step on those same losses (never on a
+        document's last chunk) prepares chunk c+1. A target is thus scored by adapters that saw only earlier
+        chunks of its own document, plus (warm A) documents of earlier batches, all scored before."""
+        cfg, model, rt, clock = self.cfg, self.model, self.rt, self.clock
+        spans = document_spans(self.data.tokens, cfg.BOS_ID)
+        batches = list(enumerate(lora_batches(spans, cfg.TTT_DOC_BATCH)))[rt.rank::rt.world_size]
+        scores = self.new_scores(with_mass)
+        adapters, steps, t0 = None, 0, time.perf_counter()
+        for done, (k, batch) in enumerate(batches):
+            # A is drawn from the batch's own seed: without warm starts the scores do not depend on the world size
+            generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + k)
+            if adapters is None or adapters.rows != len(batch):
+                adapters = DocumentAdapters(cfg, model, len(batch), generator).to(rt.device)
+            else:
+                adapters.restart(bool(cfg.TTT_WARM_START_A), generator)
+            steps += self.adapt_batch([spans[d] for d in batch], adapters, scores)
+            clock.stop_adapting_if(clock.elapsed() + (len(batches) - done - 1) * (time.perf_counter() - t0) / (done + 1),
+                                   "ttt lora", self.log)
+        info = dict(ttt_documents=len(spans), ttt_doc_batches=len(batches), ttt_lora_steps=steps)
+        return gather_scores(scores, rt), info
+
+    def adapt_batch(self, docs: list[tuple[int, int]], adapters: DocumentAdapters, scores: StreamScores) -> int:
+        """Score every chunk of these documents in order, stepping the adapters between chunks; returns the steps."""
+        cfg, rt = self.cfg, self.rt
+        sizes = [doc_chunk_size(cfg, n) for _, n in docs]
+        chunks = [-(-n // size) for (_, n), size in zip(docs, sizes)]
+        opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.TTT_LORA_LR, betas=(cfg.TTT_LORA_BETA1, cfg.TTT_LORA_BETA2),
+                                eps=1e-10, weight_decay=cfg.TTT_LORA_WD)
+        steps = 0
+        for c in range(max(chunks)):
+            index, scored, train = lora_chunk_rows(docs, sizes, chunks, c, cfg.EVAL_SEQ_LEN)
+            rows = self.data.tokens[index].long().to(rt.device)  # padding repeats token 0 past a window: causal, unread
+            index, scored, train = index.to(rt.device), scored.to(rt.device), train.to(rt.device)
+            adapting = self.clock.adapting and cfg.TTT_LORA_LR > 0 and bool(train.any())
+            nll, logits = self.lora_losses(rows, adapters, adapting)
+            self.record_scores(scores, nll.detach(), logits.detach() if scores.mass is not None else None, scored,
+                               index[:, 1:])
+            if adapting:  # on the losses just scored: each document's mean over its chunk
+                self.lora_step(nll, train, adapters, opt)
+            steps += adapting
+        return steps
+
+    def lora_losses(self, rows: Tensor, adapters: DocumentAdapters, grad: bool) -> tuple[Tensor, Tensor]:
+        """Per-token NLL and logits of the model's own forward with the adapters in it."""
+        model = self.model
+        with torch.set_grad_enabled(grad), self.rt.autocast():
+            logits = model.compute_logits(model.forward_hidden(rows[:, :-1], None, adapters), adapters)
+            nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+        return nll.view(rows[:, 1:].shape), logits
+
+    @staticmethod
+    def lora_step(nll: Tensor, train: Tensor, adapters: DocumentAdapters, opt: torch.optim.Optimizer) -> None:
+        params = list(adapters.parameters())
+        loss = ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum()  # rows are independent documents
+        for p, g in zip(params, torch.autograd.grad(loss, params)):  # autograd.grad: the base weights get no .grad
+            p.grad = g
+        opt.step()
+
+    @staticmethod
+    def record_scores(scores: StreamScores, nll: Tensor, logits: Tensor | None, scored: Tensor, targets: Tensor) -> None:
+        index = targets[scored] - 1  # scores are indexed by target position - 1
+        scores.nll.index_add_(0, index, nll[scored].double())
+        scores.count.index_add_(0, index, torch.ones_like(index, dtype=scores.count.dtype))
+        if logits is not None:
+            scores.mass.index_add_(0, index, logits[scored].float().log_softmax(-1).double().logsumexp(1).exp())
+
     def run_pass(self, ttt: bool, slot: bool, with_mass: bool = False) -> tuple[StreamScores, dict]:
+        if ttt and self.cfg.TTT_MODE == "lora":
+            return self.lora_pass(with_mass)
         if ttt:
             return self.ttt_pass(slot, with_mass)
         return self.sliding_pass(slot, with_mass), {}
