@@ -215,6 +215,13 @@ class Config(ModelConfig):
     TTT_LORA_WD: float = knob(0.5, 0.0, 100.0)
     TTT_LORA_NO_QV: int = knob(0, 0, 1, doc="no adapters on Q and V (K, O, MLP and the head keep theirs)")
     TTT_WARM_START_A: int = knob(1, 0, 1, doc="keep each row's A from one document batch to the next; B restarts at 0")
+    PHASED_TTT_PHASES: int = knob(0, 0, 1000, doc="TTT_MODE=lora: pauses for SGD on all weights over the documents "
+                                                   "scored so far; 0 = none")
+    PHASED_TTT_PREFIX_DOCS: int = knob(2500, 1, 1 << 30, doc="documents (in scoring order) the phases split evenly")
+    PHASED_TTT_LR: float = knob(0.001, 0.0, 10.0, doc="the phases' SGD LR, cosine-decayed over each phase's chunks "
+                                                       "(momentum TTT_MOMENTUM, clip TTT_GRAD_CLIP, chunks "
+                                                       "TTT_CHUNK_TOKENS)")
+    PHASED_TTT_EPOCHS: int = knob(1, 1, 1000)
     SLOT_ENABLED: int = knob(0, 0, 1, doc="fit a per-window hidden delta (and optional logit bias) before scoring")
     SLOT_STEPS: int = knob(8, 0, 1000, doc="optimizer steps per window batch")
     SLOT_LR: float = knob(0.005, 0.0, 100.0)
@@ -2932,6 +2939,23 @@ def lora_batches(spans: list[tuple[int, int]], batch_docs: int) -> list[list[int
     return sorted(batches, key=lambda b: -spans[b[-1]][1])
 
 
+def phase_last_batches(queue: list[list[int]], prefix_docs: int, phases: int) -> list[int]:
+    """The queue index of the batch that ends each phase: phase i takes the batches holding the first
+    prefix_docs * i / phases documents in scoring order (whole batches; prefix_docs at most all of them). A phase
+    after the last batch would adapt nothing still to be scored, so there is none."""
+    ends, seen, k = [], 0, 0
+    prefix_docs = min(prefix_docs, sum(len(b) for b in queue))
+    for i in range(1, phases + 1):
+        target = prefix_docs * i // phases
+        while k < len(queue) and seen + len(queue[k]) < target:
+            seen, k = seen + len(queue[k]), k + 1
+        if k >= len(queue) - 1:
+            break
+        if not ends or ends[-1] < k:
+            ends.append(k)
+    return ends
+
+
 def doc_chunk_size(cfg: Config, targets: int) -> int:
     short = cfg.TTT_SHORT_DOC_CHUNK and targets < cfg.TTT_SHORT_DOC_LEN
     return cfg.TTT_SHORT_DOC_CHUNK if short else cfg.TTT_DOC_CHUNK
@@ -3129,16 +3153,13 @@ class Evaluator:
         by weights trained on chunks 0..c-1 only, then trained on for TTT_EPOCHS; the last chunk is
         never trained on. Gradients are summed over ranks and divided by the global token count, so
         every rank holds the same weights and the result does not depend on the world size."""
-        cfg, model, rt, clock = self.cfg, self.model, self.rt, self.clock
+        cfg, rt, clock = self.cfg, self.rt, self.clock
         n_targets = self.data.n_targets
         starts, first_scored = sliding_windows(n_targets, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
         chunk_of = (starts + first_scored) // cfg.TTT_CHUNK_TOKENS
         n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
         scores = self.new_scores(with_mass)
-        # Frozen blocks are left out of the optimizer (their bank rows get zeroed gradients), not marked
-        # requires_grad=False: the compiled forward guards on that flag and would recompile mid-evaluation.
-        frozen = {id(p) for block in model.blocks[:cfg.TTT_FREEZE_BLOCKS] for p in block.parameters()}
-        trainable = [p for p in model.parameters() if id(p) not in frozen]
+        trainable = self.trainable_weights()
         opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
         score_s = train_s = 0.0
         trained = 0
@@ -3172,19 +3193,26 @@ class Evaluator:
 
     def train_on_chunk(self, chunk: int, trainable: list[nn.Parameter], opt: torch.optim.Optimizer, lr: float) -> None:
         """TTT_EPOCHS SGD steps on the chunk's targets (already scored), cut into EVAL_SEQ_LEN rows."""
+        lo = chunk * self.cfg.TTT_CHUNK_TOKENS
+        hi = min(lo + self.cfg.TTT_CHUNK_TOKENS, self.data.n_targets)
+        self.train_on_span(self.data.tokens, lo, hi, trainable, opt, lr, self.cfg.TTT_EPOCHS)
+
+    def train_on_span(self, tokens: Tensor, lo: int, hi: int, trainable: list[nn.Parameter], opt: torch.optim.Optimizer,
+                      lr: float, epochs: int, is_target: Tensor | None = None) -> None:
+        """`epochs` SGD steps on targets lo+1..hi of `tokens` (those is_target allows, where given), cut into
+        EVAL_SEQ_LEN rows split across ranks."""
         cfg, model, rt = self.cfg, self.model, self.rt
-        lo = chunk * cfg.TTT_CHUNK_TOKENS
-        hi = min(lo + cfg.TTT_CHUNK_TOKENS, self.data.n_targets)
         n_rows = -(-(hi - lo) // cfg.EVAL_SEQ_LEN)
         mine = rank_slice(n_rows, rt)
         starts = lo + torch.arange(mine.start, mine.stop) * cfg.EVAL_SEQ_LEN
-        x, y, pos = (t.to(rt.device) for t in window_rows(self.data.tokens, starts, cfg.EVAL_SEQ_LEN))
-        mask = (pos <= hi).float()
+        x, y, pos = window_rows(tokens, starts, cfg.EVAL_SEQ_LEN)
+        mask = (pos <= hi) & (True if is_target is None else is_target[pos.clamp(max=tokens.numel() - 1)])
+        x, y, mask = x.to(rt.device), y.to(rt.device), mask.float().to(rt.device)
         count = all_reduce_(mask.sum().double(), rt)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        for _ in range(cfg.TTT_EPOCHS):
+        for _ in range(epochs):
             if starts.numel():
                 with rt.autocast():
                     (model(x, y) * mask).sum().div(count).backward()
@@ -3196,6 +3224,31 @@ class Evaluator:
             model.zero_grad(set_to_none=True)  # the frozen blocks' gradients too
         model.eval()
 
+    def trainable_weights(self) -> list[nn.Parameter]:
+        # Frozen blocks are left out of the optimizer (their bank rows get zeroed gradients), not marked
+        # requires_grad=False: the compiled forward guards on that flag and would recompile mid-evaluation.
+        frozen = {id(p) for block in self.model.blocks[:self.cfg.TTT_FREEZE_BLOCKS] for p in block.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in frozen]
+
+    def global_phase(self, docs: list[tuple[int, int]]) -> None:
+        """Phased TTT: SGD on the base weights over these documents, every one already scored, in scoring order,
+        each with all its targets (from its BOS to the next document's BOS, or the stream's end), joined into one
+        stream whose joints are no targets, in TTT_CHUNK_TOKENS chunks with the LR cosine-decayed across them.
+        Every rank runs it on the same documents and holds the same weights."""
+        cfg = self.cfg
+        pieces = [self.data.tokens[s:s + n + 1] for s, n in docs]  # each document with every one of its targets
+        tokens = torch.cat(pieces)
+        is_target = torch.ones(tokens.numel(), dtype=torch.bool)
+        is_target[torch.tensor([0] + [p.numel() for p in pieces[:-1]]).cumsum(0)] = False  # across a joint: none
+        trainable = self.trainable_weights()
+        opt = torch.optim.SGD(trainable, lr=cfg.PHASED_TTT_LR, momentum=cfg.TTT_MOMENTUM)
+        n_chunks = -(-(tokens.numel() - 1) // cfg.TTT_CHUNK_TOKENS)
+        for c in range(n_chunks):
+            lr = cfg.PHASED_TTT_LR * 0.5 * (1 + math.cos(math.pi * c / n_chunks))  # every chunk trains: none at 0
+            lo = c * cfg.TTT_CHUNK_TOKENS
+            self.train_on_span(tokens, lo, min(lo + cfg.TTT_CHUNK_TOKENS, tokens.numel() - 1), trainable, opt, lr,
+                               cfg.PHASED_TTT_EPOCHS, is_target)
+
     def lora_pass(self, with_mass: bool = False) -> tuple[StreamScores, dict]:
         """Per-document LoRA TTT, score-first. Documents go in batches (lora_batches), one adapter row each; every
         rank takes every world_size-th batch. Each batch walks its documents' chunks in order: one forward with
@@ -3204,10 +3257,19 @@ class Evaluator:
         chunks of its own document, plus (warm A) documents of earlier batches, all scored before."""
         cfg, model, rt, clock = self.cfg, self.model, self.rt, self.clock
         spans = document_spans(self.data.tokens, cfg.BOS_ID)
-        batches = list(enumerate(lora_batches(spans, cfg.TTT_DOC_BATCH)))[rt.rank::rt.world_size]
+        queue = lora_batches(spans, cfg.TTT_DOC_BATCH)
+        phase_ends = phase_last_batches(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
+        batches = list(enumerate(queue))[rt.rank::rt.world_size]
         scores = self.new_scores(with_mass)
-        adapters, steps, t0 = None, 0, time.perf_counter()
-        for done, (k, batch) in enumerate(batches):
+        adapters, steps, phases, t0 = None, 0, 0, time.perf_counter()
+        for done, (k, batch) in enumerate(batches + [(len(queue), None)]):  # the end runs the phases left
+            while phase_ends and phase_ends[0] < k:  # every batch up to it is scored, on every rank
+                if self.all_ranks_adapting():
+                    self.global_phase([spans[d] for b in queue[:phase_ends[0] + 1] for d in b])
+                    phases, adapters = phases + 1, None  # new base weights: new adapters, as the records do
+                phase_ends.pop(0)
+            if batch is None:
+                break
             # A is drawn from the batch's own seed: without warm starts the scores do not depend on the world size
             generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + k)
             if adapters is None or adapters.rows != len(batch):
@@ -3217,8 +3279,13 @@ class Evaluator:
             steps += self.adapt_batch([spans[d] for d in batch], adapters, scores)
             clock.stop_adapting_if(clock.elapsed() + (len(batches) - done - 1) * (time.perf_counter() - t0) / (done + 1),
                                    "ttt lora", self.log)
-        info = dict(ttt_documents=len(spans), ttt_doc_batches=len(batches), ttt_lora_steps=steps)
+        info = dict(ttt_documents=len(spans), ttt_doc_batches=len(queue), ttt_lora_steps=steps, ttt_phases=phases)
         return gather_scores(scores, rt), info
+
+    def all_ranks_adapting(self) -> bool:
+        """Whether every rank's clock still allows adapting: a phase is collective, so all run it or none does."""
+        flag = torch.tensor([float(self.clock.adapting)], device=self.rt.device)
+        return bool(all_reduce_(flag, self.rt, dist.ReduceOp.MIN).item())
 
     def adapt_batch(self, docs: list[tuple[int, int]], adapters: DocumentAdapters, scores: StreamScores) -> int:
         """Score every chunk of these documents in order, stepping the adapters between chunks; returns the steps."""

@@ -1,4 +1,6 @@
 """TTT_MODE=lora: per-document LoRA test-time training through the model's own forward, scored first."""
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ EVERY_SWITCH = dict(TTT_MODE="lora", SMEAR_GATE=1, SPARSE_ATTN_GATE=1, VARLEN_AT
 
 
 def lora_scores(cfg, model, tokens, log=print):
-    return evaluator(cfg, model, tokens, log).run_pass(True, False, with_mass=True)
+    """The LoRA pass on a copy of the model (phases train the base weights)."""
+    return evaluator(cfg, copy.deepcopy(model), tokens, log).run_pass(True, False, with_mass=True)
 
 
 def same_windows_without_adapters(cfg, model, tokens) -> torch.Tensor:
@@ -132,4 +135,55 @@ def test_causality_check_catches_lora_ttt_that_steps_before_scoring(monkeypatch)
 
     monkeypatch.setattr(tg.Evaluator, "lora_losses", step_then_score)
     verdicts = check_causality.check({"TTT_MODE": "lora"}, probes=4, n_tokens=160)
+    assert leaks(verdicts) and verdicts["sliding"]["C1/C3"]
+
+
+def test_phases_end_after_whole_batches_and_never_after_the_last():
+    queue = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    assert tg.phase_last_batches(queue, prefix_docs=6, phases=2) == [0, 1]  # 3 and 6 documents
+    assert tg.phase_last_batches(queue, prefix_docs=4, phases=1) == [1]  # the batch holding document 4
+    assert tg.phase_last_batches(queue, prefix_docs=100, phases=3) == [0, 2]  # 11 documents: 3, 7; none after the last
+    assert tg.phase_last_batches(queue, prefix_docs=2, phases=3) == [0]  # phases inside one batch merge
+    assert tg.phase_last_batches(queue, prefix_docs=6, phases=0) == []
+
+
+def test_phases_train_the_base_weights_only_for_what_comes_after_them():
+    """Batches up to the first phase score as without phases; after it every later batch scores differently."""
+    knobs = dict(EVERY_SWITCH, TTT_DOC_BATCH=2, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_LR=0.05)
+    cfg, model, tokens = setup(**knobs, PHASED_TTT_PHASES=2)
+    phased, info = lora_scores(cfg, model, tokens)
+    plain, _ = lora_scores(tg.dataclasses.replace(cfg, PHASED_TTT_PHASES=0), model, tokens)
+    assert info["ttt_phases"] == 2 and bool((phased.count == 1).all())
+    spans = tg.document_spans(tokens, cfg.BOS_ID)
+    queue = tg.lora_batches(spans, cfg.TTT_DOC_BATCH)
+    first_end = tg.phase_last_batches(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)[0]
+    for k, batch in enumerate(queue):
+        for d in batch:
+            start, n = spans[d]
+            same = torch.equal(phased.nll[start:start + n], plain.nll[start:start + n])
+            assert same == (k <= first_end), (k, d)
+
+
+@pytest.mark.parametrize("knobs", [dict(PHASED_TTT_PHASES=2, PHASED_TTT_PREFIX_DOCS=9),
+                                   dict(EVERY_SWITCH, PHASED_TTT_PHASES=3, PHASED_TTT_PREFIX_DOCS=12)],
+                         ids=["lora+phases", "every switch+phases"])
+def test_causality_check_passes_phased_lora_ttt(knobs):
+    verdicts = check_causality.check({"TTT_MODE": "lora", **{k: str(v) for k, v in knobs.items()}}, probes=4,
+                                     n_tokens=160)
+    for name, v in verdicts.items():
+        assert v["C1/C3"] and v["C2"] and v["C4"], (name, v)
+
+
+def test_causality_check_catches_a_phase_that_trains_on_an_unscored_document(monkeypatch):
+    """The bug: a phase that also takes the first document of the batch after it, not yet scored."""
+    real = tg.Evaluator.global_phase
+
+    def one_document_too_many(self, docs):
+        spans = tg.document_spans(self.data.tokens, self.cfg.BOS_ID)
+        in_order = [d for batch in tg.lora_batches(spans, self.cfg.TTT_DOC_BATCH) for d in batch]
+        real(self, docs + [spans[in_order[len(docs)]]])
+
+    monkeypatch.setattr(tg.Evaluator, "global_phase", one_document_too_many)
+    verdicts = check_causality.check({"TTT_MODE": "lora", "PHASED_TTT_PHASES": "2", "PHASED_TTT_PREFIX_DOCS": "9"},
+                                     probes=30, n_tokens=160)
     assert leaks(verdicts) and verdicts["sliding"]["C1/C3"]

@@ -10,6 +10,7 @@ to one over the whole vocabulary and that every target is scored exactly once.
     SLOT_ENABLED=1 SLOT_OPTIMIZER=lbfgs python3 tools/check_causality.py
     SLOT_ENABLED=1 SLOT_MODE=full python3 tools/check_causality.py     # exits 1: it leaks
     TTT_MODE=lora python3 tools/check_causality.py                     # per-document LoRA TTT
+    TTT_MODE=lora PHASED_TTT_PHASES=2 PHASED_TTT_PREFIX_DOCS=4 python3 tools/check_causality.py
 
 Conditions (community guide #1017): C1 the score at t depends only on tokens before t; C2 each
 score comes from a normalized distribution over the full vocabulary; C3 no state has absorbed a
@@ -18,6 +19,7 @@ token is scored exactly once. Prints a verdict per condition and exits 1 on any 
 Per-document LoRA TTT scores documents batch by batch, out of stream order, so for it "before" means
 scored before the changed token was seen: earlier batches, the other documents of its batch, and the
 earlier targets of its own document (the stream keeps its BOS tokens, so the batches stay the same).
+A phase trains the base weights on whole scored batches only, so the same sets apply with phases.
 """
 import copy
 import os
@@ -150,7 +152,8 @@ def describe(cfg_env) -> str:
     switches = [name for name in ("SMEAR_GATE", "SPARSE_ATTN_GATE", "VARLEN_ATTENTION") if getattr(cfg, name)]
     switches += ["two lanes"] if cfg.PARALLEL_LANES_START < cfg.NUM_LAYERS else []
     model = f"model with {', '.join(switches)}" if switches else "model without frontier switches"
-    ttt = f"TTT {cfg.TTT_MODE}" if cfg.TTT_ENABLED else "no TTT"
+    phases = f" with {cfg.PHASED_TTT_PHASES} phases" if cfg.TTT_MODE == "lora" and cfg.PHASED_TTT_PHASES else ""
+    ttt = f"TTT {cfg.TTT_MODE}{phases}" if cfg.TTT_ENABLED else "no TTT"
     return (f"{ttt}, {slot}, EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN} "
             f"EVAL_STRIDE={cfg.EVAL_STRIDE}, {model}")
 
