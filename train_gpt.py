@@ -3062,6 +3062,7 @@ class EvalResult:
     val_loss: float  # the score: the plain pass's until a later pass replaces it
     val_bpb: float
     score_source: str = "quantized"
+    ruling_pending: bool = False  # the score includes SLOT, which no maintainer has ruled on: not a record claim
     eval_seconds: float = 0.0
     eval_adaptation_stopped: str | None = None
     passes: dict = dataclasses.field(default_factory=dict, metadata=dict(flatten=True))  # <pass>_val_bpb, ...
@@ -3368,7 +3369,16 @@ class Evaluator:
                 + "".join(f" {k}:{v:.1f}" if isinstance(v, float) else f" {k}:{v}" for k, v in info.items()))
         result.eval_seconds, result.eval_adaptation_stopped = clock.elapsed(), clock.note or None
         log(f"eval_seconds:{result.eval_seconds:.1f} of EVAL_TIME_BUDGET={cfg.EVAL_TIME_BUDGET:g}")
+        result.ruling_pending = "slot" in result.score_source and result.compliant
+        if result.ruling_pending:
+            log(SLOT_RULING_PENDING)
         return result
+
+
+# Context-only SLOT passes every causality test, but openai/parameter-golf issue #1336 asks whether it is legal and
+# no maintainer has answered; no merged record uses any SLOT.
+SLOT_RULING_PENDING = ("note: this score includes SLOT, whose legality awaits a maintainer ruling (openai/parameter-golf "
+                       "issue #1336): it is not a record claim until then; SLOT_ENABLED=0 gives one")
 
 
 def evaluate_artifact_model(cfg: Config, model: GPT, data: ValidationData, batch_seqs: int, rt: Runtime,
@@ -3598,7 +3608,7 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
         cost = autofit_bpb_cost(cfg, artifact.unfitted, val, scored, val_batch_seqs, backend, rt.device, log)
         summary.update(autofit_bpb_cost=cost)
     log(f"final_score val_loss:{scored.val_loss:.6f} val_bpb:{scored.val_bpb:.6f} source:{scored.score_source}"
-        + ("" if scored.compliant else " NON-COMPLIANT"))
+        + ("" if scored.compliant else " NON-COMPLIANT") + (" ruling_pending" if scored.ruling_pending else ""))
 
 
 class RunKilled(BaseException):

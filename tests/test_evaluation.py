@@ -283,6 +283,7 @@ def test_run_reports_every_pass_and_the_artifact_alone_reproduces_them(small_sam
     assert summary["compliant"] is True and summary["score_source"] == "ttt+slot"
     assert summary["val_bpb"] == summary["ttt_val_bpb"] and summary["eval_seconds"] >= summary["ttt_seconds"]
     assert "final_score" in log and "source:ttt+slot" in log and "NON-COMPLIANT" not in log
+    assert summary["ruling_pending"] is True and "ruling_pending" in log and "issue #1336" in log  # SLOT's standing
     import eval_artifact  # the same passes from the artifact file alone, as a user re-scores one
 
     said = []  # shape knobs in the environment that disagree with the artifact are ignored, with a warning

@@ -184,6 +184,10 @@ def leaky(summary, _log):
     summary["compliant"] = False
 
 
+def slot_scored(summary, _log):
+    summary["ruling_pending"] = True
+
+
 def other_code(_summary, log):
     log.write_text(log.read_text().replace("import ast\n", "import ast  # edited\n", 1))
 
@@ -193,7 +197,8 @@ def other_code(_summary, log):
                                             r"training data was read for 601.0s \(steps \+ GPTQ calibration\) > 600s"),
                                            (slow_eval, "evaluation took 600.5s > 600s"),
                                            (other_config, "configuration differs from seed 11 in MATRIX_LR"),
-                                           (leaky, "non-compliant mode"), (other_code, "different train_gpt.py")],
+                                           (leaky, "non-compliant mode"), (other_code, "different train_gpt.py"),
+                                           (slot_scored, "includes SLOT, whose legality awaits a maintainer ruling")],
                          ids=lambda v: getattr(v, "__name__", ""))
 def test_record_folder_refuses_bad_submissions(swept, tmp_path, change, reason):
     _, _, logs, _ = swept
