@@ -354,6 +354,9 @@ def validate_config(cfg: Config) -> None:
          f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
     need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN,
          f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
+    need(max(cfg.TTT_DOC_CHUNK, cfg.TTT_SHORT_DOC_CHUNK) <= cfg.EVAL_SEQ_LEN,
+         f"TTT_DOC_CHUNK={cfg.TTT_DOC_CHUNK} and TTT_SHORT_DOC_CHUNK={cfg.TTT_SHORT_DOC_CHUNK} must be at most "
+         f"EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}: a chunk is scored in one window")
     need(not (cfg.TTT_ENABLED and cfg.TTT_MODE == "lora" and cfg.SLOT_ENABLED),
          "TTT_MODE=lora with SLOT_ENABLED=1: SLOT runs inside the chunk TTT's window scoring only; set SLOT_ENABLED=0 "
          "or TTT_MODE=chunk")
@@ -1594,7 +1597,9 @@ def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     @torch.library.custom_op("parameter_golf::leaky_square_mlp", mutates_args=())
     def mlp(x2: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pre, post = launch(x2, w_up.contiguous())
-        return F.linear(post, w_down), pre, post  # pre and post ride along as outputs for the backward
+        with torch.autocast(x2.device.type, enabled=False):  # the output keeps x2's dtype, as register_fake says
+            out = F.linear(post, w_down)
+        return out, pre, post  # pre and post ride along as outputs for the backward
 
     @mlp.register_fake
     def _(x2, w_up, w_down):
@@ -2932,11 +2937,11 @@ def document_spans(tokens: Tensor, bos_id: int) -> list[tuple[int, int]]:
 
 
 def lora_batches(spans: list[tuple[int, int]], batch_docs: int) -> list[list[int]]:
-    """Documents by length into batches of TTT_DOC_BATCH (like lengths pad little), the longest batch first, so the
-    evaluation clock's projection from the batches done so far errs on the safe side."""
-    by_length = sorted(range(len(spans)), key=lambda d: (spans[d][1], d))
-    batches = [by_length[i:i + batch_docs] for i in range(0, len(by_length), batch_docs)]
-    return sorted(batches, key=lambda b: -spans[b[-1]][1])
+    """Documents by length into batches of TTT_DOC_BATCH (like lengths pad little), cut from the longest end, so the
+    longest batch comes first and is full (the evaluation clock's projection from the batches done so far errs on
+    the safe side) and a partial batch holds the shortest documents, last."""
+    by_length = sorted(range(len(spans)), key=lambda d: (-spans[d][1], d))
+    return [by_length[i:i + batch_docs] for i in range(0, len(by_length), batch_docs)]
 
 
 def phase_last_batches(queue: list[list[int]], prefix_docs: int, phases: int) -> list[int]:
@@ -3209,7 +3214,7 @@ class Evaluator:
         x, y, pos = window_rows(tokens, starts, cfg.EVAL_SEQ_LEN)
         mask = (pos <= hi) & (True if is_target is None else is_target[pos.clamp(max=tokens.numel() - 1)])
         x, y, mask = x.to(rt.device), y.to(rt.device), mask.float().to(rt.device)
-        count = all_reduce_(mask.sum().double(), rt)
+        count = all_reduce_(mask.sum().double(), rt).clamp_min(1)  # a span without targets steps on zero gradients
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
@@ -3262,11 +3267,17 @@ class Evaluator:
         phase_ends = phase_last_batches(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
         batches = list(enumerate(queue))[rt.rank::rt.world_size]
         scores = self.new_scores(with_mass)
-        adapters, steps, phases, t0 = None, 0, 0, time.perf_counter()
+        adapters, steps, phases = None, 0, 0
+        batch_seconds = phase_seconds = phase_tokens = 0
         for done, (k, batch) in enumerate(batches + [(len(queue), None)]):  # the end runs the phases left
             while phase_ends and phase_ends[0] < k:  # every batch up to it is scored, on every rank
-                if self.all_ranks_adapting():
-                    self.global_phase([spans[d] for b in queue[:phase_ends[0] + 1] for d in b])
+                docs = [spans[d] for b in queue[:phase_ends[0] + 1] for d in b]
+                tokens = sum(n + 1 for _, n in docs)
+                rest = (len(batches) - done) * batch_seconds / max(1, done)
+                if self.phase_fits(tokens * phase_seconds / max(1, phase_tokens) + rest):
+                    t0 = time.perf_counter()
+                    self.global_phase(docs)
+                    phase_seconds, phase_tokens = phase_seconds + time.perf_counter() - t0, phase_tokens + tokens
                     phases, adapters = phases + 1, None  # new base weights: new adapters, as the records do
                 phase_ends.pop(0)
             if batch is None:
@@ -3277,15 +3288,23 @@ class Evaluator:
                 adapters = DocumentAdapters(cfg, model, len(batch), generator).to(rt.device)
             else:
                 adapters.restart(bool(cfg.TTT_WARM_START_A), generator)
+            t0 = time.perf_counter()
             steps += self.adapt_batch([spans[d] for d in batch], adapters, scores)
-            clock.stop_adapting_if(clock.elapsed() + (len(batches) - done - 1) * (time.perf_counter() - t0) / (done + 1),
+            batch_seconds += time.perf_counter() - t0
+            clock.stop_adapting_if(clock.elapsed() + (len(batches) - done - 1) * batch_seconds / (done + 1),
                                    "ttt lora", self.log)
         info = dict(ttt_documents=len(spans), ttt_doc_batches=len(queue), ttt_lora_steps=steps, ttt_phases=phases)
         return gather_scores(scores, rt), info
 
-    def all_ranks_adapting(self) -> bool:
-        """Whether every rank's clock still allows adapting: a phase is collective, so all run it or none does."""
-        flag = torch.tensor([float(self.clock.adapting)], device=self.rt.device)
+    def phase_fits(self, still_to_run: float) -> bool:
+        """Whether a phase may run: every rank's clock still allows adapting and, on the slowest rank, the time so far
+        plus `still_to_run` (this phase at the measured rate of the phases before it, none before the first, and the
+        batches left) stays inside EVAL_TIME_BUDGET. A phase is collective: all ranks run it or none does."""
+        clock = self.clock
+        slowest = all_reduce_(torch.tensor([clock.elapsed() + still_to_run], device=self.rt.device), self.rt,
+                              dist.ReduceOp.MAX).item()
+        clock.stop_adapting_if(slowest, "ttt phase", self.log)
+        flag = torch.tensor([float(clock.adapting)], device=self.rt.device)
         return bool(all_reduce_(flag, self.rt, dist.ReduceOp.MIN).item())
 
     def adapt_batch(self, docs: list[tuple[int, int]], adapters: DocumentAdapters, scores: StreamScores) -> int:
@@ -3299,23 +3318,32 @@ class Evaluator:
         for c in range(max(chunks)):
             index, scored, train = lora_chunk_rows(docs, sizes, chunks, c, cfg.EVAL_SEQ_LEN)
             rows = self.data.tokens[index].long().to(rt.device)  # padding repeats token 0 past a window: causal, unread
-            index, scored, train = index.to(rt.device), scored.to(rt.device), train.to(rt.device)
+            # Logits only for the max(sizes) columns from each row's first scored one: a window is up to EVAL_SEQ_LEN
+            # wide and the head's (rows, width, vocab) logits would be ~40x larger than the chunk's.
+            cols = scored.float().argmax(1, keepdim=True) + torch.arange(max(sizes))
+            inside = cols < scored.size(1)
+            cols = cols.clamp(max=scored.size(1) - 1)
+            scored, train = (m.gather(1, cols) & inside for m in (scored, train))
+            targets = index[:, 1:].gather(1, cols)
+            cols, scored, train, targets = (t.to(rt.device) for t in (cols, scored, train, targets))
             adapting = self.clock.adapting and cfg.TTT_LORA_LR > 0 and bool(train.any())
-            nll, logits = self.lora_losses(rows, adapters, adapting)
+            nll, logits = self.lora_losses(rows, cols, adapters, adapting)
             self.record_scores(scores, nll.detach(), logits.detach() if scores.mass is not None else None, scored,
-                               index[:, 1:])
+                               targets)
             if adapting:  # on the losses just scored: each document's mean over its chunk
                 self.lora_step(nll, train, adapters, opt)
             steps += adapting
         return steps
 
-    def lora_losses(self, rows: Tensor, adapters: DocumentAdapters, grad: bool) -> tuple[Tensor, Tensor]:
-        """Per-token NLL and logits of the model's own forward with the adapters in it."""
+    def lora_losses(self, rows: Tensor, cols: Tensor, adapters: DocumentAdapters, grad: bool) -> tuple[Tensor, Tensor]:
+        """Per-token NLL and logits, at columns `cols` of each row, of the model's own forward with the adapters."""
         model = self.model
         with torch.set_grad_enabled(grad), self.rt.autocast():
-            logits = model.compute_logits(model.forward_hidden(rows[:, :-1], None, adapters), adapters)
-            nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
-        return nll.view(rows[:, 1:].shape), logits
+            hidden = model.forward_hidden(rows[:, :-1], None, adapters)
+            hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
+            logits = model.compute_logits(hidden, adapters)
+            nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].gather(1, cols).flatten(), reduction="none")
+        return nll.view(cols.shape), logits
 
     @staticmethod
     def lora_step(nll: Tensor, train: Tensor, adapters: DocumentAdapters, opt: torch.optim.Optimizer) -> None:
@@ -3357,6 +3385,8 @@ class Evaluator:
         for name, ttt, slot in eval_passes(cfg):
             t0 = time.perf_counter()
             scores, info = self.run_pass(ttt, slot)
+            if not bool((scores.count == 1).all()):  # an unscored target would add 0 nats and flatter the score
+                raise RuntimeError(f"{name} pass: {int((scores.count != 1).sum())} targets not scored exactly once")
             scored = summarize_scores(scores, byte_counts)
             seconds = time.perf_counter() - t0
             source = name + ("+slot" if ttt and slot else "")
@@ -3611,6 +3641,17 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
         + ("" if scored.compliant else " NON-COMPLIANT") + (" ruling_pending" if scored.ruling_pending else ""))
 
 
+def register_stack_dump() -> bool:
+    """`kill -USR1 PID` prints every thread's Python stack to stderr at once, even from inside a CUDA call that a
+    stuck kernel never returns from: how a hung run shows where it hangs (bench/gpu_check.py sends it). Not where
+    stderr has no file descriptor (a notebook, captured output)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        return True
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 class RunKilled(BaseException):
     """A signal ended the run; a BaseException, so no `except Exception` on the way can swallow it."""
 
@@ -3735,14 +3776,12 @@ def main(env=None) -> dict:
         record_early_failure(env, e)
         raise
     warnings = near_miss_warnings(env)
+    dumps_stacks = register_stack_dump()
     rt = init_runtime(env)
     random_id, start_id = shared_ids(rt)
     cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or random_id)
     files = RunFiles(Path(cfg.LOG_DIR), cfg.RUN_ID)
     old_handlers = raise_on_signals()
-    # `kill -USR1 PID` prints every thread's Python stack to stderr at once, even from inside a CUDA call that
-    # a stuck kernel never returns from: how a hung run shows where it hangs (bench/gpu_check.py sends it).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     summary = dict(run_id=cfg.RUN_ID, run_start_id=start_id, seed=cfg.SEED, status="running",
                    config=dataclasses.asdict(cfg), warnings=warnings)
     log = RunLog(None)
@@ -3775,7 +3814,8 @@ def main(env=None) -> dict:
         log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        faulthandler.unregister(signal.SIGUSR1)
+        if dumps_stacks:
+            faulthandler.unregister(signal.SIGUSR1)
         if dist.is_initialized():
             if summary["status"] == "ok":  # leave together: a rank that exits early can abort gloo
                 dist.barrier()

@@ -3,6 +3,7 @@ leak) is visible side by side. CPU is fine for a small model; expect minutes.
 
     DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=1024 PRESET=sample \\
         python3 bench/eval_modes.py logs/RUN.ptz --max-tokens 60000
+        python3 bench/eval_modes.py logs/RUN.ptz --mode TTT --mode "LoRA TTT" --mode "LoRA TTT + phases"
 
 Environment knobs (EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, SLOT_* ...) set the common settings; each row
 overrides only what names it.
@@ -20,6 +21,10 @@ import eval_artifact  # noqa: E402
 MODES = [
     ("sliding", dict(TTT_ENABLED="0", SLOT_ENABLED="0")),
     ("TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0")),
+    ("LoRA TTT, LR 0 (its windows, no adaptation)", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora",
+                                                         TTT_LORA_LR="0")),
+    ("LoRA TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora")),
+    ("LoRA TTT + phases", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora", PHASED_TTT_PHASES="3")),
     ("SLOT AdamW", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
     ("SLOT L-BFGS", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="lbfgs")),
     ("TTT + SLOT AdamW", dict(TTT_ENABLED="1", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
@@ -35,9 +40,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--max-tokens", type=int, default=0)
+    parser.add_argument("--mode", action="append", dest="modes",
+                        help="a mode to run, by name; repeat it for more (the first is the baseline); default: all")
     args = parser.parse_args()
+    known = dict(MODES)
+    wanted = args.modes or list(known)
+    unknown = [m for m in wanted if m not in known]
+    if unknown:
+        parser.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(known)}")
     rows = []
-    for name, knobs in MODES:
+    for name, knobs in ((m, known[m]) for m in wanted):
         t0 = time.perf_counter()
         summary = eval_artifact.evaluate_file({**os.environ, **knobs}, args.artifact, args.max_tokens,
                                               log=lambda _: None)
@@ -45,9 +57,9 @@ def main() -> None:
         print(f"{name}: {summary['val_bpb']:.4f} ({summary['score_source']})", flush=True)
     first = rows[0][1]
     print(f"\n{first['tokens']} validation tokens of {args.artifact}; plain (non-overlapping) val_bpb {first['quantized_val_bpb']:.4f}\n")
-    print("| mode | val_bpb | vs sliding | compliant | seconds |\n|---|---|---|---|---|")
+    print(f"| mode | val_bpb | vs {rows[0][0]} | compliant | seconds |\n|---|---|---|---|---|")
     for name, s, seconds in rows:
-        print(f"| {name} | {s['val_bpb']:.4f} | {s['val_bpb'] - first['sliding_val_bpb']:+.4f} | "
+        print(f"| {name} | {s['val_bpb']:.4f} | {s['val_bpb'] - first['val_bpb']:+.4f} | "
               f"{'yes' if s['compliant'] else 'NO'} | {seconds:.0f} |")
 
 

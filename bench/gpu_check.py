@@ -67,23 +67,29 @@ class OutOfTime(Exception):
 
 def run_logged(cmd: list[str], env: dict, log: Path, timeout: float, deadline: float) -> subprocess.CompletedProcess:
     """Run a command, keeping its whole output in `log`; stop it at its timeout or at the check's deadline.
-    A command stopped that way is first asked for every thread's stack (SIGUSR1, which train_gpt.py answers),
-    then SIGTERM lets it write its log and summary, and only then is it killed."""
+    A command stopped that way is first sent SIGUSR1 (train_gpt.py answers with every thread's stack; other
+    commands may just end), then SIGTERM (a run writes its log and summary), then SIGKILL, each to its whole
+    process group, so nothing it started outlives it."""
     log.parent.mkdir(parents=True, exist_ok=True)
     timeout = max(min(timeout, deadline - time.perf_counter()), 1)
     with open(log, "w") as out:
-        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                   start_new_session=True)
         try:
             return subprocess.CompletedProcess(cmd, process.wait(timeout=timeout))
         except subprocess.TimeoutExpired:
             for sig, grace in ((signal.SIGUSR1, 3), (signal.SIGTERM, 10), (signal.SIGKILL, None)):
-                process.send_signal(sig)
+                os.killpg(process.pid, sig)
                 try:
                     process.wait(timeout=grace)
                     break
                 except subprocess.TimeoutExpired:
                     continue
             raise OutOfTime(f"stopped after {timeout:.0f}s; see {log.name}") from None
+        except BaseException:  # Ctrl-C or any other way out: the command goes too
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
 
 
 def cuda_tests(args, env: dict) -> dict:

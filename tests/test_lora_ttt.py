@@ -100,11 +100,13 @@ def test_documents_cover_every_target_once_and_batches_go_longest_first():
     covered = torch.cat([torch.arange(s + 1, s + n + 1) for s, n in spans])
     assert torch.equal(covered, torch.arange(1, tokens.numel()))
     batches = tg.lora_batches(spans, batch_docs=2)
-    assert batches == [[1, 3], [0, 2]] and sorted(sum(batches, [])) == [0, 1, 2, 3]
+    assert batches == [[3, 1], [0, 2]] and sorted(sum(batches, [])) == [0, 1, 2, 3]
+    assert tg.lora_batches(spans, batch_docs=3) == [[3, 1, 0], [2]]  # the partial batch: the shortest, last
 
 
 def test_short_documents_take_the_short_chunk():
-    cfg = check_causality.check_config(dict(TTT_DOC_CHUNK="48", TTT_SHORT_DOC_CHUNK="16", TTT_SHORT_DOC_LEN="2048"))
+    cfg = check_causality.check_config(dict(TTT_DOC_CHUNK="48", TTT_SHORT_DOC_CHUNK="16", TTT_SHORT_DOC_LEN="2048",
+                                            EVAL_SEQ_LEN="64"))
     assert tg.doc_chunk_size(cfg, 2047) == 16 and tg.doc_chunk_size(cfg, 2048) == 48
     assert tg.chunk_window(chunk=3, size=16, targets=60, seq_len=32) == (28, 60, 49)
 
@@ -114,8 +116,33 @@ def test_lora_ttt_with_slot_is_refused():
         tg.config_from_env(dict(TTT_MODE="lora", SLOT_ENABLED="1"))
 
 
+def test_a_chunk_wider_than_the_window_is_refused():
+    """A chunk is scored in one window of EVAL_SEQ_LEN tokens; a longer one would leave targets unscored."""
+    with pytest.raises(tg.ConfigError, match="TTT_DOC_CHUNK=40 .* must be at most EVAL_SEQ_LEN=32"):
+        tg.config_from_env(dict(TTT_DOC_CHUNK="40", EVAL_SEQ_LEN="32", EVAL_STRIDE="8"))
+
+
+def test_a_pass_that_misses_a_target_stops_the_evaluation(monkeypatch):
+    """An unscored target would add 0 nats and flatter the score: the evaluator refuses to report it."""
+    cfg, model, tokens = setup(TTT_MODE="lora")
+    real = tg.Evaluator.lora_pass
+
+    def misses_one(self, with_mass=False):
+        scores, info = real(self, with_mass)
+        scores.count[5] = 0
+        return scores, info
+
+    monkeypatch.setattr(tg.Evaluator, "lora_pass", misses_one)
+    with pytest.raises(RuntimeError, match="ttt pass: 1 targets not scored exactly once"):
+        evaluator(cfg, model, tokens).score(batch_seqs=2)
+
+
+NO_FRONTIER_PIECES = dict(SMEAR_GATE=0, SPARSE_ATTN_GATE=0, VARLEN_ATTENTION=0, NUM_LOOPS=0)
+
+
 @pytest.mark.parametrize("knobs", [dict(TTT_MODE="lora"), dict(EVERY_SWITCH, TTT_WARM_START_A=0),
-                                   dict(EVERY_SWITCH, TTT_LORA_NO_QV=1)], ids=["lora", "every switch", "no q/v"])
+                                   dict(EVERY_SWITCH, TTT_LORA_NO_QV=1), dict(NO_FRONTIER_PIECES, TTT_MODE="lora")],
+                         ids=["lora", "every switch", "no q/v", "no frontier pieces"])
 def test_causality_check_passes_lora_ttt(knobs):
     verdicts = check_causality.check({k: str(v) for k, v in knobs.items()}, probes=4, n_tokens=160)
     for name, v in verdicts.items():
@@ -126,12 +153,12 @@ def test_causality_check_catches_lora_ttt_that_steps_before_scoring(monkeypatch)
     """The bug: a step on the whole window about to be scored, then the scoring forward."""
     real = tg.Evaluator.lora_losses
 
-    def step_then_score(self, rows, adapters, grad):
+    def step_then_score(self, rows, cols, adapters, grad):
         if grad:
-            nll, _ = real(self, rows, adapters, True)
+            nll, _ = real(self, rows, cols, adapters, True)
             self.lora_step(nll, torch.ones_like(nll, dtype=torch.bool), adapters,
                            torch.optim.SGD(list(adapters.parameters()), lr=self.cfg.TTT_LORA_LR))
-        return real(self, rows, adapters, grad)
+        return real(self, rows, cols, adapters, grad)
 
     monkeypatch.setattr(tg.Evaluator, "lora_losses", step_then_score)
     verdicts = check_causality.check({"TTT_MODE": "lora"}, probes=4, n_tokens=160)
@@ -165,8 +192,9 @@ def test_phases_train_the_base_weights_only_for_what_comes_after_them():
 
 
 @pytest.mark.parametrize("knobs", [dict(PHASED_TTT_PHASES=2, PHASED_TTT_PREFIX_DOCS=9),
-                                   dict(EVERY_SWITCH, PHASED_TTT_PHASES=3, PHASED_TTT_PREFIX_DOCS=12)],
-                         ids=["lora+phases", "every switch+phases"])
+                                   dict(EVERY_SWITCH, PHASED_TTT_PHASES=3, PHASED_TTT_PREFIX_DOCS=12),
+                                   dict(NO_FRONTIER_PIECES, PHASED_TTT_PHASES=2, PHASED_TTT_PREFIX_DOCS=9)],
+                         ids=["lora+phases", "every switch+phases", "no frontier pieces+phases"])
 def test_causality_check_passes_phased_lora_ttt(knobs):
     verdicts = check_causality.check({"TTT_MODE": "lora", **{k: str(v) for k, v in knobs.items()}}, probes=4,
                                      n_tokens=160)

@@ -96,7 +96,8 @@ def check(runs: list[dict], track: str) -> None:
             raise Refused(f"seed {seed}: evaluation took {run['eval_seconds']:.1f}s > {LIMIT_SECONDS:g}s")
         if TRACKS[track] and not run.get("compliant", True):
             raise Refused(f"seed {seed}: ran a non-compliant mode ({run.get('score_source')}); it cannot go on the record track")
-        if TRACKS[track] and run.get("ruling_pending"):
+        slot_scored = "slot" in str(run.get("score_source", "")) and run.get("compliant", True)  # older summaries too
+        if TRACKS[track] and (run.get("ruling_pending") or slot_scored):
             raise Refused(f"seed {seed}: its score ({run.get('score_source')}) includes SLOT, whose legality awaits a "
                           "maintainer ruling (openai/parameter-golf issue #1336), so it is no record claim; rerun with "
                           "SLOT_ENABLED=0, or use --track non_record_16mb")
