@@ -80,8 +80,10 @@ def test_without_gradients_the_mlp_runs_its_hooked_projections(fused_mlp):
 
 def test_the_compiled_model_runs_the_fused_mlp_as_eager_does(fused_mlp):
     """torch.compile must keep the kernel opaque (fullgraph: a graph break is an error): the compiled model with
-    the fused MLP gives the eager model's loss and gradients."""
-    model = randomized_model(MLP_MULT="3").float()
+    the fused MLP gives the eager model's loss and gradients. Two layers, one sequential and one parallel: the
+    compile is what takes time, and the MLP is the same in every layer."""
+    model = randomized_model(MLP_MULT="3", NUM_LAYERS="2", XSA_LAST_N="2", NUM_LOOPS="0",
+                             PARALLEL_RESIDUAL_START="1").float()
     batch = torch.randint(0, model.tok_emb.num_embeddings, (1, 33), generator=torch.Generator().manual_seed(2))
     results = []
     for fused, run in ((None, model), (fused_mlp, tg.compile_model(model))):
