@@ -9,7 +9,8 @@ Steps, each a row of the table (pass / fail / skip, seconds, figures):
      == the unbanked reference, GPTQ on the GPU == on the CPU, a bit-exact artifact round trip;
   3. a short training run through GPTQ, the artifact and every evaluation pass on a local corpus
      (tokenized here by data/make_sample.py --jsonl, or one tokenized before: --corpus);
-  4. bench/throughput.py at the record shape (8 micro-batches on one GPU): ms/step, tok/s, MFU, memory.
+  4. the training run's artifact evaluated again with TTT_MODE=lora: per-document LoRA TTT's score and seconds;
+  5. bench/throughput.py at the record shape (8 micro-batches on one GPU): ms/step, tok/s, MFU, memory.
 About 20 minutes in all with the defaults; `--time-limit S` stops a step that would run past S seconds from the
 start and records it as failed, so the table always comes out. gpu_check.json is rewritten after every step.
 Without brotli the runs fall back to COMPRESSOR=lzma, with a warning. `--out DIR` keeps gpu_check.json,
@@ -166,6 +167,7 @@ def training_run(args, env: dict) -> dict:
     made = corpus(args, env)
     if isinstance(made, dict):
         return made
+    args.corpus_made = made  # the LoRA TTT step evaluates on the same data
     shards, tokenizer, vocab = made
     knobs = dict(DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab, LOG_DIR=args.out / "logs",
                  RUN_ID="gpu_check")
@@ -190,6 +192,28 @@ def training_run(args, env: dict) -> dict:
     if s.get("status") != "ok" or done.returncode:
         return dict(status="fail", figures=figures, detail=s.get("error") or f"exit {done.returncode}")
     return dict(status="pass", figures=figures)
+
+
+def lora_ttt_eval(args, env: dict) -> dict:
+    """The training run's artifact evaluated again with TTT_MODE=lora (tools/eval_artifact.py): its seconds on
+    this GPU say whether per-document LoRA TTT fits the evaluation budget."""
+    artifact = args.out / "logs" / "gpu_check.ptz"
+    if not artifact.is_file() or not getattr(args, "corpus_made", None):
+        return dict(status="fail", detail="no artifact from the training run")
+    shards, tokenizer, vocab = args.corpus_made
+    knobs = dict(DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab, TTT_ENABLED=1, TTT_MODE="lora",
+                 SLOT_ENABLED=0, EVAL_TIME_BUDGET=0)
+    if args.tiny:
+        knobs = dict(TINY_KNOBS, **knobs)
+    log = args.out / "lora_ttt_eval.log"
+    done = run_logged([sys.executable, "tools/eval_artifact.py", str(artifact)], with_knobs(env, knobs), log, 900,
+                      args.deadline)
+    text = log.read_text()
+    if done.returncode or "\n{\n" not in text:
+        return dict(status="fail", detail=f"tools/eval_artifact.py exit {done.returncode}; see {log.name}")
+    summary = json.loads(text[text.rindex("\n{\n") + 1:])  # the summary it prints last
+    keys = ("ttt_val_bpb", "ttt_seconds", "ttt_doc_batches", "ttt_lora_steps", "quantized_val_bpb", "eval_seconds")
+    return dict(status="pass", figures={k: summary.get(k) for k in keys})
 
 
 def with_knobs(env: dict, knobs: dict) -> dict:
@@ -227,7 +251,7 @@ def main(argv=None) -> int:
     args.deadline = time.perf_counter() + args.time_limit  # by which every step must have ended
     steps = {}
     for name, step in (("environment", environment), ("cuda tests", cuda_tests), ("training run", training_run),
-                       ("throughput", throughput)):
+                       ("lora ttt eval", lora_ttt_eval), ("throughput", throughput)):
         t0 = time.perf_counter()
         try:
             steps[name] = step(args, env)

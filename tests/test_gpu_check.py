@@ -12,13 +12,15 @@ def test_tiny_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(steps) == ["environment", "cuda tests", "training run", "throughput"]
+    assert list(steps) == ["environment", "cuda tests", "training run", "lora ttt eval", "throughput"]
     env = steps["environment"]["figures"]
     assert env["attention_backend"] == "sdpa" and env["gpu"] == "none" and env["brotli"] != "missing"
     # Without a GPU every cuda check is collected and skipped, none fails.
     assert steps["cuda tests"]["status"] == "skip" and len(steps["cuda tests"]["figures"]) >= 5
     assert set(steps["cuda tests"]["figures"].values()) == {"skip"}
     assert steps["throughput"]["status"] == "pass" and steps["throughput"]["figures"]["plain_ms_per_step"] > 0
+    lora = steps["lora ttt eval"]
+    assert lora["status"] == "pass" and lora["figures"]["ttt_lora_steps"] > 0 and lora["figures"]["ttt_seconds"] > 0
     run = steps["training run"]
     assert run["status"] == "pass" and run["figures"]["steps"] == 10
     summary = json.loads((tmp_path / "logs" / "gpu_check.json").read_text())
