@@ -2999,6 +2999,13 @@ class StreamScores:
     count: Tensor  # how many times each target was scored (must be 1)
     mass: Tensor | None = None  # total probability of each scored distribution (causality check)
 
+    def add(self, index: Tensor, nll: Tensor, log_probs: Tensor | None) -> None:
+        """Scores of the targets at `index` (target position - 1); log_probs (one row each) feed the mass, if kept."""
+        self.nll.index_add_(0, index, nll.double())
+        self.count.index_add_(0, index, torch.ones_like(index, dtype=self.count.dtype))
+        if self.mass is not None:
+            self.mass.index_add_(0, index, log_probs.double().logsumexp(1).exp())
+
 
 def rank_slice(n: int, rt: Runtime) -> range:
     return range(rt.rank * n // rt.world_size, (rt.rank + 1) * n // rt.world_size)
@@ -3125,12 +3132,7 @@ class Evaluator:
             else:  # each scored position takes its window's parameters (a shared one broadcasts)
                 logits = slot_logits(model, h, [p.expand(x.size(0), -1, -1)[rows, 0] for p in params])
             log_probs = logits.float().log_softmax(-1)
-        index = pos[rows, cols] - 1
-        nll = -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1)
-        scores.nll.index_add_(0, index, nll.double())
-        scores.count.index_add_(0, index, torch.ones_like(index, dtype=scores.count.dtype))
-        if scores.mass is not None:
-            scores.mass.index_add_(0, index, log_probs.double().logsumexp(1).exp())
+        scores.add(pos[rows, cols] - 1, -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1), log_probs)
 
     def score_window_range(self, starts: Tensor, first_scored: Tensor, scores: StreamScores, use_slot: bool,
                            slot_state: dict, own_budget: bool = True) -> None:
@@ -3328,8 +3330,8 @@ class Evaluator:
             cols, scored, train, targets = (t.to(rt.device) for t in (cols, scored, train, targets))
             adapting = self.clock.adapting and cfg.TTT_LORA_LR > 0 and bool(train.any())
             nll, logits = self.lora_losses(rows, cols, adapters, adapting)
-            self.record_scores(scores, nll.detach(), logits.detach() if scores.mass is not None else None, scored,
-                               targets)
+            scores.add(targets[scored] - 1, nll.detach()[scored],
+                       logits.detach()[scored].float().log_softmax(-1) if scores.mass is not None else None)
             if adapting:  # on the losses just scored: each document's mean over its chunk
                 self.lora_step(nll, train, adapters, opt)
             steps += adapting
@@ -3352,14 +3354,6 @@ class Evaluator:
         for p, g in zip(params, torch.autograd.grad(loss, params)):  # autograd.grad: the base weights get no .grad
             p.grad = g
         opt.step()
-
-    @staticmethod
-    def record_scores(scores: StreamScores, nll: Tensor, logits: Tensor | None, scored: Tensor, targets: Tensor) -> None:
-        index = targets[scored] - 1  # scores are indexed by target position - 1
-        scores.nll.index_add_(0, index, nll[scored].double())
-        scores.count.index_add_(0, index, torch.ones_like(index, dtype=scores.count.dtype))
-        if logits is not None:
-            scores.mass.index_add_(0, index, logits[scored].float().log_softmax(-1).double().logsumexp(1).exp())
 
     def run_pass(self, ttt: bool, slot: bool, with_mass: bool = False) -> tuple[StreamScores, dict]:
         if ttt and self.cfg.TTT_MODE == "lora":
