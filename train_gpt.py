@@ -170,7 +170,9 @@ class Config(ModelConfig):
                                "AWQ_GROUP_SIZE columns (largest activation RMS x mean |w|) on an int8 grid inside the "
                                "GPTQ solve; 0 = off (PR #1946: 1)")
     AWQ_GROUP_SIZE: int = knob(64, 1, 1 << 16, doc="AWQ-lite: columns per block")
-    COMPRESSOR: str = knob("brotli", choices=("brotli", "lzma"), doc="brotli quality 11, or raw LZMA2 preset 9|extreme")
+    COMPRESSOR: str = knob("rans", choices=("brotli", "lzma", "rans"),
+                           doc="rans: a context-modelled entropy coder for the quantized values (LZMA for the rest), "
+                               "numpy only; brotli quality 11 (the brotli package); raw LZMA2 preset 9|extreme")
     ARTIFACT_TARGET_BYTES: int = knob(16_000_000, 0, 16_000_000,
                                       doc="if code+model is over this size, raise the clip sigmas until it fits; 0 = "
                                           "off (over 16,000,000 fails)")
@@ -1867,7 +1869,7 @@ ARTIFACT_LIMIT_BYTES = 16_000_000
 ARTIFACT_FORMAT = 5  # the header's "format" and the magic's digit; 4: LQER factors; 5: AWQ-lite blocks
 ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
-COMPRESSORS = ("brotli", "lzma")
+COMPRESSORS = ("brotli", "lzma", "rans")  # the id in the prefix is the index
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
@@ -2203,10 +2205,11 @@ def check_compressor(compressor: str) -> None:
             import brotli  # noqa: F401
         except ImportError:
             raise ConfigError("COMPRESSOR=brotli needs the brotli package: `pip install brotli`, "
-                              "or set COMPRESSOR=lzma") from None
+                              "or use COMPRESSOR=rans (the default), which needs nothing more") from None
 
 
 def compress(data: bytes, compressor: str) -> bytes:
+    """A whole stream; rans uses LZMA for everything but the quantized values (see rans_encode_quantized)."""
     if compressor == "brotli":
         import brotli
         return brotli.compress(data, quality=11)
@@ -2218,6 +2221,227 @@ def decompress(data: bytes, compressor: str) -> bytes:
         import brotli
         return brotli.decompress(data)
     return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
+# COMPRESSOR=rans: the quantized values go through an interleaved rANS coder whose frequency table is chosen
+# by each value's context, the tensor's role (its name without the layer index, so layers share tables) and its
+# column's magnitude bucket. SDClip gives every row the same spread but input channels differ in scale (what
+# AWQ exploits), so a column's mean |q| predicts its values' spread. The buckets and one table per (role, bucket)
+# are side information; everything else in the container (header, scales, pass-through) is LZMA-coded.
+RANS_PROB_BITS = 16        # each table's frequencies sum to 2**16
+RANS_LOW = 1 << 32         # lane states stay in [2**32, 2**64) and move 32-bit words
+RANS_STEPS = 32768         # values per lane: more lanes decode faster, but each ends with an 8-byte state
+RANS_BUCKETS = 8           # column buckets by mean |q| against the tensor's; then one for AWQ-lite columns, and
+RANS_CONTEXTS = RANS_BUCKETS + 2  # one for every column of a tensor whose buckets would cost more than they save
+RANS_BUCKET_EDGES = np.exp(np.linspace(-0.6, 0.6, RANS_BUCKETS - 1))
+RANS_MIN_ROWS = 16         # a column mean over fewer rows predicts nothing the bucket does not already cost
+# A table entry is 0 (absent) or a log code k: weight 2**(k/8), from these mantissas (2**(i/8) * 2**15, integers
+# so encoder and decoder build bit-identical tables on any machine).
+RANS_MANTISSAS = np.array([32768, 35734, 38968, 42495, 46341, 50535, 55109, 60097], np.int64)
+
+
+def coder_role(name: str) -> str:
+    """Tensors that share frequency tables: the name without its layer index ("blocks.3.mlp.fc.weight" -> mlp.fc)."""
+    parts = name.split(".")
+    return ".".join(parts[2:] if parts[0] == "blocks" else parts)
+
+
+def column_buckets(q: np.ndarray, awq_columns: np.ndarray | None) -> np.ndarray:
+    """Each column's context bucket: its mean |q| against the whole tensor's, on fixed log-spaced edges; AWQ-lite
+    columns (an int8 grid) get bucket RANS_BUCKETS."""
+    mags = np.abs(q.astype(np.float32))
+    buckets = np.searchsorted(RANS_BUCKET_EDGES, mags.mean(0) / max(float(mags.mean()), 1e-9)).astype(np.uint8)
+    if awq_columns is not None:
+        buckets[awq_columns] = RANS_BUCKETS
+    return buckets
+
+
+def log_codes(counts: np.ndarray) -> np.ndarray:
+    """(contexts, 256) symbol counts -> uint8 log codes of each symbol's probability (0 where it never occurs)."""
+    totals = np.maximum(counts.sum(1, keepdims=True), 1)
+    with np.errstate(divide="ignore"):
+        codes = np.rint(8 * np.log2(counts / totals * 2.0**31))
+    return np.where(counts > 0, np.clip(codes, 1, 255), 0).astype(np.uint8)
+
+
+def rans_frequencies(codes: np.ndarray) -> np.ndarray:
+    """Log codes -> integer frequencies summing to 2**RANS_PROB_BITS in every used context, integer arithmetic
+    only. Every symbol that occurs keeps at least 1; the rounding remainder goes to each context's commonest."""
+    codes = codes.astype(np.int64)
+    weights = np.where(codes > 0, RANS_MANTISSAS[codes & 7] << (codes >> 3), 0)  # < 2**47, so << 16 fits
+    totals = weights.sum(1, keepdims=True)
+    freq = np.where(weights > 0, np.maximum(1, (weights << RANS_PROB_BITS) // np.maximum(totals, 1)), 0)
+    used = totals[:, 0] > 0
+    freq[np.arange(len(freq)), weights.argmax(1)] += np.where(used, (1 << RANS_PROB_BITS) - freq.sum(1), 0)
+    return freq
+
+
+def rans_lanes(count: int) -> int:
+    return max(1, -(-count // RANS_STEPS))
+
+
+def rans_encode(symbols: np.ndarray, contexts: np.ndarray, freq: np.ndarray) -> bytes:
+    """Interleaved rANS: value i goes to lane i % lanes, all lanes step together (numpy-vectorized). Encoding runs
+    backwards so decoding runs forwards; each step's renormalization words are stored in lane order, steps in
+    decoding order, after every lane's final state."""
+    n, lanes = symbols.size, rans_lanes(symbols.size)
+    f_of = freq.ravel().astype(np.uint64)
+    c_of = (np.cumsum(freq, 1) - freq).ravel().astype(np.uint64)
+    state = np.full(lanes, RANS_LOW, np.uint64)
+    words = []
+    for start in reversed(range(0, n, lanes)):
+        k = min(lanes, n - start)
+        at = contexts[start:start + k].astype(np.int64) * 256 + symbols[start:start + k]
+        f, x = f_of[at], state[:k]
+        full = np.flatnonzero((x >> 48) >= f)  # x >= f * 2**48 would overflow the new state: move out 32 bits
+        words.append((x[full] & 0xFFFFFFFF).astype("<u4"))
+        x[full] >>= 32
+        state[:k] = ((x // f) << RANS_PROB_BITS) + x % f + c_of[at]
+    return state.astype("<u8").tobytes() + b"".join(w.tobytes() for w in reversed(words))
+
+
+def rans_decode(data: bytes, contexts: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """Inverse of rans_encode. Raises ValueError unless every word is used and every lane ends in the state
+    encoding began with, which a corrupt stream does not."""
+    n, lanes = contexts.size, rans_lanes(contexts.size)
+    if len(data) < 8 * lanes or (len(data) - 8 * lanes) % 4:
+        raise ValueError(f"{len(data)} bytes cannot hold {lanes} lane states and whole words")
+    state = np.frombuffer(data, "<u8", lanes).astype(np.uint64)
+    words = np.frombuffer(data, "<u4", offset=8 * lanes).astype(np.uint64)
+    f_of = freq.ravel().astype(np.uint64)
+    c_of = (np.cumsum(freq, 1) - freq).ravel().astype(np.uint64)
+    slot_symbol = np.zeros((len(freq), 1 << RANS_PROB_BITS), np.uint8)
+    for ctx in np.flatnonzero(freq.sum(1)):
+        slot_symbol[ctx] = np.repeat(np.arange(256, dtype=np.uint8), freq[ctx])
+    slot_symbol = slot_symbol.ravel()
+    out, read = np.empty(n, np.uint8), 0
+    for start in range(0, n, lanes):
+        k = min(lanes, n - start)
+        ctx, x = contexts[start:start + k].astype(np.int64), state[:k]
+        slot = x & ((1 << RANS_PROB_BITS) - 1)
+        symbol = slot_symbol[(ctx << RANS_PROB_BITS) + slot.astype(np.int64)]
+        at = ctx * 256 + symbol
+        x = f_of[at] * (x >> RANS_PROB_BITS) + slot - c_of[at]
+        low = np.flatnonzero(x < RANS_LOW)
+        if read + low.size > words.size:
+            raise ValueError("the stream ends before its last value")
+        x[low] = (x[low] << 32) | words[read:read + low.size]
+        state[:k], read = x, read + low.size
+        out[start:start + k] = symbol
+    if read != words.size or (state != RANS_LOW).any():
+        raise ValueError("the stream does not end where its values do")
+    return out
+
+
+def rans_contexts(entries: list[tuple[str, tuple[int, int], np.ndarray]]) -> tuple[np.ndarray, int]:
+    """(name, (rows, cols), column buckets) per tensor, in stream order -> every value's context and the context
+    count: role index * RANS_CONTEXTS + its column's bucket."""
+    roles = sorted({coder_role(name) for name, _, _ in entries})
+    parts = [(roles.index(coder_role(name)) * RANS_CONTEXTS
+              + np.broadcast_to(buckets.astype(np.int64), shape)).ravel()
+             for name, shape, buckets in entries]
+    return np.concatenate(parts).astype(np.uint16), len(roles) * RANS_CONTEXTS
+
+
+def rans_tables_bytes(codes: np.ndarray) -> bytes:
+    """Each context's table as its first and last symbol, then the codes between (first > last: empty)."""
+    out = bytearray()
+    for row in codes:
+        used = np.flatnonzero(row)
+        lo, hi = (int(used[0]), int(used[-1])) if used.size else (1, 0)
+        out += bytes([lo, hi]) + row[lo:hi + 1].tobytes()
+    return bytes(out)
+
+
+def rans_tables_from(side: bytes, contexts: int) -> tuple[np.ndarray, int]:
+    codes, at = np.zeros((contexts, 256), np.uint8), 0
+    for ctx in range(contexts):
+        lo, hi = side[at], side[at + 1]
+        width = max(0, hi - lo + 1)
+        codes[ctx, lo:hi + 1] = np.frombuffer(side, np.uint8, width, at + 2)
+        at += 2 + width
+    return codes, at
+
+
+def context_counts(contexts: np.ndarray, symbols: np.ndarray, count: int) -> np.ndarray:
+    return np.bincount(contexts.astype(np.int64) * 256 + symbols, minlength=count * 256).reshape(count, 256)
+
+
+def worth_bucketing(entries: list, symbols: list[np.ndarray]) -> list[bool]:
+    """Per tensor, whether coding it with its column buckets saves more bits than the buckets themselves cost
+    (estimated at their empirical entropy), against its role's tables pooled over buckets."""
+    contexts, count = rans_contexts(entries)
+    counts = context_counts(contexts, np.concatenate(symbols), count).astype(np.float64)
+    pooled = counts.reshape(-1, RANS_CONTEXTS, 256)[:, :RANS_BUCKETS].sum(1, keepdims=True)
+    pooled = np.broadcast_to(pooled, (len(pooled), RANS_BUCKETS, 256)).reshape(-1, 256)
+    bucketed = counts.reshape(-1, RANS_CONTEXTS, 256)[:, :RANS_BUCKETS].reshape(-1, 256)
+
+    def bits(table):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.nan_to_num(-np.log2(table / table.sum(1, keepdims=True)))
+    saving = (bits(pooled) - bits(bucketed)).ravel()  # per (role, bucket, symbol), for the 8 magnitude buckets
+    keep, at = [], 0
+    for (name, shape, buckets), sym in zip(entries, symbols):
+        ctx = contexts[at:at + sym.size].astype(np.int64)
+        at += sym.size
+        role = ctx[0] // RANS_CONTEXTS
+        magnitude = (ctx % RANS_CONTEXTS) < RANS_BUCKETS
+        index = (role * RANS_BUCKETS + ctx[magnitude] % RANS_CONTEXTS) * 256 + sym[magnitude]
+        p = np.bincount(buckets, minlength=RANS_BUCKETS + 1) / buckets.size
+        side_bits = -buckets.size * float((p[p > 0] * np.log2(p[p > 0])).sum())
+        keep.append(shape[0] >= RANS_MIN_ROWS and float(saving[index].sum()) > side_bits)
+    return keep
+
+
+def rans_encode_quantized(qm: QuantizedModel, qnames: list[str]) -> tuple[bytes, bytes, dict[str, float]]:
+    """(side information, rANS stream, each tensor's share of the stream's bits) for the quantized tensors in
+    container order; the stream decodes to their int8 bytes, concatenated. Side information: the tables, then per
+    tensor a flag byte and, where it is 1, a bucket byte per column."""
+    entries, symbols = [], []
+    for name in qnames:
+        e = qm.quantized[name]
+        q = e["q"].numpy().astype(np.int8).reshape(e["q"].shape[0], -1)
+        awq = awq_mask(e["awq"], e["awq_size"], q.shape[1]).numpy() if e.get("awq") else None
+        entries.append((name, q.shape, column_buckets(q, awq)))
+        symbols.append((q.astype(np.int16) + 128).astype(np.uint8).ravel())
+    keep = worth_bucketing(entries, symbols)
+    entries = [(name, shape, b if k else np.where(b == RANS_BUCKETS, b, RANS_BUCKETS + 1).astype(np.uint8))
+               for (name, shape, b), k in zip(entries, keep)]
+    contexts, count = rans_contexts(entries)
+    flat = np.concatenate(symbols)
+    codes = log_codes(context_counts(contexts, flat, count))
+    freq = rans_frequencies(codes)
+    bits = np.where(freq > 0, RANS_PROB_BITS - np.log2(np.maximum(freq, 1)), 0).ravel()
+    shares, at = {}, 0
+    for name, sym in zip(qnames, symbols):
+        shares[name] = float(bits[contexts[at:at + sym.size].astype(np.int64) * 256 + sym].sum())
+        at += sym.size
+    side = rans_tables_bytes(codes) + b"".join(bytes([k]) + (b.tobytes() if k else b"")
+                                               for (_, _, b), k in zip(entries, keep))
+    return side, rans_encode(flat, contexts, freq), shares
+
+
+def rans_decode_quantized(tensors: list, side: bytes, stream: bytes) -> bytes:
+    """The quantized tensors' int8 bytes, concatenated in header order, from rans_encode_quantized's output."""
+    shapes = [(t[0], (t[2][0], math.prod(t[2][1:])), t[4:]) for t in tensors]
+    roles = {coder_role(name) for name, _, _ in shapes}
+    codes, at = rans_tables_from(side, len(roles) * RANS_CONTEXTS)
+    entries = []
+    for name, (rows, cols), awq in shapes:
+        flag, at = side[at], at + 1
+        if flag:
+            buckets, at = np.frombuffer(side, np.uint8, cols, at), at + cols
+            if buckets.max(initial=0) > RANS_BUCKETS:
+                raise ValueError(f"{name}: column bucket {buckets.max()} out of range")
+        else:
+            buckets = np.full(cols, RANS_BUCKETS + 1, np.uint8)
+            if awq:
+                buckets[awq_mask(awq[0], awq[1], cols).numpy()] = RANS_BUCKETS
+        entries.append((name, (rows, cols), buckets))
+    if at != len(side):
+        raise ValueError(f"side information is {len(side)} bytes, its tables and buckets {at}")
+    contexts, _ = rans_contexts(entries)
+    return (rans_decode(stream, contexts, rans_frequencies(codes)).astype(np.int16) - 128).astype(np.int8).tobytes()
 
 
 def artifact_streams(qm: QuantizedModel) -> tuple[list[str], list[str], list[bytes]]:
@@ -2235,18 +2459,25 @@ def artifact_streams(qm: QuantizedModel) -> tuple[list[str], list[str], list[byt
 
 def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[str, int]]:
     """Serialize and compress: one byte per quantized value (bit-packing the int6 values compressed 11 %
-    larger at the record shape: the compressor finds the unused high bits itself). Returns the blob and
-    its bytes per group."""
+    larger at the record shape: the compressor finds the unused high bits itself). brotli and LZMA code each
+    stream alone; rans codes every quantized value in one stream after its side information. Returns the blob
+    and its bytes per group."""
     from concurrent.futures import ThreadPoolExecutor
 
     qnames, pnames, raw = artifact_streams(qm)
-    # brotli and lzma release the GIL, so threads compress the streams in parallel.
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        packed = list(pool.map(lambda data: compress(data, compressor), raw))
-    by_group = dict(embedding=0, attention=0, mlp=0, gate=0, lqer=0, scales=len(packed[-2]),
-                    passthrough=len(packed[-1]))
-    for n, stream in zip(qnames, packed):
-        by_group[qm.quantized[n]["group"]] += len(stream)
+    by_group = dict(embedding=0, attention=0, mlp=0, gate=0, lqer=0)
+    if compressor == "rans":
+        side, stream, shares = rans_encode_quantized(qm, qnames)
+        raw, packed = [side, b"".join(raw[:-2]), *raw[-2:]], [compress(side, "rans"), stream]
+        packed += [compress(data, "rans") for data in raw[-2:]]
+        spread_bytes(by_group, len(packed[0]) + len(packed[1]), {n: (qm.quantized[n]["group"], shares[n]) for n in qnames})
+    else:
+        # brotli and lzma release the GIL, so threads compress the streams in parallel.
+        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+            packed = list(pool.map(lambda data: compress(data, compressor), raw))
+        for n, stream in zip(qnames, packed):
+            by_group[qm.quantized[n]["group"]] += len(stream)
+    by_group.update(scales=len(packed[-2]), passthrough=len(packed[-1]))
     tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]]
                + ([qm.quantized[n]["awq"], qm.quantized[n]["awq_size"]] if qm.quantized[n].get("awq") else [])
                for n in qnames]
@@ -2262,6 +2493,19 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
     return blob, by_group
 
 
+def spread_bytes(by_group: dict[str, int], total: int, shares: dict[str, tuple[str, float]]) -> None:
+    """Adds `total` bytes to the groups in proportion to their tensors' shares, in whole bytes summing to it."""
+    weights: dict[str, float] = {}
+    for group, share in shares.values():
+        weights[group] = weights.get(group, 0.0) + share
+    whole = sum(weights.values()) or 1.0
+    given = {g: int(total * w / whole) for g, w in weights.items()}
+    for g in sorted(weights, key=lambda g: total * weights[g] / whole - given[g], reverse=True)[:total - sum(given.values())]:
+        given[g] += 1
+    for g, b in given.items():
+        by_group[g] += b
+
+
 def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
     """Inverse of encode_artifact; every inconsistency is an ArtifactError naming `origin`."""
     def fail(why: str):
@@ -2273,8 +2517,14 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
     if magic != ARTIFACT_MAGIC:
         fail(f"does not start with {ARTIFACT_MAGIC!r}")
     if compressor_id >= len(COMPRESSORS):
-        fail(f"unknown compressor id {compressor_id}")
+        raise ArtifactError(f"{origin}: written with coder {compressor_id}, which this train_gpt.py does not have "
+                            f"(it has {', '.join(f'{i} {c}' for i, c in enumerate(COMPRESSORS))}); read it with the "
+                            "version that wrote it, unless the file is truncated or corrupt: then write it again")
     compressor, offset = COMPRESSORS[compressor_id], ARTIFACT_PREFIX.size + header_len
+    try:
+        check_compressor(compressor)
+    except ConfigError as e:
+        raise ArtifactError(f"{origin}: written with {compressor}: {e}") from None
     header_blob = blob[ARTIFACT_PREFIX.size:offset]
     if len(header_blob) != header_len or zlib.crc32(header_blob) != header_crc:
         fail("header fails its length/CRC32 check")
@@ -2289,10 +2539,13 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
     header["model_config"] = header_model_config(header, origin)
     if expected != len(blob):
         fail(f"file is {len(blob)} bytes but its header promises {expected}")
+    qentries = [t for t in header["tensors"] if t[1] == "q"]
     streams = []
     for i, (clen, rlen, crc) in enumerate(header["streams"]):
         try:
-            raw = decompress(blob[offset:offset + clen], compressor)
+            coded = blob[offset:offset + clen]
+            raw = (rans_decode_quantized(qentries, streams[0], coded) if compressor == "rans" and i == 1
+                   else decompress(coded, compressor))
         except Exception as e:  # noqa: BLE001
             fail(f"stream {i} does not decompress ({type(e).__name__}: {e})")
         if len(raw) != rlen or zlib.crc32(raw) != crc:
@@ -2300,6 +2553,9 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         streams.append(raw)
         offset += clen
     try:
+        if compressor == "rans":  # back to one stream per quantized tensor
+            ends = np.cumsum([0] + [math.prod(t[2]) for t in qentries])
+            streams = [streams[1][a:b] for a, b in zip(ends[:-1], ends[1:])] + streams[2:]
         return tensors_from_streams(header, streams)
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
         fail(f"header and streams disagree ({type(e).__name__}: {e})")

@@ -13,8 +13,7 @@ Steps, each a row of the table (pass / fail / skip, seconds, figures):
   5. bench/throughput.py at the record shape (8 micro-batches on one GPU): ms/step, tok/s, MFU, memory.
 About 20 minutes in all with the defaults; `--time-limit S` stops a step that would run past S seconds from the
 start and records it as failed, so the table always comes out. gpu_check.json is rewritten after every step.
-Without brotli the runs fall back to COMPRESSOR=lzma, with a warning. `--out DIR` keeps gpu_check.json,
-the logs and the corpus there. The exit status is 1 when any step failed.
+`--out DIR` keeps gpu_check.json, the logs and the corpus there. The exit status is 1 when any step failed.
 """
 import argparse
 import importlib
@@ -262,9 +261,6 @@ def main(argv=None) -> int:
         if name == "environment":
             if steps[name]["status"] == "fail":
                 break
-            if steps[name]["figures"]["brotli"] == "missing":
-                print("WARNING: brotli is not installed; the runs use COMPRESSOR=lzma (pip install brotli for the record's)")
-                env["COMPRESSOR"] = "lzma"
         print(f"{name}: {steps[name]['status']} ({steps[name]['seconds']:.1f}s)", flush=True)
     print(table(steps))
     return 1 if any(r["status"] == "fail" for r in steps.values()) else 0

@@ -42,11 +42,26 @@ def test_every_byte_is_in_one_group_and_each_coder_matches_its_own_compressor(qu
     assert rows["scales"]["raw_bytes"] == 2 * sum(e["scale"].numel() for e in quantized.quantized.values())
     assert rows["passthrough"]["raw_bytes"] == 2 * sum(t.numel() for t in quantized.passthrough.values())
     streams = compress_report.group_streams(quantized)
-    for group, (data, _) in streams.items():
+    for group, (data, _, names) in streams.items():
         assert rows[group]["coded"]["brotli"] == len(tg.compress(data, "brotli"))
         assert rows[group]["coded"]["lzma"] == len(tg.compress(data, "lzma"))
         assert rows[group]["artifact_bytes"] == by_group[group]
-    assert r["coders"] == ["brotli", "lzma"] and not r["lrzip"]
+        assert bool(names) == (group not in ("scales", "passthrough"))
+    assert r["coders"] == ["brotli", "lzma", "rans"] and not r["lrzip"]
+
+
+def test_the_rans_column_is_what_the_artifact_spends_on_the_group(quantized):
+    """Roles never cross groups, so a group coded alone gets the same tables and buckets as in the artifact; it
+    pays only its own framing, LZMA overhead and lane states, so the column is at or a little above the artifact's
+    figure for the group."""
+    _, by_group = tg.encode_artifact(quantized, "rans")
+    rows = compress_report.report(quantized, by_group, with_lrzip=False)["groups"]
+    for group in ("scales", "passthrough"):
+        assert rows[group]["coded"]["rans"] == by_group[group]
+    quantized_groups = ("embedding", "attention", "mlp", "gate", "lqer")
+    alone = sum(rows[g]["coded"]["rans"] for g in quantized_groups)
+    together = sum(by_group[g] for g in quantized_groups)
+    assert together <= alone <= together + 4 * (8 + 4) + 400  # per group: its side length, lane state, tables
 
 
 def test_the_scales_stream_holds_awq_blocks_row_steps_as_the_artifact_does():
@@ -57,7 +72,7 @@ def test_the_scales_stream_holds_awq_blocks_row_steps_as_the_artifact_does():
     header_len = tg.ARTIFACT_PREFIX.unpack_from(blob)[2]
     start = tg.ARTIFACT_PREFIX.size
     header = tg.json.loads(tg.decompress(blob[start:start + header_len], "brotli"))
-    scales, _ = compress_report.group_streams(qm)["scales"]
+    scales, _, _ = compress_report.group_streams(qm)["scales"]
     assert len(scales) == header["streams"][-2][1]
     assert any(e.get("awq") for e in qm.quantized.values())
 
@@ -69,7 +84,8 @@ def test_order0_entropy_of_known_streams():
 
 
 def test_a_coder_that_does_not_give_back_its_input_stops_the_report(quantized, monkeypatch):
-    monkeypatch.setattr(compress_report, "coders", lambda with_lrzip=True: {"broken": (lambda d: d, lambda d: d[1:])})
+    monkeypatch.setattr(compress_report, "coders",
+                        lambda qm, with_lrzip=True: {"broken": (lambda d, _: d, lambda d, _: d[1:])})
     with pytest.raises(RuntimeError, match="broken does not give back the embedding stream"):
         compress_report.report(quantized, {}, with_lrzip=False)
 

@@ -81,7 +81,7 @@ def synthetic_quantized(bits_list, seed=0):
     return tg.QuantizedModel(quantized, passthrough, model_config)
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+@pytest.mark.parametrize("compressor", ["brotli", "lzma", "rans"])
 def test_container_round_trip_is_exact(compressor):
     qm = synthetic_quantized(range(2, 9))
     blob, by_group = tg.encode_artifact(qm, compressor)
@@ -462,16 +462,17 @@ def test_lqer_corrects_the_largest_errors_on_int2_and_int4_grids():
     assert all(torch.equal(fixed[n], plain[n]) for n in state if n not in corrected)
 
 
-def test_lqer_artifact_round_trip_is_exact_and_refuses_a_stray_factor():
+@pytest.mark.parametrize("compressor", ["lzma", "rans"])
+def test_lqer_artifact_round_trip_is_exact_and_refuses_a_stray_factor(compressor):
     cfg, model, qm = lqer_problem(LQER_RANK=2, LQER_TOP_K=2)
-    blob, by_group = tg.encode_artifact(qm, "lzma")
+    blob, by_group = tg.encode_artifact(qm, compressor)
     assert by_group["lqer"] > 0
     decoded = tg.decode_artifact(blob)
     template = model.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(decoded.state_dict(template).values(), qm.state_dict(template).values()))
     stray = dataclasses.replace(qm, quantized={n: e for n, e in qm.quantized.items() if not n.endswith(tg.LQER_B)})
     with pytest.raises(tg.ArtifactError, match="LQER factor without its matrix or its other factor"):
-        tg.decode_artifact(tg.encode_artifact(stray, "lzma")[0], "stray.ptz")
+        tg.decode_artifact(tg.encode_artifact(stray, compressor)[0], "stray.ptz")
 
 
 def test_awq_lite_takes_the_block_that_matters_and_lowers_the_weighted_error():
@@ -511,19 +512,20 @@ def awq_model():
     return cfg, model, plan, tg.gptq_factors(cfg, plan, hessians)
 
 
-def test_an_artifact_with_awq_blocks_decodes_to_the_same_weights_bit_for_bit():
+@pytest.mark.parametrize("compressor", ["brotli", "rans"])
+def test_an_artifact_with_awq_blocks_decodes_to_the_same_weights_bit_for_bit(compressor):
     cfg, model, plan, factors = awq_model()
     qm = tg.quantize_model(cfg, model, plan, factors)
     assert all(e.get("awq") and len(e["awq"]) == 1 for e in qm.quantized.values() if e["group"] != "gate"
                and not e["group"] == "lqer")
-    blob, by_group = tg.encode_artifact(qm, "brotli")
+    blob, by_group = tg.encode_artifact(qm, compressor)
     decoded = tg.decode_artifact(blob)
     template = model.state_dict()
     for name, want in qm.state_dict(template).items():
         assert torch.equal(decoded.state_dict(template)[name], want), name
     assert sum(by_group.values()) == len(blob)
     no_awq = tg.quantize_model(dataclasses.replace(cfg, AWQ_TOP_GROUPS=0), model, plan, factors)
-    assert by_group["scales"] > tg.encode_artifact(no_awq, "brotli")[1]["scales"]  # the blocks' row steps
+    assert by_group["scales"] > tg.encode_artifact(no_awq, compressor)[1]["scales"]  # the blocks' row steps
 
 
 def test_awq_lite_with_round_to_nearest_is_refused():

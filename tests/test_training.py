@@ -217,7 +217,7 @@ def test_a_run_that_fails_late_still_leaves_its_log_and_summary(small_sample, tm
 def test_a_missing_compressor_package_fails_at_start(small_sample, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "brotli", None)  # import brotli now raises ImportError
     with pytest.raises(tg.ConfigError, match="COMPRESSOR=brotli needs the brotli package: `pip install brotli`"):
-        tg.main(tiny_env(small_sample, tmp_path))
+        tg.main(tiny_env(small_sample, tmp_path, COMPRESSOR="brotli"))
     assert "steps" not in json.loads((tmp_path / "logs" / "run.json").read_text())
 
 

@@ -6,8 +6,10 @@
 The artifact is decoded (CRCs checked) and its streams rebuilt as train_gpt.py writes them: one byte per
 quantized value, the fp16 scales and the fp16 pass-through tensors byte-shuffled. Each group (embedding,
 attention, mlp, gate, lqer, scales, passthrough) is concatenated into one stream and coded by brotli
-(quality 11), LZMA (train_gpt.py's raw preset 9|extreme) and, when the `lrzip` binary is on PATH, `lrzip -z -L 9`
-(ZPAQ, what the 1.0611 record used per group). Every coded stream is decoded again and must equal the input.
+(quality 11), LZMA (train_gpt.py's raw preset 9|extreme), rans (train_gpt.py's context-modelled coder, given the
+group's tensors; its side information included; LZMA for the fp16 groups, as in the artifact) and, when the
+`lrzip` binary is on PATH, `lrzip -z -L 9` (ZPAQ, what the 1.0611 record used per group). Every coded stream is
+decoded again and must equal the input.
 The table gives bytes and bits per value for each coder against the order-0 entropy of the group's bytes, and
 each coder's encode and decode seconds over all groups; the artifact's own bytes (one stream per tensor) are in
 the last column.
@@ -31,18 +33,40 @@ import train_gpt as tg  # noqa: E402
 GROUPS = ("embedding", "attention", "mlp", "gate", "lqer", "scales", "passthrough")
 
 
-def group_streams(qm: tg.QuantizedModel) -> dict[str, tuple[bytes, int]]:
-    """(bytes, values) per group: the container's raw streams, each quantized tensor's joined to its group's; a
-    group with no tensor is left out."""
+def group_streams(qm: tg.QuantizedModel) -> dict[str, tuple[bytes, int, list[str]]]:
+    """(bytes, values, quantized tensor names) per group: the container's raw streams, each quantized tensor's
+    joined to its group's; a group with no tensor is left out."""
     qnames, _, raw = tg.artifact_streams(qm)
-    streams: dict[str, tuple[bytes, int]] = {}
+    streams: dict[str, tuple[bytes, int, list[str]]] = {}
     for name, data in zip(qnames, raw):
-        joined, count = streams.get(qm.quantized[name]["group"], (b"", 0))
-        streams[qm.quantized[name]["group"]] = (joined + data, count + len(data))
+        joined, count, names = streams.get(qm.quantized[name]["group"], (b"", 0, []))
+        streams[qm.quantized[name]["group"]] = (joined + data, count + len(data), names + [name])
     for group, data in (("scales", raw[-2]), ("passthrough", raw[-1])):
         if data:
-            streams[group] = (data, len(data) // 2)  # fp16 values
+            streams[group] = (data, len(data) // 2, [])  # fp16 values
     return {g: streams[g] for g in GROUPS if g in streams}
+
+
+def rans_coder(qm: tg.QuantizedModel) -> tuple:
+    """(encode, decode) of a group as COMPRESSOR=rans stores it: its tensors' side information (LZMA) and rANS
+    stream, or LZMA alone for a stream of fp16 values."""
+    def encode(data: bytes, names: list[str]) -> bytes:
+        if not names:
+            return tg.compress(data, "rans")
+        side, stream, _ = tg.rans_encode_quantized(qm, names)
+        side = tg.compress(side, "rans")
+        return len(side).to_bytes(4, "little") + side + stream
+
+    def decode(coded: bytes, names: list[str]) -> bytes:
+        if not names:
+            return tg.decompress(coded, "rans")
+        cut = 4 + int.from_bytes(coded[:4], "little")
+        tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]]
+                   + ([qm.quantized[n]["awq"], qm.quantized[n]["awq_size"]] if qm.quantized[n].get("awq") else [])
+                   for n in names]
+        return tg.rans_decode_quantized(tensors, tg.decompress(coded[4:cut], "rans"), coded[cut:])
+
+    return encode, decode
 
 
 def order0_entropy_bytes(data: bytes) -> float:
@@ -68,12 +92,14 @@ def lrzip_coder() -> tuple | None:
             subprocess.run([binary, *args, "-q", "-f", "-o", str(dst), str(src)], check=True, capture_output=True)
             return dst.read_bytes()
 
-    return (lambda data: run(data, ["-z", "-L", "9"], ".bin"), lambda data: run(data, ["-d"], ".lrz"))
+    return (lambda data, _: run(data, ["-z", "-L", "9"], ".bin"), lambda data, _: run(data, ["-d"], ".lrz"))
 
 
-def coders(with_lrzip: bool = True) -> dict[str, tuple]:
-    found = {"brotli": (lambda d: tg.compress(d, "brotli"), lambda d: tg.decompress(d, "brotli")),
-             "lzma": (lambda d: tg.compress(d, "lzma"), lambda d: tg.decompress(d, "lzma"))}
+def coders(qm: tg.QuantizedModel, with_lrzip: bool = True) -> dict[str, tuple]:
+    """name -> (encode(data, tensor names), decode(coded, tensor names))."""
+    found = {"brotli": (lambda d, _: tg.compress(d, "brotli"), lambda d, _: tg.decompress(d, "brotli")),
+             "lzma": (lambda d, _: tg.compress(d, "lzma"), lambda d, _: tg.decompress(d, "lzma")),
+             "rans": rans_coder(qm)}
     lrzip = lrzip_coder() if with_lrzip else None
     if lrzip is not None:
         found["lrzip"] = lrzip
@@ -81,17 +107,17 @@ def coders(with_lrzip: bool = True) -> dict[str, tuple]:
 
 
 def report(qm: tg.QuantizedModel, artifact_by_group: dict[str, int], with_lrzip: bool = True) -> dict:
-    streams, used = group_streams(qm), coders(with_lrzip)
+    streams, used = group_streams(qm), coders(qm, with_lrzip)
     groups = {}
     seconds = {name: [0.0, 0.0] for name in used}
-    for group, (data, values) in streams.items():
+    for group, (data, values, names) in streams.items():
         row = dict(values=values, raw_bytes=len(data), entropy_bytes=order0_entropy_bytes(data),
                    artifact_bytes=artifact_by_group.get(group, 0), coded={})
         for name, (encode, decode) in used.items():
             t0 = time.perf_counter()
-            coded = encode(data)
+            coded = encode(data, names)
             t1 = time.perf_counter()
-            if decode(coded) != data:
+            if decode(coded, names) != data:
                 raise RuntimeError(f"{name} does not give back the {group} stream it coded")
             seconds[name][0] += t1 - t0
             seconds[name][1] += time.perf_counter() - t1
