@@ -29,6 +29,7 @@ def test_record_is_the_defaults_and_turns_on_every_frontier_piece():
     assert (record.SMEAR_GATE, record.SPARSE_ATTN_GATE, record.VARLEN_ATTENTION) == (1, 1, 1)
     assert record.PARALLEL_LANES_START < record.NUM_LAYERS and record.MIN_LR > 0
     assert record.MUON_NS_COEFFS == "polar_express"
+    assert record.COMPRESSOR == "rans" and tg.config_from_env({"PRESET": "r1081"}).COMPRESSOR == "brotli"
 
 
 def test_r1081_differs_from_the_record_in_its_own_knobs_only():
