@@ -2231,6 +2231,7 @@ def decompress(data: bytes, compressor: str) -> bytes:
 RANS_PROB_BITS = 16        # each table's frequencies sum to 2**16
 RANS_LOW = 1 << 32         # lane states stay in [2**32, 2**64) and move 32-bit words
 RANS_STEPS = 32768         # values per lane: more lanes decode faster, but each ends with an 8-byte state
+RANS_MIN_LANES = 64        # small models: numpy's per-step overhead, not the values, would set the time
 RANS_BUCKETS = 8           # column buckets by mean |q| against the tensor's; then one for AWQ-lite columns, and
 RANS_CONTEXTS = RANS_BUCKETS + 2  # one for every column of a tensor whose buckets would cost more than they save
 RANS_BUCKET_EDGES = np.exp(np.linspace(-0.6, 0.6, RANS_BUCKETS - 1))
@@ -2246,9 +2247,16 @@ def coder_role(name: str) -> str:
     return ".".join(parts[2:] if parts[0] == "blocks" else parts)
 
 
+def as_matrix(shape) -> tuple[int, int]:
+    """The (rows, columns) a tensor is coded as: its first dimension by the rest."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)
+
+
 def column_buckets(q: np.ndarray, awq_columns: np.ndarray | None) -> np.ndarray:
     """Each column's context bucket: its mean |q| against the whole tensor's, on fixed log-spaced edges; AWQ-lite
     columns (an int8 grid) get bucket RANS_BUCKETS."""
+    if not q.size:
+        return np.zeros(q.shape[1], np.uint8)
     mags = np.abs(q.astype(np.float32))
     buckets = np.searchsorted(RANS_BUCKET_EDGES, mags.mean(0) / max(float(mags.mean()), 1e-9)).astype(np.uint8)
     if awq_columns is not None:
@@ -2277,7 +2285,7 @@ def rans_frequencies(codes: np.ndarray) -> np.ndarray:
 
 
 def rans_lanes(count: int) -> int:
-    return max(1, -(-count // RANS_STEPS))
+    return max(1, min(count, max(RANS_MIN_LANES, -(-count // RANS_STEPS))))
 
 
 def rans_encode(symbols: np.ndarray, contexts: np.ndarray, freq: np.ndarray) -> bytes:
@@ -2340,7 +2348,7 @@ def rans_contexts(entries: list[tuple[str, tuple[int, int], np.ndarray]]) -> tup
     parts = [(roles.index(coder_role(name)) * RANS_CONTEXTS
               + np.broadcast_to(buckets.astype(np.int64), shape)).ravel()
              for name, shape, buckets in entries]
-    return np.concatenate(parts).astype(np.uint16), len(roles) * RANS_CONTEXTS
+    return np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.uint16), len(roles) * RANS_CONTEXTS
 
 
 def rans_tables_bytes(codes: np.ndarray) -> bytes:
@@ -2371,7 +2379,7 @@ def worth_bucketing(entries: list, symbols: list[np.ndarray]) -> list[bool]:
     """Per tensor, whether coding it with its column buckets saves more bits than the buckets themselves cost
     (estimated at their empirical entropy), against its role's tables pooled over buckets."""
     contexts, count = rans_contexts(entries)
-    counts = context_counts(contexts, np.concatenate(symbols), count).astype(np.float64)
+    counts = context_counts(contexts, np.concatenate([np.zeros(0, np.uint8), *symbols]), count).astype(np.float64)
     pooled = counts.reshape(-1, RANS_CONTEXTS, 256)[:, :RANS_BUCKETS].sum(1, keepdims=True)
     pooled = np.broadcast_to(pooled, (len(pooled), RANS_BUCKETS, 256)).reshape(-1, 256)
     bucketed = counts.reshape(-1, RANS_CONTEXTS, 256)[:, :RANS_BUCKETS].reshape(-1, 256)
@@ -2384,12 +2392,15 @@ def worth_bucketing(entries: list, symbols: list[np.ndarray]) -> list[bool]:
     for (name, shape, buckets), sym in zip(entries, symbols):
         ctx = contexts[at:at + sym.size].astype(np.int64)
         at += sym.size
+        if shape[0] < RANS_MIN_ROWS or not sym.size:
+            keep.append(False)
+            continue
         role = ctx[0] // RANS_CONTEXTS
         magnitude = (ctx % RANS_CONTEXTS) < RANS_BUCKETS
         index = (role * RANS_BUCKETS + ctx[magnitude] % RANS_CONTEXTS) * 256 + sym[magnitude]
         p = np.bincount(buckets, minlength=RANS_BUCKETS + 1) / buckets.size
         side_bits = -buckets.size * float((p[p > 0] * np.log2(p[p > 0])).sum())
-        keep.append(shape[0] >= RANS_MIN_ROWS and float(saving[index].sum()) > side_bits)
+        keep.append(float(saving[index].sum()) > side_bits)
     return keep
 
 
@@ -2400,7 +2411,7 @@ def rans_encode_quantized(qm: QuantizedModel, qnames: list[str]) -> tuple[bytes,
     entries, symbols = [], []
     for name in qnames:
         e = qm.quantized[name]
-        q = e["q"].numpy().astype(np.int8).reshape(e["q"].shape[0], -1)
+        q = e["q"].numpy().astype(np.int8).reshape(as_matrix(e["q"].shape))
         awq = awq_mask(e["awq"], e["awq_size"], q.shape[1]).numpy() if e.get("awq") else None
         entries.append((name, q.shape, column_buckets(q, awq)))
         symbols.append((q.astype(np.int16) + 128).astype(np.uint8).ravel())
@@ -2408,7 +2419,7 @@ def rans_encode_quantized(qm: QuantizedModel, qnames: list[str]) -> tuple[bytes,
     entries = [(name, shape, b if k else np.where(b == RANS_BUCKETS, b, RANS_BUCKETS + 1).astype(np.uint8))
                for (name, shape, b), k in zip(entries, keep)]
     contexts, count = rans_contexts(entries)
-    flat = np.concatenate(symbols)
+    flat = np.concatenate([np.zeros(0, np.uint8), *symbols])
     codes = log_codes(context_counts(contexts, flat, count))
     freq = rans_frequencies(codes)
     bits = np.where(freq > 0, RANS_PROB_BITS - np.log2(np.maximum(freq, 1)), 0).ravel()
@@ -2423,7 +2434,7 @@ def rans_encode_quantized(qm: QuantizedModel, qnames: list[str]) -> tuple[bytes,
 
 def rans_decode_quantized(tensors: list, side: bytes, stream: bytes) -> bytes:
     """The quantized tensors' int8 bytes, concatenated in header order, from rans_encode_quantized's output."""
-    shapes = [(t[0], (t[2][0], math.prod(t[2][1:])), t[4:]) for t in tensors]
+    shapes = [(t[0], as_matrix(t[2]), t[4:]) for t in tensors]
     roles = {coder_role(name) for name, _, _ in shapes}
     codes, at = rans_tables_from(side, len(roles) * RANS_CONTEXTS)
     entries = []
@@ -2496,9 +2507,9 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
 def spread_bytes(by_group: dict[str, int], total: int, shares: dict[str, tuple[str, float]]) -> None:
     """Adds `total` bytes to the groups in proportion to their tensors' shares, in whole bytes summing to it."""
     weights: dict[str, float] = {}
-    for group, share in shares.values():
-        weights[group] = weights.get(group, 0.0) + share
-    whole = sum(weights.values()) or 1.0
+    for group, share in shares.values():  # a tensor of one repeated value costs 0 bits: count it as 1
+        weights[group] = weights.get(group, 0.0) + max(share, 1.0)
+    whole = sum(weights.values())
     given = {g: int(total * w / whole) for g, w in weights.items()}
     for g in sorted(weights, key=lambda g: total * weights[g] / whole - given[g], reverse=True)[:total - sum(given.values())]:
         given[g] += 1
@@ -2539,7 +2550,10 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
     header["model_config"] = header_model_config(header, origin)
     if expected != len(blob):
         fail(f"file is {len(blob)} bytes but its header promises {expected}")
-    qentries = [t for t in header["tensors"] if t[1] == "q"]
+    try:
+        qentries = [t for t in header["tensors"] if t[1] == "q"]
+    except (KeyError, TypeError, IndexError) as e:
+        fail(f"header's tensor list does not read ({type(e).__name__}: {e})")
     streams = []
     for i, (clen, rlen, crc) in enumerate(header["streams"]):
         try:

@@ -11,8 +11,9 @@ group's tensors; its side information included; LZMA for the fp16 groups, as in 
 `lrzip` binary is on PATH, `lrzip -z -L 9` (ZPAQ, what the 1.0611 record used per group). Every coded stream is
 decoded again and must equal the input.
 The table gives bytes and bits per value for each coder against the order-0 entropy of the group's bytes, and
-each coder's encode and decode seconds over all groups; the artifact's own bytes (one stream per tensor) are in
-the last column.
+each coder's encode and decode seconds over all groups; the artifact's own bytes per group, as train_gpt.py
+reports them, are in the last column (under rans, its one stream and side information split in proportion to
+each group's code length).
 """
 import argparse
 import json
