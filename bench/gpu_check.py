@@ -185,8 +185,8 @@ def training_run(args, env: dict) -> dict:
         return dict(status="fail", detail=f"train_gpt.py exit {done.returncode} without a summary; see training.log")
     s = json.loads(summary_path.read_text())
     keys = ("steps", "ms_per_step", "tokens_per_second", "train_data_seconds", "pre_quant_val_bpb", "quantized_val_bpb",
-            "sliding_val_bpb", "ttt_val_bpb", "slot_val_bpb", "val_bpb", "score_source", "artifact_bytes_total",
-            "eval_seconds", "peak_memory_mib")
+            "sliding_val_bpb", "ttt_val_bpb", "slot_val_bpb", "val_bpb", "score_source", "model_bytes",
+            "artifact_bytes_total", "compress_seconds", "decompress_seconds", "eval_seconds", "peak_memory_mib")
     figures = {k: s[k] for k in keys if k in s}
     if s.get("status") != "ok" or done.returncode:
         return dict(status="fail", figures=figures, detail=s.get("error") or f"exit {done.returncode}")

@@ -25,6 +25,7 @@ def test_tiny_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     assert run["status"] == "pass" and run["figures"]["steps"] == 10
     summary = json.loads((tmp_path / "logs" / "gpu_check.json").read_text())
     assert run["figures"]["val_bpb"] == summary["val_bpb"] and summary["status"] == "ok"
+    assert run["figures"]["model_bytes"] == summary["model_bytes"] and run["figures"]["decompress_seconds"] > 0
     assert "| training run | pass |" in done.stdout and "| cuda tests | skip (all skipped (no GPU)) |" in done.stdout
 
 
