@@ -2183,10 +2183,10 @@ def lqer_corrections(cfg: Config, weights: dict[str, Tensor], quantized: dict[st
     return factors
 
 
-# Container: magic, compressor id, u32 header length, u32 header CRC32, compressed JSON header, then compressed
-# streams (one per quantized tensor, one for all scales, one for all pass-through tensors).
-# Per-tensor streams give exact bytes per group and compress in parallel threads; each stream
-# costs a few bytes. Every stream's CRC32 is checked on load.
+# Container: magic, compressor id, u32 header length, u32 header CRC32, compressed JSON header, then the streams.
+# brotli and lzma: one per quantized tensor (exact bytes per group, compressed in parallel threads), one for all
+# scales, one for all pass-through tensors. rans: its side information (LZMA), one rANS stream of every quantized
+# value, then the scales and pass-through streams (LZMA). Every stream's CRC32 is checked on load.
 
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -2230,8 +2230,8 @@ def decompress(data: bytes, compressor: str) -> bytes:
 # are side information; everything else in the container (header, scales, pass-through) is LZMA-coded.
 RANS_PROB_BITS = 16        # each table's frequencies sum to 2**16
 RANS_LOW = 1 << 32         # lane states stay in [2**32, 2**64) and move 32-bit words
-RANS_STEPS = 32768         # values per lane: more lanes decode faster, but each ends with an 8-byte state
-RANS_MIN_LANES = 64        # small models: numpy's per-step overhead, not the values, would set the time
+RANS_STEPS = 32768         # at most this many values per lane: more lanes decode faster, each ends in an 8-byte state
+RANS_MIN_LANES = 64        # at least this many lanes (or one per value): else numpy's per-step overhead sets the time
 RANS_BUCKETS = 8           # column buckets by mean |q| against the tensor's; then one for AWQ-lite columns, and
 RANS_CONTEXTS = RANS_BUCKETS + 2  # one for every column of a tensor whose buckets would cost more than they save
 RANS_BUCKET_EDGES = np.exp(np.linspace(-0.6, 0.6, RANS_BUCKETS - 1))
@@ -2389,7 +2389,7 @@ def worth_bucketing(entries: list, symbols: list[np.ndarray]) -> list[bool]:
             return np.nan_to_num(-np.log2(table / table.sum(1, keepdims=True)))
     saving = (bits(pooled) - bits(bucketed)).ravel()  # per (role, bucket, symbol), for the 8 magnitude buckets
     keep, at = [], 0
-    for (name, shape, buckets), sym in zip(entries, symbols):
+    for (_, shape, buckets), sym in zip(entries, symbols):
         ctx = contexts[at:at + sym.size].astype(np.int64)
         at += sym.size
         if shape[0] < RANS_MIN_ROWS or not sym.size:
@@ -2398,8 +2398,9 @@ def worth_bucketing(entries: list, symbols: list[np.ndarray]) -> list[bool]:
         role = ctx[0] // RANS_CONTEXTS
         magnitude = (ctx % RANS_CONTEXTS) < RANS_BUCKETS
         index = (role * RANS_BUCKETS + ctx[magnitude] % RANS_CONTEXTS) * 256 + sym[magnitude]
-        p = np.bincount(buckets, minlength=RANS_BUCKETS + 1) / buckets.size
-        side_bits = -buckets.size * float((p[p > 0] * np.log2(p[p > 0])).sum())
+        sent = buckets[buckets < RANS_BUCKETS]  # AWQ-lite columns are known from the header either way
+        p = np.bincount(sent, minlength=RANS_BUCKETS) / max(1, sent.size)
+        side_bits = -sent.size * float((p[p > 0] * np.log2(p[p > 0])).sum())
         keep.append(float(saving[index].sum()) > side_bits)
     return keep
 
@@ -2456,8 +2457,8 @@ def rans_decode_quantized(tensors: list, side: bytes, stream: bytes) -> bytes:
 
 
 def artifact_streams(qm: QuantizedModel) -> tuple[list[str], list[str], list[bytes]]:
-    """(quantized names, pass-through names, raw streams) as the container stores them, uncompressed: one stream
-    per quantized tensor (a byte per value, names sorted), then every scale (each matrix's row steps, then its
+    """(quantized names, pass-through names, raw streams) as brotli and lzma store them, uncompressed (rans joins
+    the quantized ones into one): one stream per quantized tensor (a byte per value, names sorted), then every scale (each matrix's row steps, then its
     AWQ-lite blocks'), then every pass-through tensor, both fp16 and byte-shuffled."""
     qnames, pnames = sorted(qm.quantized), sorted(qm.passthrough)
     raw = [qm.quantized[n]["q"].numpy().astype(np.int8).tobytes() for n in qnames]
@@ -2534,8 +2535,9 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
     compressor, offset = COMPRESSORS[compressor_id], ARTIFACT_PREFIX.size + header_len
     try:
         check_compressor(compressor)
-    except ConfigError as e:
-        raise ArtifactError(f"{origin}: written with {compressor}: {e}") from None
+    except ConfigError:
+        raise ArtifactError(f"{origin}: written with {compressor}, which needs the {compressor} package to read: "
+                            f"`pip install {compressor}`") from None
     header_blob = blob[ARTIFACT_PREFIX.size:offset]
     if len(header_blob) != header_len or zlib.crc32(header_blob) != header_crc:
         fail("header fails its length/CRC32 check")

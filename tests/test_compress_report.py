@@ -91,6 +91,14 @@ def test_a_coder_that_does_not_give_back_its_input_stops_the_report(quantized, m
         compress_report.report(quantized, {}, with_lrzip=False)
 
 
+def test_without_the_brotli_package_the_report_leaves_brotli_out_and_says_so(quantized, monkeypatch):
+    monkeypatch.setitem(sys.modules, "brotli", None)  # import brotli now raises ImportError
+    _, by_group = tg.encode_artifact(quantized, "rans")
+    r = compress_report.report(quantized, by_group, with_lrzip=False)
+    assert r["coders"] == ["lzma", "rans"]
+    assert "brotli: not installed, left out (pip install brotli to compare it)" in compress_report.table(r)
+
+
 def test_the_command_prints_the_table_and_says_when_lrzip_is_missing(quantized, tmp_path, monkeypatch, capsys):
     path = tmp_path / "model.ptz"
     path.write_bytes(tg.encode_artifact(quantized, "brotli")[0])

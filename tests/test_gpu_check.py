@@ -14,7 +14,7 @@ def test_tiny_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
     steps = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(steps) == ["environment", "cuda tests", "training run", "lora ttt eval", "throughput"]
     env = steps["environment"]["figures"]
-    assert env["attention_backend"] == "sdpa" and env["gpu"] == "none" and env["brotli"] != "missing"
+    assert env["attention_backend"] == "sdpa" and env["gpu"] == "none" and "brotli" in env
     # Without a GPU every cuda check is collected and skipped, none fails.
     assert steps["cuda tests"]["status"] == "skip" and len(steps["cuda tests"]["figures"]) >= 5
     assert set(steps["cuda tests"]["figures"].values()) == {"skip"}

@@ -101,6 +101,10 @@ def coders(qm: tg.QuantizedModel, with_lrzip: bool = True) -> dict[str, tuple]:
     found = {"brotli": (lambda d, _: tg.compress(d, "brotli"), lambda d, _: tg.decompress(d, "brotli")),
              "lzma": (lambda d, _: tg.compress(d, "lzma"), lambda d, _: tg.decompress(d, "lzma")),
              "rans": rans_coder(qm)}
+    try:
+        tg.check_compressor("brotli")
+    except tg.ConfigError:  # optional since rans is the default
+        del found["brotli"]
     lrzip = lrzip_coder() if with_lrzip else None
     if lrzip is not None:
         found["lrzip"] = lrzip
@@ -149,6 +153,8 @@ def table(r: dict) -> str:
                                          + [f"{totals[n]:,}" for n in names] + [f"{totals['artifact']:,}"]) + " |")
     lines.append("")
     lines += [f"{n}: encode {s['encode']:.2f} s, decode {s['decode']:.2f} s" for n, s in r["seconds"].items()]
+    if "brotli" not in names:
+        lines.append("brotli: not installed, left out (pip install brotli to compare it)")
     if not r["lrzip"]:
         lines.append("lrzip: not on PATH, left out (apt install lrzip to compare it)")
     return "\n".join(lines)
