@@ -2288,13 +2288,17 @@ def rans_lanes(count: int) -> int:
     return max(1, min(count, max(RANS_MIN_LANES, -(-count // RANS_STEPS))))
 
 
+def rans_lookup(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each (context, symbol)'s frequency and cumulative start, flat at context * 256 + symbol."""
+    return freq.ravel().astype(np.uint64), (np.cumsum(freq, 1) - freq).ravel().astype(np.uint64)
+
+
 def rans_encode(symbols: np.ndarray, contexts: np.ndarray, freq: np.ndarray) -> bytes:
     """Interleaved rANS: value i goes to lane i % lanes, all lanes step together (numpy-vectorized). Encoding runs
     backwards so decoding runs forwards; each step's renormalization words are stored in lane order, steps in
     decoding order, after every lane's final state."""
     n, lanes = symbols.size, rans_lanes(symbols.size)
-    f_of = freq.ravel().astype(np.uint64)
-    c_of = (np.cumsum(freq, 1) - freq).ravel().astype(np.uint64)
+    f_of, c_of = rans_lookup(freq)
     state = np.full(lanes, RANS_LOW, np.uint64)
     words = []
     for start in reversed(range(0, n, lanes)):
@@ -2316,8 +2320,7 @@ def rans_decode(data: bytes, contexts: np.ndarray, freq: np.ndarray) -> np.ndarr
         raise ValueError(f"{len(data)} bytes cannot hold {lanes} lane states and whole words")
     state = np.frombuffer(data, "<u8", lanes).astype(np.uint64)
     words = np.frombuffer(data, "<u4", offset=8 * lanes).astype(np.uint64)
-    f_of = freq.ravel().astype(np.uint64)
-    c_of = (np.cumsum(freq, 1) - freq).ravel().astype(np.uint64)
+    f_of, c_of = rans_lookup(freq)
     slot_symbol = np.zeros((len(freq), 1 << RANS_PROB_BITS), np.uint8)
     for ctx in np.flatnonzero(freq.sum(1)):
         slot_symbol[ctx] = np.repeat(np.arange(256, dtype=np.uint8), freq[ctx])
@@ -2456,10 +2459,17 @@ def rans_decode_quantized(tensors: list, side: bytes, stream: bytes) -> bytes:
     return (rans_decode(stream, contexts, rans_frequencies(codes)).astype(np.int16) - 128).astype(np.int8).tobytes()
 
 
+def header_entry(qm: QuantizedModel, name: str) -> list:
+    """A quantized tensor's entry in the header: name, "q", shape, bits and, with AWQ-lite, [block starts, size]."""
+    e = qm.quantized[name]
+    return [name, "q", list(e["q"].shape), e["bits"]] + ([e["awq"], e["awq_size"]] if e.get("awq") else [])
+
+
 def artifact_streams(qm: QuantizedModel) -> tuple[list[str], list[str], list[bytes]]:
     """(quantized names, pass-through names, raw streams) as brotli and lzma store them, uncompressed (rans joins
-    the quantized ones into one): one stream per quantized tensor (a byte per value, names sorted), then every scale (each matrix's row steps, then its
-    AWQ-lite blocks'), then every pass-through tensor, both fp16 and byte-shuffled."""
+    the quantized ones into one): one stream per quantized tensor (a byte per value, names sorted), then every
+    scale (each matrix's row steps, then its AWQ-lite blocks'), then every pass-through tensor, both fp16 and
+    byte-shuffled."""
     qnames, pnames = sorted(qm.quantized), sorted(qm.passthrough)
     raw = [qm.quantized[n]["q"].numpy().astype(np.int8).tobytes() for n in qnames]
     raw.append(byte_shuffle(b"".join(qm.quantized[n]["scale"].numpy().tobytes()
@@ -2482,7 +2492,8 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
         side, stream, shares = rans_encode_quantized(qm, qnames)
         raw, packed = [side, b"".join(raw[:-2]), *raw[-2:]], [compress(side, "rans"), stream]
         packed += [compress(data, "rans") for data in raw[-2:]]
-        spread_bytes(by_group, len(packed[0]) + len(packed[1]), {n: (qm.quantized[n]["group"], shares[n]) for n in qnames})
+        spread_bytes(by_group, len(packed[0]) + len(packed[1]),
+                     {n: (qm.quantized[n]["group"], shares[n]) for n in qnames})
     else:
         # brotli and lzma release the GIL, so threads compress the streams in parallel.
         with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
@@ -2490,10 +2501,7 @@ def encode_artifact(qm: QuantizedModel, compressor: str) -> tuple[bytes, dict[st
         for n, stream in zip(qnames, packed):
             by_group[qm.quantized[n]["group"]] += len(stream)
     by_group.update(scales=len(packed[-2]), passthrough=len(packed[-1]))
-    tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]]
-               + ([qm.quantized[n]["awq"], qm.quantized[n]["awq_size"]] if qm.quantized[n].get("awq") else [])
-               for n in qnames]
-    tensors += [[n, "fp16", list(qm.passthrough[n].shape), 16] for n in pnames]
+    tensors = [header_entry(qm, n) for n in qnames] + [[n, "fp16", list(qm.passthrough[n].shape), 16] for n in pnames]
     header = dict(format=ARTIFACT_FORMAT, model_config=dataclasses.asdict(qm.model_config),
                   run_start_id=qm.run_start_id,
                   tensors=tensors, streams=[[len(c), len(r), zlib.crc32(r)] for c, r in zip(packed, raw)])
@@ -2512,7 +2520,8 @@ def spread_bytes(by_group: dict[str, int], total: int, shares: dict[str, tuple[s
         weights[group] = weights.get(group, 0.0) + max(share, 1.0)
     whole = sum(weights.values())
     given = {g: int(total * w / whole) for g, w in weights.items()}
-    for g in sorted(weights, key=lambda g: total * weights[g] / whole - given[g], reverse=True)[:total - sum(given.values())]:
+    largest_remainders = sorted(weights, key=lambda g: total * weights[g] / whole - given[g], reverse=True)
+    for g in largest_remainders[:total - sum(given.values())]:
         given[g] += 1
     for g, b in given.items():
         by_group[g] += b

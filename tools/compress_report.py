@@ -62,9 +62,7 @@ def rans_coder(qm: tg.QuantizedModel) -> tuple:
         if not names:
             return tg.decompress(coded, "rans")
         cut = 4 + int.from_bytes(coded[:4], "little")
-        tensors = [[n, "q", list(qm.quantized[n]["q"].shape), qm.quantized[n]["bits"]]
-                   + ([qm.quantized[n]["awq"], qm.quantized[n]["awq_size"]] if qm.quantized[n].get("awq") else [])
-                   for n in names]
+        tensors = [tg.header_entry(qm, n) for n in names]
         return tg.rans_decode_quantized(tensors, tg.decompress(coded[4:cut], "rans"), coded[cut:])
 
     return encode, decode
