@@ -1081,14 +1081,16 @@ class GPT(nn.Module):
                        adapters: DocumentAdapters | None = None) -> Tensor:
         """Final-normed hidden states (batch, time, dim); SLOT adds its delta at this seam. The residual
         stream runs in compute_dtype; the final norm (like the logits) runs in the parameters' dtype.
-        `adapters` (TTT_MODE=lora): one set per virtual layer, so a looped layer adapts once per pass."""
+        `adapters` (TTT_MODE=lora): one set per virtual layer, so a looped layer adapts once per pass. Their rows
+        each hold one document's window (then padding past every scored position), so attention needs no
+        document isolation there: plain causal attention reads the same tokens, and compiles at any width."""
         dtype = self.compute_dtype
         x = self.tok_emb(input_ids)
         if self.smear_gate:
             x = self.smear(x, input_ids)
         x = x0 = rms_norm(x).to(dtype)
         weights, rope = self.layer_weights(), self.rotary(input_ids.size(1), input_ids.device)
-        docs = self.documents(input_ids, doc_starts)
+        docs = self.documents(input_ids, doc_starts) if adapters is None else None
         order = self.layer_order()
         n_encoder = len(order) // 2
         skips = []
@@ -3198,7 +3200,6 @@ class DocumentAdapters(nn.Module):
             return LoRA(rows, dim, fan_out, rank, cfg.TTT_LORA_ALPHA / rank, generator)
         self.layers = nn.ModuleList(nn.ModuleDict({n: lora(widths[n]) for n in names}) for _ in model.layer_order())
         self.head = lora(cfg.VOCAB_SIZE)
-        self.rows = rows
 
     def restart(self, warm_a: bool, generator: torch.Generator) -> None:
         for module in self.modules():
@@ -3251,10 +3252,11 @@ def lora_chunk_rows(docs: list[tuple[int, int]], sizes: list[int], chunks: list[
                     seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
     """Chunk `chunk` of a batch of documents as one padded batch: stream index of every input and target token
     (rows, width + 1), the targets it scores (rows, width), and those it then trains on (all but a document's last
-    chunk). A document without this chunk is a row of padding, scored and trained nowhere."""
+    chunk). A document without this chunk is a row of padding, scored and trained nowhere. The width is at least 2:
+    the compiled forward (lora_forward) would compile a graph of its own for a width of 1."""
     windows = [chunk_window(chunk, size, n, seq_len) if chunk < k else None
                for (_, n), size, k in zip(docs, sizes, chunks)]
-    width = max(end - first for first, end, _ in filter(None, windows))
+    width = max(2, *(end - first for first, end, _ in filter(None, windows)))
     index = torch.zeros(len(docs), width + 1, dtype=torch.long)
     scored = torch.zeros(len(docs), width, dtype=torch.bool)
     for row, ((start, _), window) in enumerate(zip(docs, windows)):
@@ -3332,6 +3334,45 @@ def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes: list[tuple[int, i
     return fn
 
 
+LoraFunction = Callable[[Tensor, Tensor, "DocumentAdapters"], tuple[Tensor, Tensor]]
+
+
+def lora_nll_function(model: GPT) -> LoraFunction:
+    """TTT_MODE=lora's forward: (rows (R, W + 1) of token ids, cols (R, C), adapters) -> the NLL (R, C) of the
+    targets at those columns of each row's inputs, and their logits."""
+    def losses(rows: Tensor, cols: Tensor, adapters: DocumentAdapters) -> tuple[Tensor, Tensor]:
+        hidden = model.forward_hidden(rows[:, :-1], None, adapters)
+        hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
+        logits = model.compute_logits(hidden, adapters)
+        nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].gather(1, cols).flatten(), reduction="none")
+        return nll.view(cols.shape), logits
+    return losses
+
+
+def lora_forward(cfg: Config, model: GPT, rt: Runtime, backend: str | None = None) -> LoraFunction:
+    """lora_nll_function, compiled (where `compiles` says so, or with the torch.compile `backend` given) with
+    dynamic shapes, as a chunk's window width W and column count C vary from chunk to chunk while R stays
+    TTT_DOC_BATCH; warmed up, forward and backward, on random tokens (never validation tokens) at two widths and
+    each column count, so the evaluation clock never waits for a compile."""
+    backend = backend or ("inductor" if compiles(cfg, rt.device) else None)
+    if backend is None:
+        return lora_nll_function(model)
+    fn = torch.compile(lora_nll_function(model), dynamic=True, fullgraph=True, backend=backend)
+    adapters = DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, torch.Generator().manual_seed(0)).to(rt.device)
+    chunk, seq_len = cfg.TTT_DOC_CHUNK, cfg.EVAL_SEQ_LEN
+    # The first width differs from the other sizes, so no dimension is compiled as equal to another; then the
+    # widest window, and the short documents' column count (a batch of short documents only has that many).
+    shapes = [(min(seq_len, 2 * chunk + 1), chunk), (seq_len, chunk)]
+    shapes += [(seq_len, cfg.TTT_SHORT_DOC_CHUNK)] if cfg.TTT_SHORT_DOC_CHUNK else []
+    for width, columns in shapes:
+        rows = torch.randint(0, cfg.VOCAB_SIZE, (cfg.TTT_DOC_BATCH, width + 1), device=rt.device)
+        cols = (torch.arange(columns, device=rt.device) + max(0, width - columns)).clamp(max=width - 1)
+        with torch.enable_grad(), rt.autocast():
+            nll, _ = fn(rows, cols.expand(cfg.TTT_DOC_BATCH, -1).contiguous(), adapters)
+        torch.autograd.grad(nll.sum(), list(adapters.parameters()))
+    return fn
+
+
 def wait_for_every_rank(rt: Runtime) -> None:
     """Finish this rank's queued GPU work, then meet every other rank."""
     rt.sync()
@@ -3364,12 +3405,14 @@ class EvalResult:
 class Evaluator:
     """Evaluation of one model on the validation stream, on one runtime, clock and log: the plain pass and the
     sliding-window pass, with score-first TTT, context-only SLOT, or both. `hidden_fn` is the model's
-    forward_hidden, or its compiled form (eval_forward); the clock starts when the evaluator is made."""
+    forward_hidden, or its compiled form (eval_forward); `lora_fn` LoRA TTT's forward (lora_forward), compiled
+    or not. The clock starts when the evaluator is made."""
 
     def __init__(self, cfg: Config, model: GPT, data: ValidationData, rt: Runtime, log: Callable[[str], None] = print,
-                 hidden_fn: Callable[[Tensor], Tensor] | None = None) -> None:
+                 hidden_fn: Callable[[Tensor], Tensor] | None = None, lora_fn: LoraFunction | None = None) -> None:
         self.cfg, self.model, self.data, self.rt, self.log = cfg, model, data, rt, log
         self.hidden_fn = hidden_fn or model.forward_hidden
+        self.lora_fn = lora_fn or lora_nll_function(model)
         self.clock = EvalClock(cfg.EVAL_TIME_BUDGET)
 
     def plain(self, batch_seqs: int) -> dict:
@@ -3567,12 +3610,13 @@ class Evaluator:
                 break
             # A is drawn from the batch's own seed: without warm starts the scores do not depend on the world size
             generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + k)
-            if adapters is None or adapters.rows != len(batch):
-                adapters = DocumentAdapters(cfg, model, len(batch), generator).to(rt.device)
+            if adapters is None:  # TTT_DOC_BATCH rows for every batch, so the compiled forward sees one row count
+                adapters = DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, generator).to(rt.device)
             else:
                 adapters.restart(bool(cfg.TTT_WARM_START_A), generator)
+            docs = [spans[d] for d in batch] + [(0, 0)] * (cfg.TTT_DOC_BATCH - len(batch))  # (0, 0): a padding row
             t0 = time.perf_counter()
-            steps += self.adapt_batch([spans[d] for d in batch], adapters, scores)
+            steps += self.adapt_batch(docs, adapters, scores)
             batch_seconds += time.perf_counter() - t0
             clock.stop_adapting_if(clock.elapsed() + (len(batches) - done - 1) * batch_seconds / (done + 1),
                                    "ttt lora", self.log)
@@ -3610,7 +3654,7 @@ class Evaluator:
             targets = index[:, 1:].gather(1, cols)
             cols, scored, train, targets = (t.to(rt.device) for t in (cols, scored, train, targets))
             adapting = self.clock.adapting and cfg.TTT_LORA_LR > 0 and bool(train.any())
-            nll, logits = self.lora_losses(rows, cols, adapters, adapting)
+            nll, logits = self.lora_losses(rows, cols, adapters)
             scores.add(targets[scored] - 1, nll.detach()[scored],
                        logits.detach()[scored].float().log_softmax(-1) if scores.mass is not None else None)
             if adapting:  # on the losses just scored: each document's mean over its chunk
@@ -3618,15 +3662,11 @@ class Evaluator:
             steps += adapting
         return steps
 
-    def lora_losses(self, rows: Tensor, cols: Tensor, adapters: DocumentAdapters, grad: bool) -> tuple[Tensor, Tensor]:
-        """Per-token NLL and logits, at columns `cols` of each row, of the model's own forward with the adapters."""
-        model = self.model
-        with torch.set_grad_enabled(grad), self.rt.autocast():
-            hidden = model.forward_hidden(rows[:, :-1], None, adapters)
-            hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.size(-1)))
-            logits = model.compute_logits(hidden, adapters)
-            nll = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].gather(1, cols).flatten(), reduction="none")
-        return nll.view(cols.shape), logits
+    def lora_losses(self, rows: Tensor, cols: Tensor, adapters: DocumentAdapters) -> tuple[Tensor, Tensor]:
+        """lora_fn's NLL and logits, always with autograd on (a chunk that takes no step only drops the graph), so
+        a compiled lora_fn needs one graph, not one per grad mode."""
+        with torch.enable_grad(), self.rt.autocast():
+            return self.lora_fn(rows, cols, adapters)
 
     @staticmethod
     def lora_step(nll: Tensor, train: Tensor, adapters: DocumentAdapters, opt: torch.optim.Optimizer) -> None:
@@ -3692,8 +3732,14 @@ def evaluate_artifact_model(cfg: Config, model: GPT, data: ValidationData, batch
     decoding and compiling, with every rank at the same point."""
     hidden_fn = eval_forward(cfg, model, rt, [(batch_seqs, cfg.TRAIN_SEQ_LEN), (cfg.EVAL_BATCH_WINDOWS,
                                                                                 cfg.EVAL_SEQ_LEN)])
+    lora_fn = None
+    if cfg.TTT_ENABLED and cfg.TTT_MODE == "lora":
+        t0 = time.perf_counter()
+        lora_fn = lora_forward(cfg, model, rt)
+        if compiles(cfg, rt.device):
+            log(f"ttt lora: forward compiled and warmed up in {time.perf_counter() - t0:.1f}s, before the clock")
     wait_for_every_rank(rt)  # a rank that warmed up sooner would otherwise charge the wait to its budget
-    return Evaluator(cfg, model, data, rt, log, hidden_fn).score(batch_seqs, pre_quant_bpb)
+    return Evaluator(cfg, model, data, rt, log, hidden_fn, lora_fn).score(batch_seqs, pre_quant_bpb)
 
 # ----------------------------------------------------------------------------------------------
 # Main

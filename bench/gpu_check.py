@@ -5,11 +5,12 @@
 
 Steps, each a row of the table (pass / fail / skip, seconds, figures):
   1. environment: torch, CUDA, GPU, FlashAttention 3/2, brotli, liger-kernel, triton, and the attention backend `auto` picks;
-  2. the `cuda`-marked tests (tests/test_cuda.py): compiled == eager, FA3/FA2 == SDPA, Parallel Muon
-     == the unbanked reference, GPTQ on the GPU == on the CPU, a bit-exact artifact round trip;
+  2. the `cuda`-marked tests (tests/test_cuda.py): compiled == eager (the model and LoRA TTT's forward), FA3/FA2 ==
+     SDPA, Parallel Muon == the unbanked reference, GPTQ on the GPU == on the CPU, a bit-exact artifact round trip;
   3. a short training run through GPTQ, the artifact and every evaluation pass on a local corpus
      (tokenized here by data/make_sample.py --jsonl, or one tokenized before: --corpus);
-  4. the training run's artifact evaluated again with TTT_MODE=lora: per-document LoRA TTT's score and seconds;
+  4. the training run's artifact evaluated again with TTT_MODE=lora: per-document LoRA TTT's score and seconds, and
+     the seconds its compiled forward took to compile and warm up;
   5. bench/throughput.py at the record shape (8 micro-batches on one GPU): ms/step, tok/s, MFU, memory.
 About 20 minutes in all with the defaults; `--time-limit S` stops a step that would run past S seconds from the
 start and records it as failed, so the table always comes out. gpu_check.json is rewritten after every step.
@@ -19,6 +20,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,7 +214,11 @@ def lora_ttt_eval(args, env: dict) -> dict:
         return dict(status="fail", detail=f"tools/eval_artifact.py exit {done.returncode}; see {log.name}")
     summary = json.loads(text[text.rindex("\n{\n") + 1:])  # the summary it prints last
     keys = ("ttt_val_bpb", "ttt_seconds", "ttt_doc_batches", "ttt_lora_steps", "quantized_val_bpb", "eval_seconds")
-    return dict(status="pass", figures={k: summary.get(k) for k in keys})
+    figures = {k: summary.get(k) for k in keys}
+    compiled = re.search(r"ttt lora: forward compiled and warmed up in ([0-9.]+)s", text)  # CUDA with COMPILE=1
+    if compiled:
+        figures["lora_compile_seconds"] = float(compiled.group(1))
+    return dict(status="pass", figures=figures)
 
 
 def with_knobs(env: dict, knobs: dict) -> dict:

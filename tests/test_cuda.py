@@ -191,6 +191,47 @@ def test_fused_mlp_matches_the_eager_mlp_compiled(device):
     assert_gaps_below(fused_grads, eager_grads, 0.05, "fused-MLP gradient from eager")
 
 
+def test_compiled_lora_forward_matches_eager_at_every_width(device):
+    """TTT_MODE=lora's forward compiled by Inductor with dynamic shapes (lora_forward, warmed up at two widths):
+    no new graph at the other widths and column counts a pass meets, and the NLL and every adapter gradient
+    against the eager forward, both in bf16, with every weight and adapter perturbed so all of them carry
+    gradient."""
+    from torch._dynamo.utils import counters
+    cfg = small_config(TTT_MODE="lora", TTT_DOC_BATCH=4, TTT_DOC_CHUNK=16, TTT_SHORT_DOC_CHUNK=8, EVAL_SEQ_LEN=128,
+                       TTT_LORA_RANK=8, SMEAR_GATE=1, SPARSE_ATTN_GATE=1, VARLEN_ATTENTION=1)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.looping = True
+    rt = tg.Runtime(0, 1, device)
+    adapters = tg.DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch._dynamo.reset()
+    compiled = tg.lora_forward(cfg, model, rt, backend="inductor")
+    warmed_up = counters["stats"]["unique_graphs"]
+    eager = tg.lora_nll_function(model)
+    g = torch.Generator().manual_seed(2)
+    for width, columns in ((40, 16), (97, 8), (128, 16)):
+        rows = torch.randint(0, cfg.VOCAB_SIZE, (cfg.TTT_DOC_BATCH, width + 1), generator=g).to(device)
+        cols = (torch.randint(0, width - columns + 1, (cfg.TTT_DOC_BATCH, 1), generator=g)
+                + torch.arange(columns)).to(device)
+        results = []
+        for fn in (eager, compiled):
+            with rt.autocast():
+                nll, _ = fn(rows, cols, adapters)
+            grads = torch.autograd.grad(nll.float().mean(), list(adapters.parameters()))
+            results.append((nll.detach().float(),
+                            {n: gr.float() for (n, _), gr in zip(adapters.named_parameters(), grads)}))
+        (eager_nll, eager_grads), (compiled_nll, compiled_grads) = results
+        assert float((compiled_nll - eager_nll).abs().max()) < 0.05 * float(eager_nll.abs().mean()), width
+        assert_gaps_below(compiled_grads, eager_grads, 0.05, f"width {width}: compiled LoRA gradient from eager")
+    assert counters["stats"]["unique_graphs"] == warmed_up, "the compiled LoRA forward recompiled after warm-up"
+
+
 def worst(gaps: dict, n: int = 4) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in sorted(gaps.items(), key=lambda kv: -kv[1])[:n])
 

@@ -339,20 +339,23 @@ def test_eval_tool_refuses_data_of_another_vocabulary(small_sample, tmp_path):
         eval_artifact.evaluate_file(tiny_env(small_sample, tmp_path, DATA_PATH=data), path, log=lambda _: None)
 
 
-@pytest.mark.parametrize("knobs", [dict(TTT_ENABLED=1, SLOT_ENABLED=1, TTT_FREEZE_BLOCKS=1),
-                                   dict(TTT_ENABLED=0, SLOT_ENABLED=1)], ids=["ttt+slot", "slot"])
-def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monkeypatch):
-    """Compiled on CPU (a counting backend): the warm-up compiles one graph per batch shape, and the
-    plain, sliding, TTT and SLOT passes after the clock starts recompile nothing: not for partial
-    last batches (300 tokens in batches of 4 sequences and of 6 windows), nor for TTT's frozen blocks."""
+@pytest.mark.parametrize("knobs,expected_graphs", [
+    (dict(TTT_ENABLED=1, SLOT_ENABLED=1, TTT_FREEZE_BLOCKS=1), 2), (dict(TTT_ENABLED=0, SLOT_ENABLED=1), 2),
+    (dict(TTT_ENABLED=1, TTT_MODE="lora", PHASED_TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=4), 3)],
+    ids=["ttt+slot", "slot", "lora ttt"])
+def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, expected_graphs, monkeypatch):
+    """Compiled on CPU (a counting backend): the warm-up compiles one graph per batch shape (and LoRA TTT's one
+    dynamic graph), and the plain, sliding, TTT and SLOT passes after the clock starts recompile nothing: not for
+    partial last batches (300 tokens in batches of 4 sequences and of 6 windows), nor for TTT's frozen blocks."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    real_eval_forward, real_clock = tg.eval_forward, tg.EvalClock
+    real_eval_forward, real_lora_forward, real_clock = tg.eval_forward, tg.lora_forward, tg.EvalClock
     monkeypatch.setattr(tg, "eval_forward", lambda *args: real_eval_forward(*args, backend=counting_backend))
+    monkeypatch.setattr(tg, "lora_forward", lambda *args: real_lora_forward(*args, backend=counting_backend))
     warmed = []
 
     def clock_after_warm_up(budget):  # from here on any recompilation is an error
@@ -369,5 +372,5 @@ def test_scored_passes_run_only_the_graphs_compiled_before_the_clock(knobs, monk
             summary = tg.summary_fields(tg.evaluate_artifact_model(cfg, model, data, 4, CPU, lambda _: None))
     finally:
         torch._dynamo.reset()
-    assert warmed == [2] and len(graphs) == 2
+    assert warmed == [expected_graphs] and len(graphs) == expected_graphs
     assert "sliding_val_bpb" in summary and ("ttt_val_bpb" if knobs["TTT_ENABLED"] else "slot_val_bpb") in summary

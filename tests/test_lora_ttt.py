@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_evaluation import check_causality, evaluator, leaks, setup
+from test_evaluation import CPU, check_causality, evaluator, leaks, setup
 
 EVERY_SWITCH = dict(TTT_MODE="lora", SMEAR_GATE=1, SPARSE_ATTN_GATE=1, VARLEN_ATTENTION=1, PARALLEL_LANES_START=2)
 
@@ -153,12 +153,11 @@ def test_causality_check_catches_lora_ttt_that_steps_before_scoring(monkeypatch)
     """The bug: a step on the whole window about to be scored, then the scoring forward."""
     real = tg.Evaluator.lora_losses
 
-    def step_then_score(self, rows, cols, adapters, grad):
-        if grad:
-            nll, _ = real(self, rows, cols, adapters, True)
-            self.lora_step(nll, torch.ones_like(nll, dtype=torch.bool), adapters,
-                           torch.optim.SGD(list(adapters.parameters()), lr=self.cfg.TTT_LORA_LR))
-        return real(self, rows, cols, adapters, grad)
+    def step_then_score(self, rows, cols, adapters):
+        nll, _ = real(self, rows, cols, adapters)
+        self.lora_step(nll, torch.ones_like(nll, dtype=torch.bool), adapters,
+                       torch.optim.SGD(list(adapters.parameters()), lr=self.cfg.TTT_LORA_LR))
+        return real(self, rows, cols, adapters)
 
     monkeypatch.setattr(tg.Evaluator, "lora_losses", step_then_score)
     verdicts = check_causality.check({"TTT_MODE": "lora"}, probes=4, n_tokens=160)
@@ -215,3 +214,32 @@ def test_causality_check_catches_a_phase_that_trains_on_an_unscored_document(mon
     verdicts = check_causality.check({"TTT_MODE": "lora", "PHASED_TTT_PHASES": "2", "PHASED_TTT_PREFIX_DOCS": "9"},
                                      probes=10, n_tokens=160)
     assert leaks(verdicts) and verdicts["sliding"]["C1/C3"]
+
+
+def test_the_compiled_lora_forward_compiles_one_graph_before_the_clock_and_scores_as_eager():
+    """lora_forward with dynamic shapes (a counting backend, on the CPU): one graph, compiled in its warm-up on
+    random tokens; the pass then runs every chunk width, long and short chunks, a last batch padded with empty
+    rows and two phases that change the base weights and remake the adapters without one recompile, and scores
+    every target as the eager forward does."""
+    cfg, model, tokens = setup(**EVERY_SWITCH, PHASED_TTT_PHASES=2, PHASED_TTT_PREFIX_DOCS=4)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled_model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    try:
+        lora_fn = tg.lora_forward(cfg, compiled_model, CPU, backend=counting_backend)
+        warmed_up = len(graphs)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled, info = tg.Evaluator(cfg, compiled_model, evaluator(cfg, model, tokens).data, CPU, lambda _: None,
+                                          lora_fn=lora_fn).run_pass(True, False, with_mass=True)
+    finally:
+        torch._dynamo.reset()
+    eager, eager_info = lora_scores(cfg, model, tokens)
+    assert warmed_up == len(graphs) == 1
+    assert info == eager_info and info["ttt_phases"] == 2 and len(tg.document_spans(tokens, cfg.BOS_ID)) % 3 != 0
+    torch.testing.assert_close(compiled.nll, eager.nll, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled.mass, eager.mass, rtol=0, atol=1e-5)
