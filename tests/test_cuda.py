@@ -34,6 +34,20 @@ def small_config(**overrides) -> tg.Config:
     return tg.config_from_env({k: str(v) for k, v in env.items()})
 
 
+def perturbed_model(cfg: tg.Config, device) -> tg.GPT:
+    torch.manual_seed(0)
+    return perturbed(tg.GPT(cfg).to(device))
+
+
+def perturbed(module: torch.nn.Module) -> torch.nn.Module:
+    """Every weight moved by noise, so the zero-initialized gates and LoRA B pass gradient: at zero their exact-zero
+    gradients would make any rounding an infinite relative gap."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return module
+
+
 def tokens(cfg: tg.Config, rows: int, device) -> torch.Tensor:
     return torch.randint(0, cfg.VOCAB_SIZE, (rows, cfg.TRAIN_SEQ_LEN + 1),
                          generator=torch.Generator().manual_seed(0)).to(device)
@@ -64,11 +78,7 @@ def test_compiled_model_is_as_accurate_as_eager(device, looping):
     10-17 % apart while every other tensor agreed within 2 %. So each is measured against the float32
     model: compilation may not add more than twice eager's own rounding error, plus 2 %."""
     cfg = small_config()
-    torch.manual_seed(0)
-    model = tg.GPT(cfg).to(device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_model(cfg, device)
     model.looping = looping
     model.compute_dtype = torch.float32  # the residual stream too, for the reference and both bf16 runs alike
     rt = tg.Runtime(0, 1, device)
@@ -177,11 +187,7 @@ def test_fused_mlp_matches_the_eager_mlp_compiled(device):
     if device.type != "cuda":
         pytest.skip("test_kernels.py runs the kernel in Triton's interpreter on the CPU")
     cfg = small_config(FUSED_MLP=1)
-    torch.manual_seed(0)
-    model = tg.GPT(cfg).to(device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_model(cfg, device)
     rt = tg.Runtime(0, 1, device)
     batch = packed_documents(cfg, 4, device, 50)
     eager = tg.training_function(dataclasses.replace(cfg, FUSED_MLP=0), model, device)
@@ -199,17 +205,10 @@ def test_compiled_lora_forward_matches_eager_at_every_width(device):
     from torch._dynamo.utils import counters
     cfg = small_config(TTT_MODE="lora", TTT_DOC_BATCH=4, TTT_DOC_CHUNK=16, TTT_SHORT_DOC_CHUNK=8, EVAL_SEQ_LEN=128,
                        TTT_LORA_RANK=8, SMEAR_GATE=1, SPARSE_ATTN_GATE=1, VARLEN_ATTENTION=1)
-    torch.manual_seed(0)
-    model = tg.GPT(cfg).to(device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_model(cfg, device)
     model.looping = True
     rt = tg.Runtime(0, 1, device)
-    adapters = tg.DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, torch.Generator().manual_seed(1)).to(device)
-    with torch.no_grad():
-        for p in adapters.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    adapters = perturbed(tg.DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, torch.Generator()).to(device))
     torch._dynamo.reset()
     compiled = tg.lora_forward(cfg, model, rt, backend="inductor")
     warmed_up = counters["stats"]["unique_graphs"]
