@@ -224,6 +224,8 @@ class Config(ModelConfig):
                                                        "(momentum TTT_MOMENTUM, clip TTT_GRAD_CLIP, chunks "
                                                        "TTT_CHUNK_TOKENS)")
     PHASED_TTT_EPOCHS: int = knob(1, 1, 1000)
+    ASYM_LOGIT_RESCALE: int = knob(0, 0, 1, doc="evaluation: learned softcaps for positive and negative logits, "
+                                   "both starting at LOGIT_SOFTCAP; trained by the TTT that trains the base weights")
     SLOT_ENABLED: int = knob(0, 0, 1, doc="fit a per-window hidden delta (and optional logit bias) before scoring")
     SLOT_STEPS: int = knob(8, 0, 1000, doc="optimizer steps per window batch")
     SLOT_LR: float = knob(0.005, 0.0, 100.0)
@@ -356,6 +358,12 @@ def validate_config(cfg: Config) -> None:
          f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
     need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN,
          f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
+    need(not cfg.ASYM_LOGIT_RESCALE or cfg.LOGIT_SOFTCAP > 0,
+         "ASYM_LOGIT_RESCALE=1 splits the logit softcap, and LOGIT_SOFTCAP=0 has none; set LOGIT_SOFTCAP > 0 or "
+         "ASYM_LOGIT_RESCALE=0")
+    need(not cfg.ASYM_LOGIT_RESCALE or cfg.TTT_ENABLED and (cfg.TTT_MODE == "chunk" or cfg.PHASED_TTT_PHASES > 0),
+         "ASYM_LOGIT_RESCALE=1 changes nothing unless TTT trains the base weights, which trains the two caps: set "
+         "TTT_ENABLED=1 with TTT_MODE=chunk, or TTT_MODE=lora with PHASED_TTT_PHASES > 0")
     need(max(cfg.TTT_DOC_CHUNK, cfg.TTT_SHORT_DOC_CHUNK) <= cfg.EVAL_SEQ_LEN,
          f"TTT_DOC_CHUNK={cfg.TTT_DOC_CHUNK} and TTT_SHORT_DOC_CHUNK={cfg.TTT_SHORT_DOC_CHUNK} must be at most "
          f"EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}: a chunk is scored in one window")
@@ -991,6 +999,7 @@ class GPT(nn.Module):
         self.smear_gate, self.varlen, self.bos_id = bool(cfg.SMEAR_GATE), bool(cfg.VARLEN_ATTENTION), cfg.BOS_ID
         self.has_varlen_kernel = varlen_kernel(attention_backend) is not None
         self.smear_masks_bos = True  # tests switch it off to show the leak the mask prevents
+        self.split_caps: nn.ParameterList | None = None  # split_softcap()
         self.register_state_dict_post_hook(GPT._unbank_state)
         self.register_load_state_dict_pre_hook(GPT._bank_state)
         self._init_weights(cfg.TIED_EMBED_INIT_STD)
@@ -1128,9 +1137,22 @@ class GPT(nn.Module):
         logits = F.linear(hidden, self.tok_emb.weight).float()
         if adapters is not None:  # the head's TTT adapter, before the softcap as the tied head's own logits
             logits = logits + adapters.head(hidden).float()
+        if self.split_caps is not None:
+            positive, negative = self.split_caps
+            return torch.where(logits > 0, positive * torch.tanh(logits / positive),
+                               negative * torch.tanh(logits / negative))
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+    def split_softcap(self) -> None:
+        """ASYM_LOGIT_RESCALE (PR #1923), for evaluation: the softcap becomes two learned caps, one for positive
+        logits and one for negative, both starting at LOGIT_SOFTCAP, so the logits are unchanged until TTT's SGD
+        on the base weights trains them. Never in training (nor in the artifact, which would only store the
+        starting value)."""
+        device = self.tok_emb.weight.device
+        self.split_caps = nn.ParameterList(nn.Parameter(torch.full((1,), self.softcap, device=device))
+                                           for _ in range(2))
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, doc_starts: Tensor | None = None) -> Tensor:
         """Per-token negative log-likelihood in nats, shape (batch, time), float32."""
@@ -2699,6 +2721,11 @@ def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device, o
                             f"describe ({len(wrong)} such tensors); write the artifact again")
     model.load_state_dict(qm.state_dict(template))
     model.looping = model_cfg.NUM_LOOPS > 0
+    if cfg.ASYM_LOGIT_RESCALE:
+        if model_cfg.LOGIT_SOFTCAP <= 0:
+            raise ArtifactError(f"{origin}: its model has no logit softcap (LOGIT_SOFTCAP=0) for "
+                                "ASYM_LOGIT_RESCALE=1 to split; set ASYM_LOGIT_RESCALE=0")
+        model.split_softcap()
     return model.eval()
 
 

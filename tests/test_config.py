@@ -56,6 +56,9 @@ def test_environment_overrides_preset_and_defaults():
     ({"RUN_ID": "/tmp/run"}, ["RUN_ID='/tmp/run'", "plain file name"]),
     ({"RUN_ID": "sub\\run"}, ["RUN_ID='sub\\\\run'", "plain file name"]),
     ({"RUN_ID": ".."}, ["RUN_ID='..'", "plain file name"]),
+    ({"ASYM_LOGIT_RESCALE": "1", "LOGIT_SOFTCAP": "0"}, ["ASYM_LOGIT_RESCALE=1", "LOGIT_SOFTCAP=0"]),
+    ({"ASYM_LOGIT_RESCALE": "1", "TTT_MODE": "lora"}, ["ASYM_LOGIT_RESCALE=1", "PHASED_TTT_PHASES > 0"]),
+    ({"ASYM_LOGIT_RESCALE": "1", "TTT_ENABLED": "0"}, ["ASYM_LOGIT_RESCALE=1", "TTT_ENABLED=1"]),
 ])
 def test_bad_knobs_name_the_knob_and_the_accepted_range(env, words):
     with pytest.raises(ConfigError) as err:

@@ -125,7 +125,7 @@ COMPLIANT = [dict(TTT_ENABLED=0), dict(TTT_ENABLED=1), dict(TTT_ENABLED=0, SLOT_
              dict(TTT_ENABLED=0, SLOT_ENABLED=1, SLOT_OPTIMIZER="lbfgs", SLOT_LOGIT_BIAS=1, SLOT_WARM_START=1),
              dict(TTT_ENABLED=1, SLOT_ENABLED=1, SLOT_WARM_START=1),
              dict(TTT_ENABLED=1, SLOT_ENABLED=1, SMEAR_GATE=1, SPARSE_ATTN_GATE=1, VARLEN_ATTENTION=1,
-                  PARALLEL_LANES_START=2)]
+                  PARALLEL_LANES_START=2, ASYM_LOGIT_RESCALE=1)]
 
 
 @pytest.mark.parametrize("knobs", COMPLIANT, ids=lambda k: " ".join(f"{a}={b}" for a, b in k.items()))

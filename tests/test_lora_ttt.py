@@ -190,8 +190,41 @@ def test_phases_train_the_base_weights_only_for_what_comes_after_them():
             assert same == (k <= first_end), (k, d)
 
 
+@pytest.mark.parametrize("mode", ["lora", "chunk"])
+def test_split_softcaps_score_as_the_shared_cap_until_ttt_trains_them(mode):
+    """ASYM_LOGIT_RESCALE: at their start the two caps give the shared cap's logits bit for bit, so LoRA TTT scores
+    every batch up to the first phase exactly as without them (chunk TTT its first chunk); the TTT that trains the
+    base weights (the phases, chunk TTT's SGD) then moves each cap its own way."""
+    knobs = dict(EVERY_SWITCH, TTT_MODE=mode, PHASED_TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_LR=0.05,
+                 TTT_DOC_BATCH=2, TTT_CHUNK_TOKENS=96)
+    cfg, model, tokens = setup(**knobs)  # the model of ASYM_LOGIT_RESCALE=0
+    cfg = tg.dataclasses.replace(cfg, ASYM_LOGIT_RESCALE=1)
+    with torch.no_grad():  # logits of a trained model's size, near the cap, where the caps' gradients are not tiny
+        model.tok_emb.weight.mul_(20)
+    split = copy.deepcopy(model)
+    split.split_softcap()
+    hidden = torch.randn(3, 5, cfg.MODEL_DIM) * 10
+    assert torch.equal(split.compute_logits(hidden), model.compute_logits(hidden))
+    with_caps, without = evaluator(cfg, split, tokens), evaluator(cfg, copy.deepcopy(model), tokens)
+    scored, _ = with_caps.run_pass(True, False)
+    shared, _ = without.run_pass(True, False)
+    positive, negative = (c.item() for c in split.split_caps)
+    assert positive != cfg.LOGIT_SOFTCAP and negative != cfg.LOGIT_SOFTCAP and positive != negative
+    if mode == "lora":
+        queue = tg.lora_batches(tg.document_spans(tokens, cfg.BOS_ID), cfg.TTT_DOC_BATCH)
+        first = [d for batch in queue[:tg.phase_last_batches(queue, 4, 1)[0] + 1] for d in batch]
+        before = torch.zeros_like(scored.nll, dtype=torch.bool)
+        for d in first:
+            start, n = tg.document_spans(tokens, cfg.BOS_ID)[d]
+            before[start:start + n] = True
+    else:
+        before = torch.arange(scored.nll.numel()) < cfg.TTT_CHUNK_TOKENS
+    assert torch.equal(scored.nll[before], shared.nll[before]) and not torch.equal(scored.nll, shared.nll)
+
+
 @pytest.mark.parametrize("knobs", [dict(PHASED_TTT_PHASES=2, PHASED_TTT_PREFIX_DOCS=9),
-                                   dict(EVERY_SWITCH, PHASED_TTT_PHASES=3, PHASED_TTT_PREFIX_DOCS=12),
+                                   dict(EVERY_SWITCH, PHASED_TTT_PHASES=3, PHASED_TTT_PREFIX_DOCS=12,
+                                        ASYM_LOGIT_RESCALE=1),
                                    dict(NO_FRONTIER_PIECES, PHASED_TTT_PHASES=2, PHASED_TTT_PREFIX_DOCS=9)],
                          ids=["lora+phases", "every switch+phases", "no frontier pieces+phases"])
 def test_causality_check_passes_phased_lora_ttt(knobs):

@@ -106,6 +106,21 @@ def tiny_artifact(vocab_size: int = 1024) -> bytes:
     return tg.encode_artifact(qm, "lzma")[0]
 
 
+def test_asym_logit_rescale_gives_the_artifacts_model_two_caps_at_its_softcap():
+    """ASYM_LOGIT_RESCALE is an evaluation knob: the artifact holds no caps, the model built from it gets both at
+    the stored LOGIT_SOFTCAP; a model without a softcap has none to split, and says so."""
+    cfg = tg.config_from_env({k: str(v) for k, v in dict(TINY_MODEL, VOCAB_SIZE=1024, ASYM_LOGIT_RESCALE=1).items()})
+    qm = tg.decode_artifact(tiny_artifact(1024))
+    assert not any("cap" in name for name in qm.passthrough)
+    model = tg.model_from_artifact(qm, cfg, "sdpa", torch.device("cpu"))
+    assert [c.item() for c in model.split_caps] == [qm.model_config.LOGIT_SOFTCAP] * 2
+    assert tg.model_from_artifact(qm, tg.dataclasses.replace(cfg, ASYM_LOGIT_RESCALE=0), "sdpa",
+                                  torch.device("cpu")).split_caps is None
+    capless = tg.dataclasses.replace(qm, model_config=tg.dataclasses.replace(qm.model_config, LOGIT_SOFTCAP=0.0))
+    with pytest.raises(tg.ArtifactError, match="no logit softcap .* set ASYM_LOGIT_RESCALE=0"):
+        tg.model_from_artifact(capless, cfg, "sdpa", torch.device("cpu"), origin="capless.ptz")
+
+
 def with_header(blob: bytes, change) -> bytes:
     """The artifact with change(header) applied and a valid CRC: what a hand edit or another writer produces."""
     magic, cid, header_len, _ = tg.ARTIFACT_PREFIX.unpack_from(blob)

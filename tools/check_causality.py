@@ -62,6 +62,10 @@ def random_model(cfg: tg.Config, seed: int) -> tg.GPT:
             elif name == "smear_lambda":  # a closed SmearGate would hide a leak across positions
                 p.fill_(1.0)
     model.looping = cfg.NUM_LOOPS > 0
+    if cfg.ASYM_LOGIT_RESCALE:  # as the evaluation's model gets them, apart already (as after some TTT)
+        model.split_softcap()
+        with torch.no_grad():
+            model.split_caps[1].mul_(0.5)
     return model.eval()
 
 
