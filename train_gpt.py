@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -1147,8 +1148,9 @@ class GPT(nn.Module):
 
     def split_softcap(self) -> None:
         """ASYM_LOGIT_RESCALE (PR #1923), for evaluation: the softcap becomes two learned caps, one for positive
-        logits and one for negative, both starting at LOGIT_SOFTCAP, so the logits are unchanged until TTT's SGD
-        on the base weights trains them. Never in training (nor in the artifact, which would only store the
+        logits and one for negative, both starting at LOGIT_SOFTCAP, so the logits are unchanged (bit for bit on
+        the CPU; CUDA divides by a Python number as a multiply, so to float rounding there) until TTT's SGD on the
+        base weights trains them. Never in training (nor in the artifact, which would only store the
         starting value)."""
         device = self.tok_emb.weight.device
         self.split_caps = nn.ParameterList(nn.Parameter(torch.full((1,), self.softcap, device=device))
@@ -3364,6 +3366,20 @@ def eval_forward(cfg: Config, model: GPT, rt: Runtime, shapes: list[tuple[int, i
 LoraFunction = Callable[[Tensor, Tensor, "DocumentAdapters"], tuple[Tensor, Tensor]]
 
 
+@contextlib.contextmanager
+def weights_require_grad(model: GPT, flag: bool):
+    """Every model weight's requires_grad set to `flag` inside, restored after. LoRA TTT runs with the base weights
+    off: a compiled backward computes a gradient for every input that requires one (eager autograd.grad would
+    prune them), and its phases, eager, turn them back on to train them."""
+    before = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for p, was in zip(model.parameters(), before):
+            p.requires_grad_(was)
+
+
 def lora_nll_function(model: GPT) -> LoraFunction:
     """TTT_MODE=lora's forward: (rows (R, W + 1) of token ids, cols (R, C), adapters) -> the NLL (R, C) of the
     targets at those columns of each row's inputs, and their logits."""
@@ -3387,16 +3403,18 @@ def lora_forward(cfg: Config, model: GPT, rt: Runtime, backend: str | None = Non
     fn = torch.compile(lora_nll_function(model), dynamic=True, fullgraph=True, backend=backend)
     adapters = DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, torch.Generator().manual_seed(0)).to(rt.device)
     chunk, seq_len = cfg.TTT_DOC_CHUNK, cfg.EVAL_SEQ_LEN
-    # The first width differs from the other sizes, so no dimension is compiled as equal to another; then the
-    # widest window, and the short documents' column count (a batch of short documents only has that many).
+    # A narrow window, then the widest, then the short documents' column count (a batch of short documents only
+    # has that many). Sizes equal on the first call would be compiled as one (duck sizing); a later shape that
+    # breaks the equality compiles its graph here, before the clock.
     shapes = [(min(seq_len, 2 * chunk + 1), chunk), (seq_len, chunk)]
     shapes += [(seq_len, cfg.TTT_SHORT_DOC_CHUNK)] if cfg.TTT_SHORT_DOC_CHUNK else []
-    for width, columns in shapes:
-        rows = torch.randint(0, cfg.VOCAB_SIZE, (cfg.TTT_DOC_BATCH, width + 1), device=rt.device)
-        cols = (torch.arange(columns, device=rt.device) + max(0, width - columns)).clamp(max=width - 1)
-        with torch.enable_grad(), rt.autocast():
-            nll, _ = fn(rows, cols.expand(cfg.TTT_DOC_BATCH, -1).contiguous(), adapters)
-        torch.autograd.grad(nll.sum(), list(adapters.parameters()))
+    with weights_require_grad(model, False):  # as lora_pass runs it
+        for width, columns in shapes:
+            rows = torch.randint(0, cfg.VOCAB_SIZE, (cfg.TTT_DOC_BATCH, width + 1), device=rt.device)
+            cols = (torch.arange(columns, device=rt.device) + max(0, width - columns)).clamp(max=width - 1)
+            with torch.enable_grad(), rt.autocast():
+                nll, _ = fn(rows, cols.expand(cfg.TTT_DOC_BATCH, -1).contiguous(), adapters)
+            torch.autograd.grad(nll.sum(), list(adapters.parameters()))
     return fn
 
 
@@ -3594,6 +3612,10 @@ class Evaluator:
         each with all its targets (from its BOS to the next document's BOS, or the stream's end), joined into one
         stream whose joints are no targets, in TTT_CHUNK_TOKENS chunks with the LR cosine-decayed across them.
         Every rank runs it on the same documents and holds the same weights."""
+        with weights_require_grad(self.model, True):
+            self.train_base_weights_on(docs)
+
+    def train_base_weights_on(self, docs: list[tuple[int, int]]) -> None:
         cfg = self.cfg
         pieces = [self.data.tokens[s:s + n + 1] for s, n in docs]  # each document with every one of its targets
         tokens = torch.cat(pieces)
@@ -3666,15 +3688,16 @@ class Evaluator:
         cfg, rt = self.cfg, self.rt
         sizes = [doc_chunk_size(cfg, n) for _, n in docs]
         chunks = [-(-n // size) for (_, n), size in zip(docs, sizes)]
+        columns = max(size for (_, n), size in zip(docs, sizes) if n > 0)  # not a padding row's
         opt = torch.optim.AdamW(adapters.parameters(), lr=cfg.TTT_LORA_LR, betas=(cfg.TTT_LORA_BETA1, cfg.TTT_LORA_BETA2),
                                 eps=1e-10, weight_decay=cfg.TTT_LORA_WD)
         steps = 0
         for c in range(max(chunks)):
             index, scored, train = lora_chunk_rows(docs, sizes, chunks, c, cfg.EVAL_SEQ_LEN)
             rows = self.data.tokens[index].long().to(rt.device)  # padding repeats token 0 past a window: causal, unread
-            # Logits only for the max(sizes) columns from each row's first scored one: a window is up to EVAL_SEQ_LEN
+            # Logits only for the `columns` columns from each row's first scored one: a window is up to EVAL_SEQ_LEN
             # wide and the head's (rows, width, vocab) logits would be ~40x larger than the chunk's.
-            cols = scored.float().argmax(1, keepdim=True) + torch.arange(max(sizes))
+            cols = scored.float().argmax(1, keepdim=True) + torch.arange(columns)
             inside = cols < scored.size(1)
             cols = cols.clamp(max=scored.size(1) - 1)
             scored, train = (m.gather(1, cols) & inside for m in (scored, train))
@@ -3705,7 +3728,8 @@ class Evaluator:
 
     def run_pass(self, ttt: bool, slot: bool, with_mass: bool = False) -> tuple[StreamScores, dict]:
         if ttt and self.cfg.TTT_MODE == "lora":
-            return self.lora_pass(with_mass)
+            with weights_require_grad(self.model, False):  # the adapters alone take gradients, but in phases
+                return self.lora_pass(with_mass)
         if ttt:
             return self.ttt_pass(slot, with_mass)
         return self.sliding_pass(slot, with_mass), {}

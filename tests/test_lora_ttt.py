@@ -35,9 +35,10 @@ def same_windows_without_adapters(cfg, model, tokens) -> torch.Tensor:
 @pytest.mark.parametrize("knobs", [EVERY_SWITCH, dict(EVERY_SWITCH, TTT_LORA_NO_QV=1, NUM_LOOPS=0)],
                          ids=["every switch", "no q/v, no loops"])
 def test_with_zero_learning_rate_lora_ttt_scores_exactly_what_the_model_scores(knobs):
-    """The adapters ride the model's own forward (gates, SmearGate, lanes, recurrence, XSA, document isolation), so
-    at LR 0 the pass equals GPT.forward on the same windows bit for bit; and each document's windows run alone
-    (no batch, no padding) agree to float rounding."""
+    """The adapters ride the model's own forward (gates, SmearGate, lanes, recurrence, XSA), so at LR 0 the pass
+    equals GPT.forward on the same windows bit for bit, though GPT.forward isolates documents (VARLEN_ATTENTION)
+    and the adapted forward, whose rows hold one document each, attends plain causally; and each document's
+    windows run alone (no batch, no padding) agree to float rounding."""
     cfg, model, tokens = setup(**knobs, TTT_LORA_LR=0)
     scores, info = lora_scores(cfg, model, tokens)
     assert info["ttt_lora_steps"] == 0 and bool((scores.count == 1).all())
@@ -262,17 +263,25 @@ def test_the_compiled_lora_forward_compiles_one_graph_before_the_clock_and_score
         return gm.forward
 
     compiled_model = copy.deepcopy(model)
+    base_weights_take_gradients = []
     torch._dynamo.reset()
     try:
         lora_fn = tg.lora_forward(cfg, compiled_model, CPU, backend=counting_backend)
         warmed_up = len(graphs)
+
+        def watched(*args):
+            base_weights_take_gradients.append(any(p.requires_grad for p in compiled_model.parameters()))
+            return lora_fn(*args)
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled, info = tg.Evaluator(cfg, compiled_model, evaluator(cfg, model, tokens).data, CPU, lambda _: None,
-                                          lora_fn=lora_fn).run_pass(True, False, with_mass=True)
+                                          lora_fn=watched).run_pass(True, False, with_mass=True)
     finally:
         torch._dynamo.reset()
     eager, eager_info = lora_scores(cfg, model, tokens)
     assert warmed_up == len(graphs) == 1
+    # no gradient for them in the compiled backward, yet the phases train them, and all of them are on again after
+    assert base_weights_take_gradients and not any(base_weights_take_gradients)
+    assert all(p.requires_grad for p in compiled_model.parameters())
     assert info == eager_info and info["ttt_phases"] == 2 and len(tg.document_spans(tokens, cfg.BOS_ID)) % 3 != 0
     torch.testing.assert_close(compiled.nll, eager.nll, rtol=0, atol=1e-5)
     torch.testing.assert_close(compiled.mass, eager.mass, rtol=0, atol=1e-5)
