@@ -3395,8 +3395,9 @@ def lora_nll_function(model: GPT) -> LoraFunction:
 def lora_forward(cfg: Config, model: GPT, rt: Runtime, backend: str | None = None) -> LoraFunction:
     """lora_nll_function, compiled (where `compiles` says so, or with the torch.compile `backend` given) with
     dynamic shapes, as a chunk's window width W and column count C vary from chunk to chunk while R stays
-    TTT_DOC_BATCH; warmed up, forward and backward, on random tokens (never validation tokens) at two widths and
-    each column count, so the evaluation clock never waits for a compile."""
+    TTT_DOC_BATCH (a validation stream of fewer documents compiles its own row count at its first batch);
+    warmed up, forward and backward, on random tokens (never validation tokens) at two widths and each column
+    count, so the evaluation clock never waits for a compile."""
     backend = backend or ("inductor" if compiles(cfg, rt.device) else None)
     if backend is None:
         return lora_nll_function(model)
@@ -3641,6 +3642,7 @@ class Evaluator:
         queue = lora_batches(spans, cfg.TTT_DOC_BATCH)
         phase_ends = phase_last_batches(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
         batches = list(enumerate(queue))[rt.rank::rt.world_size]
+        rows = len(queue[0]) if queue else 0  # the first batch is the largest: TTT_DOC_BATCH, or every document
         scores = self.new_scores(with_mass)
         adapters, steps, phases = None, 0, 0
         batch_seconds = phase_seconds = phase_tokens = 0
@@ -3659,11 +3661,11 @@ class Evaluator:
                 break
             # A is drawn from the batch's own seed: without warm starts the scores do not depend on the world size
             generator = torch.Generator().manual_seed(cfg.SEED * 1_000_003 + k)
-            if adapters is None:  # TTT_DOC_BATCH rows for every batch, so the compiled forward sees one row count
-                adapters = DocumentAdapters(cfg, model, cfg.TTT_DOC_BATCH, generator).to(rt.device)
+            if adapters is None:  # as many rows for every batch, so the compiled forward sees one row count
+                adapters = DocumentAdapters(cfg, model, rows, generator).to(rt.device)
             else:
                 adapters.restart(bool(cfg.TTT_WARM_START_A), generator)
-            docs = [spans[d] for d in batch] + [(0, 0)] * (cfg.TTT_DOC_BATCH - len(batch))  # (0, 0): a padding row
+            docs = [spans[d] for d in batch] + [(0, 0)] * (rows - len(batch))  # (0, 0): a padding row
             t0 = time.perf_counter()
             steps += self.adapt_batch(docs, adapters, scores)
             batch_seconds += time.perf_counter() - t0
