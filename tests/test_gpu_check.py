@@ -7,9 +7,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_tiny_gpu_check_runs_every_step_and_writes_its_table(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+def test_tiny_gpu_check_runs_every_step_and_writes_its_table(small_sample, tmp_path):
+    """On a corpus tokenized before (--corpus), as the GPU runs use it; --tiny alone would build the same one."""
+    corpus = Path(small_sample["dataset_dir"]).parent.parent
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--tiny", "--corpus", str(corpus),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(steps) == ["environment", "cuda tests", "training run", "lora ttt eval", "throughput"]

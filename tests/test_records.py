@@ -26,7 +26,7 @@ SEEDS = [11, 12]
 @pytest.fixture(scope="module")
 def swept(small_sample, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    env = {**tiny_env(small_sample, tmp), "OMP_NUM_THREADS": "1"}
+    env = {**tiny_env(small_sample, tmp, TTT_ENABLED=0, SLOT_ENABLED=0), "OMP_NUM_THREADS": "1"}  # the sliding score
     lines = []
     results = sweep.run_sweep(SEEDS, "tiny", tmp / "logs", REPO_ROOT / "train_gpt.py", 1, env=env, out=lines.append)
     return results, lines, tmp / "logs", env
