@@ -3613,10 +3613,6 @@ class Evaluator:
         each with all its targets (from its BOS to the next document's BOS, or the stream's end), joined into one
         stream whose joints are no targets, in TTT_CHUNK_TOKENS chunks with the LR cosine-decayed across them.
         Every rank runs it on the same documents and holds the same weights."""
-        with weights_require_grad(self.model, True):
-            self.train_base_weights_on(docs)
-
-    def train_base_weights_on(self, docs: list[tuple[int, int]]) -> None:
         cfg = self.cfg
         pieces = [self.data.tokens[s:s + n + 1] for s, n in docs]  # each document with every one of its targets
         tokens = torch.cat(pieces)
@@ -3653,7 +3649,8 @@ class Evaluator:
                 rest = (len(batches) - done) * batch_seconds / max(1, done)
                 if self.phase_fits(tokens * phase_seconds / max(1, phase_tokens) + rest):
                     t0 = time.perf_counter()
-                    self.global_phase(docs)
+                    with weights_require_grad(model, True):  # the pass runs with them off
+                        self.global_phase(docs)
                     phase_seconds, phase_tokens = phase_seconds + time.perf_counter() - t0, phase_tokens + tokens
                     phases, adapters = phases + 1, None  # new base weights: new adapters, as the records do
                 phase_ends.pop(0)

@@ -212,11 +212,12 @@ def test_split_softcaps_score_as_the_shared_cap_until_ttt_trains_them(mode):
     positive, negative = (c.item() for c in split.split_caps)
     assert positive != cfg.LOGIT_SOFTCAP and negative != cfg.LOGIT_SOFTCAP and positive != negative
     if mode == "lora":
-        queue = tg.lora_batches(tg.document_spans(tokens, cfg.BOS_ID), cfg.TTT_DOC_BATCH)
+        spans = tg.document_spans(tokens, cfg.BOS_ID)
+        queue = tg.lora_batches(spans, cfg.TTT_DOC_BATCH)
         first = [d for batch in queue[:tg.phase_last_batches(queue, 4, 1)[0] + 1] for d in batch]
         before = torch.zeros_like(scored.nll, dtype=torch.bool)
         for d in first:
-            start, n = tg.document_spans(tokens, cfg.BOS_ID)[d]
+            start, n = spans[d]
             before[start:start + n] = True
     else:
         before = torch.arange(scored.nll.numel()) < cfg.TTT_CHUNK_TOKENS
