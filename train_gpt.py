@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import errno
 import faulthandler
 import functools
 import importlib
@@ -22,6 +23,7 @@ import lzma
 import math
 import os
 import platform
+import shutil
 import signal
 import struct
 import sys
@@ -306,17 +308,82 @@ def parse_knob(name: str, raw: str, field: dataclasses.Field):
     return value
 
 
-def config_from_env(env) -> Config:
-    """Resolve every knob: PRESET defaults, then explicit environment values, then cross-checks."""
-    fields = knob_fields()
-    preset = parse_knob("PRESET", env.get("PRESET", "record"), fields["PRESET"])
-    values = dict({"record": {}, "r1081": R1081_PRESET, "sample": SAMPLE_PRESET}[preset])
+def config_from_env(env, base: dict | None = None) -> Config:
+    """Resolve every knob: PRESET defaults, then `base` (a tool's own defaults, as knob strings), then explicit
+    environment values, then cross-checks, the modes' included."""
+    cfg, changed = resolve_config(env, base)
+    idle = idle_knobs(cfg, changed)
+    if idle:
+        raise ConfigError("; ".join(f"{', '.join(f'{n}={getattr(cfg, n)!r}' for n in names)} would do nothing: "
+                                    f"{'it acts' if len(names) == 1 else 'they act'} only with {mode}"
+                                    for names, mode in idle) + ". Turn the mode on, or leave the knob unset")
+    return cfg
+
+
+def resolve_config(env, base: dict | None = None) -> tuple[Config, set[str]]:
+    """config_from_env less the modes' check: the config, and the knobs the environment changes from their
+    defaults."""
+    fields, base = knob_fields(), base or {}
+    preset = parse_knob("PRESET", env.get("PRESET", str(base.get("PRESET", "record"))), fields["PRESET"])
+    tool_defaults = {name: parse_knob(name, str(raw), fields[name]) for name, raw in base.items()}
+    defaults = Config(**{**{"record": {}, "r1081": R1081_PRESET, "sample": SAMPLE_PRESET}[preset], **tool_defaults})
+    values = dataclasses.asdict(defaults)
     for name, field in fields.items():
         if name in env:
             values[name] = parse_knob(name, env[name], field)
     cfg = Config(**values)
     validate_config(cfg)
-    return cfg
+    return cfg, {name for name in env if name in fields and values[name] != getattr(defaults, name)}
+
+
+def chunk_ttt(c: Config) -> bool:
+    return bool(c.TTT_ENABLED) and c.TTT_MODE == "chunk"
+
+
+def lora_ttt(c: Config) -> bool:
+    return bool(c.TTT_ENABLED) and c.TTT_MODE == "lora"
+
+
+def phased_ttt(c: Config) -> bool:
+    return lora_ttt(c) and c.PHASED_TTT_PHASES > 0
+
+
+# Knobs that act only in a mode: (the mode, as the setting that turns it on; whether a config is in it; its knobs).
+# A run whose environment changes one of them from its default outside that mode stops: nothing is silently ignored.
+KNOB_MODES = (
+    ("TTT_ENABLED=1", lambda c: bool(c.TTT_ENABLED), ("TTT_MODE",)),
+    ("TTT_ENABLED=1 with TTT_MODE=chunk", chunk_ttt, ("TTT_LR", "TTT_EPOCHS")),
+    ("a TTT that trains the base weights (TTT_ENABLED=1 with TTT_MODE=chunk, or TTT_MODE=lora with "
+     "PHASED_TTT_PHASES > 0)", lambda c: chunk_ttt(c) or phased_ttt(c),
+     ("TTT_CHUNK_TOKENS", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TTT_FREEZE_BLOCKS", "ASYM_LOGIT_RESCALE")),
+    ("TTT_ENABLED=1 with TTT_MODE=lora", lora_ttt,
+     ("TTT_DOC_BATCH", "TTT_DOC_CHUNK", "TTT_SHORT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LORA_LR",
+      "TTT_LORA_BETA1", "TTT_LORA_BETA2", "TTT_LORA_WD", "TTT_LORA_NO_QV", "TTT_WARM_START_A", "PHASED_TTT_PHASES")),
+    ("TTT_MODE=lora with TTT_SHORT_DOC_CHUNK > 0", lambda c: lora_ttt(c) and c.TTT_SHORT_DOC_CHUNK > 0,
+     ("TTT_SHORT_DOC_LEN",)),
+    ("TTT_MODE=lora with PHASED_TTT_PHASES > 0", phased_ttt,
+     ("PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_LR", "PHASED_TTT_EPOCHS")),
+    ("SLOT_ENABLED=1", lambda c: bool(c.SLOT_ENABLED),
+     ("SLOT_STEPS", "SLOT_LR", "SLOT_OPTIMIZER", "SLOT_LOGIT_BIAS", "SLOT_WARM_START", "SLOT_MODE",
+      "SLOT_DELTA_SCOPE")),
+    ("TTT_ENABLED=1 or SLOT_ENABLED=1 (else the sliding pass is the score already)",
+     lambda c: bool(c.TTT_ENABLED or c.SLOT_ENABLED), ("EVAL_SLIDING_ALSO",)),
+    ("NUM_LOOPS > 0", lambda c: c.NUM_LOOPS > 0, ("LOOP_START", "LOOP_END", "ENABLE_LOOPING_AT")),
+    ("SPARSE_ATTN_GATE=1", lambda c: bool(c.SPARSE_ATTN_GATE), ("SPARSE_ATTN_GATE_SCALE",)),
+    ("QUANT_METHOD=gptq", lambda c: c.QUANT_METHOD == "gptq",
+     ("GPTQ_CALIBRATION_BATCHES", "GPTQ_DAMP", "GPTQ_DAMP_ATTN", "GPTQ_DAMP_MLP", "GPTQ_DAMP_EMBED", "GPTQ_BLOCK_SIZE",
+      "AWQ_TOP_GROUPS")),
+    ("AWQ_TOP_GROUPS > 0", lambda c: c.AWQ_TOP_GROUPS > 0, ("AWQ_GROUP_SIZE",)),
+    ("LQER_RANK > 0", lambda c: c.LQER_RANK > 0, ("LQER_TOP_K", "LQER_GROUP")),
+    ("WD_TAPER_FINAL_MULT other than 1", lambda c: c.WD_TAPER_FINAL_MULT != 1, ("WD_TAPER_START",)),
+    ("MUON_MOMENTUM_WARMUP_STEPS > 0", lambda c: c.MUON_MOMENTUM_WARMUP_STEPS > 0, ("MUON_MOMENTUM_WARMUP_START",)),
+)
+
+
+def idle_knobs(cfg: Config, changed: set[str]) -> list[tuple[list[str], str]]:
+    """The changed knobs that no mode of this config reads, grouped by the mode that would: [(knobs, mode)]."""
+    return [(names, mode) for mode, active, knobs in KNOB_MODES
+            if (names := [name for name in knobs if name in changed]) and not active(cfg)]
 
 
 def is_plain_name(name: str) -> bool:
@@ -349,9 +416,6 @@ def validate_config(cfg: Config) -> None:
          f"RUN_ID={cfg.RUN_ID!r} must be a plain file name (no '/', '\\' or '..'): it names "
          "LOG_DIR/<RUN_ID>.txt, .json and .ptz; leave it empty for a random one")
     validate_model_config(cfg)
-    need(not (cfg.AWQ_TOP_GROUPS and cfg.QUANT_METHOD == "rtn"),
-         f"AWQ_TOP_GROUPS={cfg.AWQ_TOP_GROUPS} needs QUANT_METHOD=gptq: it ranks columns by the GPTQ Hessian and "
-         "solves them with GPTQ; set AWQ_TOP_GROUPS=0 for round-to-nearest")
     need(cfg.TRAIN_BATCH_TOKENS % cfg.TRAIN_SEQ_LEN == 0,
          f"TRAIN_BATCH_TOKENS={cfg.TRAIN_BATCH_TOKENS} must be a multiple of TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN}")
     check_seq_schedule(cfg)
@@ -362,9 +426,6 @@ def validate_config(cfg: Config) -> None:
     need(not cfg.ASYM_LOGIT_RESCALE or cfg.LOGIT_SOFTCAP > 0,
          "ASYM_LOGIT_RESCALE=1 splits the logit softcap, and LOGIT_SOFTCAP=0 has none; set LOGIT_SOFTCAP > 0 or "
          "ASYM_LOGIT_RESCALE=0")
-    need(not cfg.ASYM_LOGIT_RESCALE or cfg.TTT_ENABLED and (cfg.TTT_MODE == "chunk" or cfg.PHASED_TTT_PHASES > 0),
-         "ASYM_LOGIT_RESCALE=1 changes nothing unless TTT trains the base weights, which trains the two caps: set "
-         "TTT_ENABLED=1 with TTT_MODE=chunk, or TTT_MODE=lora with PHASED_TTT_PHASES > 0")
     need(max(cfg.TTT_DOC_CHUNK, cfg.TTT_SHORT_DOC_CHUNK) <= cfg.EVAL_SEQ_LEN,
          f"TTT_DOC_CHUNK={cfg.TTT_DOC_CHUNK} and TTT_SHORT_DOC_CHUNK={cfg.TTT_SHORT_DOC_CHUNK} must be at most "
          f"EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}: a chunk is scored in one window")
@@ -454,19 +515,26 @@ SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 # file under the sidecar name may have either.
 SIDECAR_MAGIC = 20240521
 SIDECAR_MAGICS = (SIDECAR_MAGIC, SHARD_MAGIC)
+# Which text a sidecar's counts add up to: "normalized", the text as the tokenizer normalizes it (what the byte
+# tables count without CaseOps; data/make_sample.py's default), or "raw", the original text before normalization
+# (the public CaseOps export's; about 0.04 % more bytes, mostly folded whitespace). Our sidecars write the code
+# (index + 1) in the header's fourth int; a public file (token magic, 0 there) is raw, an older one of ours
+# normalized.
+BYTE_CONVENTIONS = ("normalized", "raw")
 # The CaseOps transform's operators (TITLE, ALLCAPS, CAPNEXT, ESC; data/caseops.py): a tokenizer that reserves
 # them reads transformed text, whose bytes are not the original's, so its scores need the sidecar.
 CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")
 
 
-def write_shard(path, tokens, magic: int = SHARD_MAGIC) -> None:
-    """Write tokens (or a sidecar's byte counts) as a challenge shard (1024-byte int32 header, then uint16
-    values), atomically."""
+def write_shard(path, tokens, magic: int = SHARD_MAGIC, convention: str | None = None) -> None:
+    """Write tokens (or a sidecar's byte counts, with their BYTE_CONVENTIONS entry) as a challenge shard (1024-byte
+    int32 header, then uint16 values), atomically."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
         raise ValueError(f"{path}: values must fit in uint16")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (magic, SHARD_VERSION, tokens.size)
+    code = 0 if convention is None else BYTE_CONVENTIONS.index(convention) + 1
+    header[:4] = (magic, SHARD_VERSION, tokens.size, code)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -529,12 +597,28 @@ def check_training_shards(files: list[Path], vocab_size: int) -> None:
                               "the shard was tokenized with another vocabulary")
 
 
-def load_byte_sidecar(data_path: Path, tokens: Tensor, bos_id: int) -> Tensor | None:
-    """The validation byte sidecar as int32, one count per token, or None where the folder has none."""
+def sidecar_convention(path: Path) -> str:
+    """The BYTE_CONVENTIONS entry of a (header-checked) sidecar file."""
+    magic, _, _, code = np.fromfile(path, dtype="<i4", count=4)
+    if code == 0:
+        return "raw" if magic == SHARD_MAGIC else "normalized"
+    if not 1 <= code <= len(BYTE_CONVENTIONS):
+        raise ConfigError(f"{path}: byte convention {code} is not one this train_gpt.py knows "
+                          f"({', '.join(f'{i + 1} {c}' for i, c in enumerate(BYTE_CONVENTIONS))}); rebuild the sidecar")
+    return BYTE_CONVENTIONS[code - 1]
+
+
+def load_byte_sidecar(data_path: Path, tokens: Tensor, bos_id: int) -> tuple[Tensor, str] | None:
+    """The validation byte sidecar as int32, one count per token, and its byte convention; None where the folder
+    has none."""
     files = sorted(Path(data_path).glob("fineweb_val_bytes_[0-9]*.bin"))
     if not files:
         return None
     counts = np.concatenate([read_shard(f, SIDECAR_MAGICS) for f in files])
+    conventions = {f.name: sidecar_convention(f) for f in files}
+    if len(set(conventions.values())) > 1:
+        raise ConfigError(f"{data_path}: the byte sidecar's files count bytes by different conventions "
+                          f"({', '.join(f'{n} {c}' for n, c in conventions.items())}); rebuild them together")
     if counts.size != tokens.numel():
         raise ConfigError(f"{data_path}: the byte sidecar fineweb_val_bytes_*.bin holds {counts.size} counts for "
                           f"{tokens.numel()} validation tokens; rebuild or re-download the two together")
@@ -542,7 +626,7 @@ def load_byte_sidecar(data_path: Path, tokens: Tensor, bos_id: int) -> Tensor | 
     if bool((counts[tokens == bos_id] != 0).any()):
         raise ConfigError(f"{data_path}: the byte sidecar charges bytes to a BOS (id {bos_id}); a document start "
                           "stands for no text: rebuild the sidecar, or set BOS_ID to the tokenizer's BOS")
-    return counts
+    return counts, conventions[files[0].name]
 
 
 def load_validation_tokens(data_path: Path) -> Tensor:
@@ -669,6 +753,7 @@ class ValidationData:
     tokens: Tensor
     tables: tuple[Tensor, Tensor, Tensor]
     sidecar: Tensor | None = None  # original bytes per token of the stream
+    byte_convention: str = "normalized"  # which text the counts add up to (BYTE_CONVENTIONS); the tables' is normalized
 
     @property
     def n_targets(self) -> int:
@@ -680,7 +765,8 @@ class ValidationData:
 
     def head(self, n: int) -> ValidationData:
         """The first n tokens of the stream, with their bytes."""
-        return ValidationData(self.tokens[:n], self.tables, None if self.sidecar is None else self.sidecar[:n])
+        sidecar = None if self.sidecar is None else self.sidecar[:n]
+        return dataclasses.replace(self, tokens=self.tokens[:n], sidecar=sidecar)
 
     def byte_counts(self, device: torch.device) -> Tensor:
         """Bytes of every target 1..N-1 of the stream, as float64 on `device`."""
@@ -1894,6 +1980,9 @@ class Trainer:
 ARTIFACT_LIMIT_BYTES = 16_000_000
 ARTIFACT_FORMAT = 5  # the header's "format" and the magic's digit; 4: LQER factors; 5: AWQ-lite blocks
 ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
+# Each older format, what it lacked, and the last commit of this repository whose train_gpt.py reads it.
+OLDER_ARTIFACT_FORMATS = {1: ("no header CRC", "07940db"), 2: ("no ModelConfig in the header", "7374999"),
+                          3: ("no LQER factors", "57ad0ef"), 4: ("no AWQ-lite blocks", "85841e0")}
 ARTIFACT_PREFIX = struct.Struct("<4sBII")  # magic, compressor id, header length, CRC32 of the compressed header
 COMPRESSORS = ("brotli", "lzma", "rans")  # the id in the prefix is the index
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -2562,6 +2651,7 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         fail(f"{len(blob)} bytes is shorter than the {ARTIFACT_PREFIX.size}-byte prefix")
     magic, compressor_id, header_len, header_crc = ARTIFACT_PREFIX.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
+        older_format_error(magic, origin)
         fail(f"does not start with {ARTIFACT_MAGIC!r}")
     if compressor_id >= len(COMPRESSORS):
         raise ArtifactError(f"{origin}: written with coder {compressor_id}, which this train_gpt.py does not have "
@@ -2610,6 +2700,23 @@ def decode_artifact(blob: bytes, origin: str = "artifact") -> QuantizedModel:
         return tensors_from_streams(header, streams)
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
         fail(f"header and streams disagree ({type(e).__name__}: {e})")
+
+
+def older_format_error(magic: bytes, origin: str) -> None:
+    """An artifact of another format, named with the version of this repository that reads it: refused by name,
+    never as a corrupt file."""
+    if not magic[:3] == b"PGQ" or not magic[3:].isdigit():
+        return
+    found = int(magic[3:])
+    if found in OLDER_ARTIFACT_FORMATS:
+        lacked, commit = OLDER_ARTIFACT_FORMATS[found]
+        raise ArtifactError(f"{origin}: a format-{found} artifact ({lacked}), written by an older train_gpt.py; this "
+                            f"one reads format {ARTIFACT_FORMAT} only. Read it with the train_gpt.py of commit "
+                            f"{commit}, the last to read format {found} (`git show {commit}:train_gpt.py > "
+                            f"train_gpt_format{found}.py`), or train it again")
+    if found > ARTIFACT_FORMAT:
+        raise ArtifactError(f"{origin}: a format-{found} artifact, written by a newer train_gpt.py; this one reads "
+                            f"format {ARTIFACT_FORMAT} only: update train_gpt.py to read it")
 
 
 def header_model_config(header: dict, origin: str) -> ModelConfig:
@@ -2688,10 +2795,31 @@ def check_lqer_shapes(quantized: dict[str, dict]) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary beside path, then rename: path holds the old bytes or the new, never a part. A write
+    that fails removes its temporary, and a full disk becomes disk_error's one line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(e, path, len(data)) from None
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room, over quota, over the file-size limit
+
+
+def disk_error(e: OSError, path: Path, needed: int) -> Exception:
+    """A write that found no room, as one line naming the folder and the room it needed; any other error as is."""
+    if e.errno not in DISK_FULL_ERRNOS:
+        return e
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes are"
+    except OSError:
+        free = "an unknown amount is"
+    return ConfigError(f"no room in {path.parent} ({os.strerror(e.errno)}): writing {path.name} needs {needed:,} "
+                       f"more bytes and {free} free there; free some space, or point LOG_DIR at a disk with room")
 
 
 def artifact_path(cfg: Config) -> Path:
@@ -3797,32 +3925,77 @@ def evaluate_artifact_model(cfg: Config, model: GPT, data: ValidationData, batch
 
 
 class RunLog:
-    """Prints on the main rank and appends to logs/<RUN_ID>.txt, flushing every line so a
-    run that dies still leaves everything it said."""
+    """Prints on the main rank and appends to logs/<RUN_ID>.txt, flushing every line so a run that dies still
+    leaves everything it said. A write that fails closes the file and raises once (a full disk as disk_error's
+    one line); the console still gets every later line."""
 
     def __init__(self, path: Path | None):
-        self.file = None
+        self.path, self.file = path, None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "w", encoding="utf-8")
 
     def __call__(self, message: str) -> None:
-        if self.file is not None:
+        if self.path is not None:
             print(message, flush=True)
             self.write(message + "\n")
 
     def write(self, text: str) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        try:
             self.file.write(text)
             self.file.flush()
+        except OSError as e:
+            self.close()
+            raise disk_error(e, self.path, len(text.encode())) from None
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        file, self.file = self.file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # what could not be flushed was already reported
+                file.close()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+class RunSummary(dict):
+    """The JSON summary of one run. Rank 0 rewrites LOG_DIR/<RUN_ID>.json at every `record` (each stage's end),
+    so a run killed at any point still shows its figures up to there; other ranks keep it in memory only."""
+
+    def __init__(self, path: Path | None = None, **fields):
+        super().__init__(**fields)
+        self.path = path
+
+    def record(self, fields: dict) -> None:
+        self.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self)
+
+    def save_at_exit(self) -> Exception | None:
+        """The last write, which must not leave `running` behind. Where the disk has no room for a new file, the
+        summary is written over the old one in place (only what outgrows it needs room), else just the fields that
+        say how the run ended (they fit in the old file's room). Returns the failure of the atomic write, if any."""
+        try:
+            self.save()
+            return None
+        except (OSError, ConfigError) as e:
+            if self.get("status") == "ok":
+                self.update(status="failed", error=f"{type(e).__name__}: {e}")
+            ending = {k: self.get(k) for k in ("run_id", "run_start_id", "seed", "status", "error")}
+            for data in (self, ending):
+                try:
+                    with open(self.path, "r+b", buffering=0) as f:
+                        f.write((json.dumps(data, indent=1) + "\n").encode())
+                        f.truncate()
+                    break
+                except OSError:
+                    continue
+            return e
 
 
 def process_alive(pid: int) -> bool:
@@ -3857,12 +4030,19 @@ def versions(rt: Runtime, backend: str) -> dict:
 
 
 def checked_tokenizer(cfg: Config):
-    """The tokenizer, checked against VOCAB_SIZE (and its BOS against BOS_ID where the model reads it)."""
+    """The tokenizer, checked against VOCAB_SIZE, and its BOS against BOS_ID where the run cuts documents there."""
     path = resolve_paths(cfg)[1]
     sp = load_tokenizer(path, cfg.VOCAB_SIZE)
-    if (cfg.SMEAR_GATE or cfg.VARLEN_ATTENTION) and sp.bos_id() != cfg.BOS_ID:
+    cutters = [name for name, on in (("SMEAR_GATE=1", cfg.SMEAR_GATE), ("VARLEN_ATTENTION=1", cfg.VARLEN_ATTENTION),
+                                     ("TTT_MODE=lora", lora_ttt(cfg))) if on]
+    if cutters and sp.bos_id() != cfg.BOS_ID:
+        what = " and ".join(cutters)
+        if sp.bos_id() < 0:
+            raise ConfigError(f"tokenizer {path} has no BOS piece, but {what} cut documents at BOS_ID={cfg.BOS_ID}: "
+                              "for data without document starts set SMEAR_GATE=0 and VARLEN_ATTENTION=0 (and "
+                              "TTT_MODE=chunk), or set BOS_ID to the id your data starts every document with")
         raise ConfigError(f"tokenizer {path} starts documents with id {sp.bos_id()} but BOS_ID={cfg.BOS_ID}; "
-                          f"set BOS_ID={sp.bos_id()} (SMEAR_GATE and VARLEN_ATTENTION cut documents at it)")
+                          f"set BOS_ID={sp.bos_id()} ({what} cut documents at it)")
     return sp
 
 
@@ -3882,15 +4062,34 @@ def load_validation_data(cfg: Config, sp=None) -> ValidationData:
     sp = sp or checked_tokenizer(cfg)
     data_path, tokenizer_path = resolve_paths(cfg)
     tokens = checked_validation_tokens(cfg)
+    tables = byte_tables(sp)
     sidecar = load_byte_sidecar(data_path, tokens, cfg.BOS_ID)
     operators = [op for op in CASEOPS_OPERATORS if sp.piece_to_id(op) != sp.unk_id()]
+    if sidecar is not None and not operators:
+        check_sidecar_agrees_with_tokenizer(sidecar[0], ValidationData(tokens, tables), sp, data_path, tokenizer_path)
     if operators and sidecar is None:
         raise ConfigError(f"tokenizer {tokenizer_path} reserves the CaseOps operators "
                           f"{', '.join(f'U+{ord(op):04X}' for op in operators)}, but {data_path} has no byte sidecar "
                           "(fineweb_val_bytes_*.bin), so val_bpb cannot divide by the original text's bytes: build "
                           "the data with `python3 data/make_sample.py --caseops` or download it with "
                           "`python3 data/cached_challenge_fineweb.py --variant sp8192-caseops`")
-    return ValidationData(tokens, byte_tables(sp), sidecar)
+    return ValidationData(tokens, tables, *(sidecar or ()))
+
+
+def check_sidecar_agrees_with_tokenizer(counts: Tensor, plain: ValidationData, sp, data_path: Path,
+                                        tokenizer_path: Path) -> None:
+    """Only a CaseOps tokenizer may take its byte counts from a sidecar: any other tokenizer's pieces spell the text
+    itself, so a sidecar beside it must count exactly what its byte tables count, or it would change the score."""
+    expected = plain.byte_counts(torch.device("cpu")).to(torch.int32)
+    differ = torch.nonzero(counts[1:] != expected).flatten()
+    if differ.numel():
+        i = int(differ[0]) + 1
+        token = int(plain.tokens[i])
+        raise ConfigError(f"{data_path}: the byte sidecar fineweb_val_bytes_*.bin charges validation token {i} (id "
+                          f"{token}, {sp.id_to_piece(token)!r}) {int(counts[i])} bytes where tokenizer "
+                          f"{tokenizer_path} counts {int(expected[i - 1])} ({differ.numel()} tokens differ); only a "
+                          "CaseOps tokenizer may use counts its pieces do not spell: remove the sidecar from "
+                          "DATA_PATH, or use the CaseOps tokenizer it was built for")
 
 
 def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
@@ -3903,6 +4102,7 @@ def load_inputs(cfg: Config, log) -> tuple[list[Path], ValidationData]:
     check_training_shards(train_files, cfg.VOCAB_SIZE)
     val = load_validation_data(cfg, sp)
     log(f"train_shards:{len(train_files)} val_tokens:{val.tokens.numel()} byte_source:{val.byte_source} "
+        f"byte_convention:{val.byte_convention} "
         f"data:{data_path} tokenizer:{tokenizer_path}")
     return train_files, val
 
@@ -3962,32 +4162,32 @@ def autofit_bpb_cost(cfg: Config, unfitted: QuantizedModel, val: ValidationData,
     return cost
 
 
-def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> None:
+def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummary) -> None:
     """The pipeline: train, build the artifact, then score the model decoded from it. The one place that
-    assembles the JSON summary: each stage returns its result and its fields land here as it ends, so
-    a run that fails late still records everything before the failure."""
+    assembles the JSON summary: each stage returns its result and its fields are recorded (the JSON rewritten)
+    as it ends, so a run that fails or is killed late still shows everything before that point."""
     if rt.is_main:
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
     backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     fused = fused_kernel_problem(cfg, rt.device)
     need(fused is None, f"a fused kernel cannot be used: {fused}")
-    summary.update(versions=versions(rt, backend))
+    summary.record(dict(versions=versions(rt, backend)))
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))
     train_files, val = load_inputs(cfg, log)
-    summary.update(byte_source=val.byte_source)
+    summary.record(dict(byte_source=val.byte_source, byte_convention=val.byte_convention))
     model, model_fn, optimizers = build_model(cfg, backend, rt, log)
-    summary.update(params=sum(p.numel() for p in model.parameters()))
+    summary.record(dict(params=sum(p.numel() for p in model.parameters())))
     val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
 
     def validate() -> dict:
         return evaluate(model_fn, val, cfg.TRAIN_SEQ_LEN, val_batch_seqs, rt)
 
     budget = training_budget(cfg, model, rt, log)
-    summary.update(summary_fields(budget))
+    summary.record(summary_fields(budget))
     training = Trainer(cfg, model_fn, model, optimizers, train_files, rt, log).train(validate, budget.seconds)
-    summary.update(summary_fields(training))
+    summary.record(summary_fields(training))
     if training.ema is not None:
         training.ema.copy_to()
         log("ema: applied EMA weights")
@@ -3995,19 +4195,19 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: dict) -> 
     # The artifact is finished before any diagnostic evaluation, as the organizers' re-runs require.
     artifact, failure = build_artifact(cfg, model, train_files, rt, log, training.train_seconds,
                                        summary["run_start_id"])
-    summary.update(summary_fields(artifact))
+    summary.record(summary_fields(artifact))
     fail_together(failure, rt, "could not build the artifact")
-    summary.update(pre_quantization_fields(validate, log))
+    summary.record(pre_quantization_fields(validate, log))
 
     quant_model, seconds = load_quantized_model(cfg, backend, rt, summary["run_start_id"], log)
-    summary.update(decompress_seconds=seconds)
+    summary.record(dict(decompress_seconds=seconds))
     if artifact.packed is not None:
         check_round_trip(artifact.packed, quant_model, log)
     scored = evaluate_artifact_model(cfg, quant_model, val, val_batch_seqs, rt, log, summary["pre_quant_val_bpb"])
-    summary.update(summary_fields(scored))
+    summary.record(summary_fields(scored))
     if artifact.unfitted is not None:
         cost = autofit_bpb_cost(cfg, artifact.unfitted, val, scored, val_batch_seqs, backend, rt.device, log)
-        summary.update(autofit_bpb_cost=cost)
+        summary.record(dict(autofit_bpb_cost=cost))
     log(f"final_score val_loss:{scored.val_loss:.6f} val_bpb:{scored.val_bpb:.6f} source:{scored.score_source}"
         + ("" if scored.compliant else " NON-COMPLIANT") + (" ruling_pending" if scored.ruling_pending else ""))
 
@@ -4050,25 +4250,33 @@ class RunFiles:
     def path(self, suffix: str) -> Path:
         return self.log_dir / f"{self.run_id}{suffix}"
 
-    def claim(self) -> None:
-        """Take the run's lock (refusing a RUN_ID a live process holds, clearing a dead one's), then
-        drop the artifact a previous run of this RUN_ID left, so it cannot pass for this run's."""
+    def lock(self) -> int | None:
+        """Take the run's lock, clearing one whose process has ended; returns None once it is ours, or the pid of
+        the live process that holds it."""
         lock = self.path(".lock")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = lock_holder(lock)
+                if holder is not None and process_alive(holder):
+                    return holder
+                lock.unlink(missing_ok=True)  # its process is gone: a stale lock
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return None
+        return lock_holder(lock)  # another process took it between our two tries
+
+    def claim(self) -> None:
+        """Take the run's lock (refusing a RUN_ID a live process holds), then drop the artifact a previous run of
+        this RUN_ID left, so it cannot pass for this run's."""
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            for _ in range(2):
-                try:
-                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    holder = lock_holder(lock)
-                    if holder is not None and process_alive(holder):
-                        raise ConfigError(f"RUN_ID={self.run_id} is in use by running process {holder} ({lock}); "
-                                          "choose another RUN_ID or wait for that run to end") from None
-                    lock.unlink(missing_ok=True)  # its process is gone: a stale lock
-                    continue
-                with os.fdopen(fd, "w") as f:
-                    f.write(str(os.getpid()))
-                break
+            holder = self.lock()
+            if holder is not None:
+                raise ConfigError(f"RUN_ID={self.run_id} is in use by running process {holder} "
+                                  f"({self.path('.lock')}); choose another RUN_ID or wait for that run to end")
             self.path(".ptz").unlink(missing_ok=True)
         except OSError as e:
             raise ConfigError(f"LOG_DIR={str(self.log_dir)!r} cannot be written ({e.strerror or e}); "
@@ -4078,6 +4286,9 @@ class RunFiles:
         lock = self.path(".lock")
         if lock_holder(lock) == os.getpid():
             lock.unlink(missing_ok=True)
+
+    def has_files(self) -> bool:
+        return any(self.path(suffix).exists() for suffix in (".txt", ".json", ".ptz"))
 
 
 def log_belongs_to(summary: dict, log_text: str) -> bool:
@@ -4120,20 +4331,34 @@ def out_of_memory_error(e: BaseException, rt: Runtime) -> ConfigError | None:
                        "VAL_BATCH_TOKENS or EVAL_BATCH_WINDOWS, or shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT)")
 
 
-def record_early_failure(env, error: ConfigError) -> None:
-    """A knob too broken to start with still leaves the log and JSON the README promises, where it can."""
+def record_early_failure(env, error: ConfigError) -> str | None:
+    """A launch too broken to start still leaves the log and JSON the README promises (rank 0), but never over
+    another run's files: LOG_DIR/<RUN_ID>.txt and .json only while it holds the RUN_ID's lock and no run of that
+    RUN_ID has left files, else LOG_DIR/rejected/<RUN_ID>-<random>.txt and .json. Returns a note saying so in the
+    second case, for the error message."""
     if env.get("RANK", "0") != "0":
-        return
+        return None
     run_id, log_dir = env.get("RUN_ID", ""), Path(env.get("LOG_DIR") or "logs")
     if not run_id or not is_plain_name(run_id):
         run_id = uuid.uuid4().hex[:12]
+    files, holder, note = RunFiles(log_dir, run_id), None, None
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / f"{run_id}.txt").write_text(f"error: {error}\n", encoding="utf-8")
-        write_json_atomic(log_dir / f"{run_id}.json", dict(run_id=run_id, status="failed",
-                                                           error=f"ConfigError: {error}"))
-    except OSError:
-        pass  # the error itself still reaches stderr
+        holder = files.lock()
+        target = files
+        if holder is not None or files.has_files():
+            target = RunFiles(log_dir / "rejected", f"{run_id}-{uuid.uuid4().hex[:8]}")
+            owner = f"running process {holder}" if holder is not None else "an earlier run"
+            note = (f"this failure is recorded in {target.path('.txt')} and .json; the files of RUN_ID={run_id} "
+                    f"belong to {owner} and were left alone")
+        target.log_dir.mkdir(parents=True, exist_ok=True)
+        target.path(".txt").write_text(f"error: {error}\n", encoding="utf-8")
+        write_json_atomic(target.path(".json"), dict(run_id=run_id, status="failed", error=f"ConfigError: {error}"))
+    except (OSError, ConfigError):
+        return None  # the error itself still reaches stderr
+    finally:
+        if holder is None:
+            files.release()
+    return note
 
 
 def main(env=None) -> dict:
@@ -4144,8 +4369,8 @@ def main(env=None) -> dict:
         cfg = config_from_env(env)
         check_batch_split(cfg, launcher_ranks(env)[0])
     except ConfigError as e:
-        record_early_failure(env, e)
-        raise
+        note = record_early_failure(env, e)
+        raise (ConfigError(f"{e}\n{note}") if note else e) from None
     warnings = near_miss_warnings(env)
     dumps_stacks = register_stack_dump()
     rt = init_runtime(env)
@@ -4153,20 +4378,21 @@ def main(env=None) -> dict:
     cfg = dataclasses.replace(cfg, RUN_ID=cfg.RUN_ID or random_id)
     files = RunFiles(Path(cfg.LOG_DIR), cfg.RUN_ID)
     old_handlers = raise_on_signals()
-    summary = dict(run_id=cfg.RUN_ID, run_start_id=start_id, seed=cfg.SEED, status="running",
-                   config=dataclasses.asdict(cfg), warnings=warnings)
-    log = RunLog(None)
+    summary = RunSummary(None, run_id=cfg.RUN_ID, run_start_id=start_id, seed=cfg.SEED, status="running",
+                         config=dataclasses.asdict(cfg), warnings=warnings)
+    log, unsaved = RunLog(None), None
     try:
         failure = None
         if rt.is_main:
             try:
                 files.claim()
+                summary.path = files.path(".json")
                 log = RunLog(files.path(".txt"))
-                write_json_atomic(files.path(".json"), summary)
-            except ConfigError as e:
+                summary.save()
+                log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
+            except (ConfigError, OSError) as e:
                 failure = e
         fail_together(failure, rt, "could not start the run")
-        log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
         log(f"run_start_id:{start_id}")
         for w in warnings:
             log(w)
@@ -4175,12 +4401,16 @@ def main(env=None) -> dict:
     except BaseException as e:
         e = out_of_memory_error(e, rt) or e
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
-        log(f"error: {e}" if isinstance(e, (ConfigError, ArtifactError, RunKilled)) else traceback.format_exc())
+        # The log file alone: the console hears of the error once, from the caller (the CLI prints it below).
+        with contextlib.suppress(ConfigError, OSError):
+            log.write(f"error: {e}\n" if isinstance(e, (ConfigError, ArtifactError, RunKilled))
+                      else traceback.format_exc())
         raise e
     finally:
-        if log.file is not None:
-            write_json_atomic(files.path(".json"), summary)
-            log(f"log:{files.path('.txt')} summary:{files.path('.json')}")
+        if summary.path is not None:
+            unsaved = summary.save_at_exit()
+            with contextlib.suppress(ConfigError, OSError):
+                log(f"log:{files.path('.txt')} summary:{files.path('.json')}")
             files.release()
         log.close()
         for s, h in old_handlers.items():
@@ -4191,15 +4421,41 @@ def main(env=None) -> dict:
             if summary["status"] == "ok":  # leave together: a rank that exits early can abort gloo
                 dist.barrier()
             dist.destroy_process_group()
-    return summary
+    if unsaved is not None:  # the run ended well but its summary could not be written: it cannot count
+        raise unsaved
+    return dict(summary)
 
 
-if __name__ == "__main__":
+def exit_process(code: int) -> None:
+    """End a process that ran collectives without finalizing the interpreter. gloo's worker threads outlive
+    destroy_process_group at times, still tearing down a finished collective whose tensors' Python objects they
+    must release; once finalization has begun that release cannot take the GIL and the process aborts
+    ("terminate called without an active exception"), seen on a loaded machine. Everything the run writes is
+    written and closed by now, so only the standard streams need flushing."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def run_as_script() -> int:
+    """main() as the command line runs it: a known failure as one line on stderr, and the exit code."""
     try:
         main()
     except (ConfigError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except RunKilled as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
+        return 128 + e.signum
+    except BaseException:  # noqa: BLE001 - printed as Python would, then the same exit path
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    exit_code = run_as_script()
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # torchrun ranks: gloo threads may outlive the process group
+        exit_process(exit_code)
+    sys.exit(exit_code)

@@ -6,7 +6,8 @@ leak) is visible side by side. CPU is fine for a small model; expect minutes.
         python3 bench/eval_modes.py logs/RUN.ptz --mode TTT --mode "LoRA TTT" --mode "LoRA TTT + phases"
 
 Environment knobs (EVAL_SEQ_LEN, EVAL_STRIDE, TTT_*, SLOT_* ...) set the common settings; each row
-overrides only what names it.
+overrides only what names it, and takes a common setting only where one of its modes reads it (TTT_DOC_BATCH
+reaches the LoRA rows, not the chunk TTT or SLOT ones).
 """
 import argparse
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import eval_artifact  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 MODES = [
     ("sliding", dict(TTT_ENABLED="0", SLOT_ENABLED="0")),
@@ -39,6 +41,14 @@ MODES = [
 ]
 
 
+def row_environment(env, knobs: dict) -> dict:
+    """The environment with a row's knobs, less the common settings that none of the row's modes read."""
+    row = {**env, **knobs}
+    cfg, changed = tg.resolve_config(row)
+    idle = {name for names, _ in tg.idle_knobs(cfg, changed) for name in names} - set(knobs)
+    return {k: v for k, v in row.items() if k not in idle}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", type=Path)
@@ -54,7 +64,7 @@ def main() -> None:
     rows = []
     for name, knobs in ((m, known[m]) for m in wanted):
         t0 = time.perf_counter()
-        summary = eval_artifact.evaluate_file({**os.environ, **knobs}, args.artifact, args.max_tokens,
+        summary = eval_artifact.evaluate_file(row_environment(os.environ, knobs), args.artifact, args.max_tokens,
                                               log=lambda _: None)
         rows.append((name, summary, time.perf_counter() - t0))
         print(f"{name}: {summary['val_bpb']:.4f} ({summary['score_source']})", flush=True)

@@ -205,7 +205,8 @@ def lora_ttt_eval(args, env: dict) -> dict:
     knobs = dict(DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab, TTT_ENABLED=1, TTT_MODE="lora",
                  SLOT_ENABLED=0, EVAL_TIME_BUDGET=0)
     if args.tiny:  # chunks a whole window wide: a few LoRA steps per document, enough to prove the path
-        knobs = dict(TINY_KNOBS, TTT_DOC_CHUNK=TINY_KNOBS["EVAL_SEQ_LEN"], **knobs)
+        tiny = {k: v for k, v in TINY_KNOBS.items() if not k.startswith("SLOT_")}  # SLOT is off in this pass
+        knobs = dict(tiny, TTT_DOC_CHUNK=TINY_KNOBS["EVAL_SEQ_LEN"], **knobs)
     log = args.out / "lora_ttt_eval.log"
     done = run_logged([sys.executable, "tools/eval_artifact.py", str(artifact)], with_knobs(env, knobs), log, 900,
                       args.deadline)

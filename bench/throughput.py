@@ -199,3 +199,5 @@ if __name__ == "__main__":
     except tg.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        tg.exit_process(0)  # not through the interpreter's finalization, which gloo's threads can abort

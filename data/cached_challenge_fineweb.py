@@ -38,10 +38,13 @@ LFS files (the shards, the tokenizer model), its sha256. Those are asked for onc
 hub cannot be asked (offline), only the checks below are made.
 
 Files are fetched into the HF cache and hard-linked (copied where linking fails) into data/.
-Local files are kept when valid and of the size the hub lists: shards must have a good header and
-exactly 1024 + 2n bytes, a .model must load as a SentencePiece model, a .json must parse, other
-files must be non-empty. Everything else is fetched. A fetched file must also match the hub's
-sha256; one that does not, or fails a check, is fetched once more, bypassing the HF cache.
+Every file, already present or just fetched, must be valid and match what the hub lists: shards must
+have a good header and exactly 1024 + 2n bytes, a .model must load as a SentencePiece model, a .json
+must parse, other files must be non-empty, and the size and the sha256 must be the hub's where it
+lists them. A present file that fails is fetched; a fetched one that fails is fetched once more,
+bypassing the HF cache. A hash once verified is remembered beside the cached manifest
+(data/manifests/<owner>__<name>/<prefix>/verified_sha256.json) with the file's size and modification
+time, so a re-run hashes only the files that changed since.
 """
 from __future__ import annotations
 
@@ -223,13 +226,41 @@ def human(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} B"
 
 
+class VerifiedHashes:
+    """The sha256 of each local file already checked against the hub, keyed by its path with the size and
+    modification time it had then: a file changed since (a new mtime or size) is hashed again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def stamp(file: Path) -> list[int]:
+        st = file.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def known(self, file: Path, sha256: str) -> bool:
+        return self.entries.get(str(file.resolve())) == [*self.stamp(file), sha256]
+
+    def remember(self, file: Path, sha256: str) -> None:
+        self.entries[str(file.resolve())] = [*self.stamp(file), sha256]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text(json.dumps(self.entries, indent=0), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
 class Fetcher:
     """Fetches files of one dataset repo into the local layout, and counts what it did."""
 
     def __init__(self, repo_id: str, prefix: str, out: Path, download, file_info=hub_file_info):
         self.repo_id, self.prefix, self.out, self.download = repo_id, prefix.strip("/"), out, download
         self.file_info, self.published = file_info, {}
-        self.fetched = self.skipped = self.fetched_bytes = self.skipped_bytes = 0
+        self.verified = VerifiedHashes(manifest_path(out, repo_id, self.prefix).with_name("verified_sha256.json"))
+        self.fetched = self.skipped = self.fetched_bytes = self.skipped_bytes = self.hashed = 0
 
     def remote(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -255,21 +286,32 @@ class Fetcher:
         self.fetched_bytes += dest.stat().st_size
         print(f"fetched {dest} ({human(dest.stat().st_size)})", flush=True)
 
+    def hash_problem(self, path: Path, published: Published | None) -> str | None:
+        """hash_problem, skipped for a file verified before and unchanged since; a match is remembered."""
+        if published is None or not published.sha256 or self.verified.known(path, published.sha256):
+            return None
+        self.hashed += 1
+        why = hash_problem(path, published)
+        if why is None:
+            self.verified.remember(path, published.sha256)
+        return why
+
     def ensure(self, rel: str, problem) -> Path:
         """Fetch rel to out/rel unless a valid copy is already there; verify what arrives, and
         fetch it once more if it is corrupt. problem(path) says what is wrong with a file, or None."""
         dest, published = self.out / rel, self.published.get(self.remote(rel))
-        why = problem(dest) or size_problem(dest, published)
+        why = problem(dest) or size_problem(dest, published) or self.hash_problem(dest, published)
         if why is None:
             self.skipped += 1
             self.skipped_bytes += dest.stat().st_size
-            print(f"present {dest}", flush=True)
+            hashed = "sha256 checked" if published is not None and published.sha256 else "no sha256 listed"
+            print(f"present {dest} ({hashed})", flush=True)
             return dest
         if dest.exists():
             print(f"invalid {dest} ({why}): fetching it again", flush=True)
         for force in (False, True):
             self.fetch(rel, dest, force)
-            why = problem(dest) or size_problem(dest, published) or hash_problem(dest, published)
+            why = problem(dest) or size_problem(dest, published) or self.hash_problem(dest, published)
             if why is None:
                 return dest
             print(f"corrupt {dest} ({why})", flush=True)
@@ -388,7 +430,7 @@ def main(argv=None, download=hf_download, file_info=hub_file_info) -> None:
         fetcher.ensure(rel, tokenizer_problem)
     print(f"done: {val} val + {train} train shards, {len(sidecars)} byte sidecars, {len(tokenizer)} tokenizer files; "
           f"fetched {fetcher.fetched} files ({human(fetcher.fetched_bytes)}), "
-          f"{fetcher.skipped} already present ({human(fetcher.skipped_bytes)})\n"
+          f"{fetcher.skipped} already present ({human(fetcher.skipped_bytes)}); {fetcher.hashed} files hashed\n"
           f"  shards:    {args.out / shard_dir}\n  tokenizer: {', '.join(str(args.out / t) for t in tokenizer)}",
           flush=True)
 

@@ -9,17 +9,28 @@ across its case variants:
   - any other word with a capital: TITLE before it if its first letter is a capital, then the word in
     lowercase with CAPNEXT before each later capital;
   - an operator character already in the text is escaped as ESC + that character.
-Every other character is left alone, so inverse(transform(text)) == text for any Unicode text.
+  - except a word whose last letter is a capital followed by a combining mark: it keeps its case. NFKC (the
+    tokenizer's normalization) composes a letter with the mark after it, and whether it does depends on the
+    letter's case (I+U+0307 composes to U+0130 but i+U+0307 to nothing; j+U+030C to U+01F0 but J+U+030C to
+    nothing), so lowercasing that letter would change the normalized text's bytes, or leave an operator before
+    a letter that is no longer ASCII.
+Every other character is left alone, so inverse(transform(text)) == text for any Unicode text, and the tokenizer
+normalizes the transformed text to the transform of the normalized text.
 
 The operators are private-use characters (train_gpt.CASEOPS_OPERATORS) that the tokenizer reserves as
 user-defined pieces. They stand for no text of their own: in the byte sidecar an operator (and ESC) counts 0
-bytes and every other token what the trainer's byte tables count for it, so a document's sidecar sums to the
-UTF-8 bytes of the document as the tokenizer's normalization leaves it (nmt_nfkc: NFKC, whitespace runs folded
-to one space, none at the ends), the same count a tokenizer without CaseOps gets for it.
+bytes. Every other token counts, by the sidecar's byte convention (train_gpt.BYTE_CONVENTIONS):
+  - normalized (token_original_bytes): what the trainer's byte tables count for it, so a document's sidecar sums to
+    the UTF-8 bytes of the document as the tokenizer's normalization leaves it (nmt_nfkc: NFKC, whitespace runs
+    folded to one space, none at the ends), the same count a tokenizer without CaseOps gets for it;
+  - raw (token_raw_bytes): the UTF-8 bytes of the text it was cut from before normalization (SentencePiece's
+    surface), so a document's sidecar sums to its original bytes less the whitespace at its ends: the public
+    CaseOps export's convention.
 """
 from __future__ import annotations
 
 import sys
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -61,7 +72,9 @@ def transform(text: str) -> str:
             j = i + 1
             while j < n and is_ascii_letter(text[j]):
                 j += 1
-            out.append(transform_word(text[i:j]))
+            word = text[i:j]
+            composes = word[-1].isupper() and j < n and unicodedata.combining(text[j])
+            out.append(word if composes else transform_word(word))
             i = j
         else:
             out.append(ch)
@@ -117,3 +130,26 @@ def token_original_bytes(sp, tables, ids: list[int], bos_id: int) -> list[int]:
         elif piece in CASEOPS_OPERATORS:
             counts[k], escaped = 0, piece == ESC
     return counts
+
+
+def token_raw_bytes(sp, transformed: str) -> tuple[list[int], list[int]]:
+    """The ids of one transformed document (without its BOS) and the raw convention's count for each: the UTF-8
+    bytes of the input span it covers (SentencePiece's surface, which needs the protobuf package), operators acting
+    as such 0, an escaped operator its 3 bytes."""
+    try:
+        pieces = sp.encode(transformed, out_type="proto").pieces
+    except ImportError as e:
+        raise SystemExit(f"the raw byte convention reads SentencePiece's piece surfaces, which need protobuf ({e}): "
+                         "pip install protobuf") from None
+    ids, counts, escaped = [], [], False
+    for piece in pieces:
+        count = 0
+        for ch in piece.surface:
+            if escaped or ch not in CASEOPS_OPERATORS:
+                count += len(ch.encode("utf-8"))
+                escaped = False
+            else:
+                escaped = ch == ESC
+        ids.append(piece.id)
+        counts.append(count)
+    return ids, counts

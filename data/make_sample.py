@@ -16,7 +16,10 @@ Two builds from the same inputs give byte-identical files.
 --caseops builds CaseOps data (data/caseops.py): the tokenizer is trained on transformed text with the four
 operators reserved as user-defined pieces, every document is transformed before encoding, and the validation
 folder gets a byte sidecar, datasets/<name>/fineweb_val_bytes_000000.bin (the shard layout, its own magic, one
-uint16 per validation token: the original UTF-8 bytes it stands for, 0 for BOS and the operators).
+uint16 per validation token: the original UTF-8 bytes it stands for, 0 for BOS and the operators). Its bytes are
+those of the text as the tokenizer normalizes it (--byte-convention normalized, the default: the count a tokenizer
+without CaseOps gets), or of the raw text (--byte-convention raw: the public CaseOps export's convention, about
+0.04 % more bytes; needs the protobuf package); the header records which, and the trainer logs it.
 
   python3 data/make_sample.py
   python3 data/make_sample.py --jsonl train.jsonl.xz --val-jsonl val.jsonl.xz --name enwiki_sp1024 \\
@@ -219,21 +222,28 @@ def encode_documents(sp: spm.SentencePieceProcessor, texts, batch: int = 256) ->
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def encode_caseops_documents(sp: spm.SentencePieceProcessor, texts) -> tuple[np.ndarray, np.ndarray]:
-    """BOS + ids of each transformed document, concatenated, and the original bytes of each of those tokens."""
+def encode_caseops_documents(sp: spm.SentencePieceProcessor, texts,
+                             convention: str = "normalized") -> tuple[np.ndarray, np.ndarray]:
+    """BOS + ids of each transformed document, concatenated, and the original bytes of each of those tokens by the
+    byte convention (train_gpt.BYTE_CONVENTIONS)."""
     from train_gpt import byte_tables
     tables, ids, counts = byte_tables(sp), [], []
     for text in texts:
-        doc_ids = sp.encode(caseops.transform(text), out_type=int)
+        if convention == "raw":
+            doc_ids, doc_counts = caseops.token_raw_bytes(sp, caseops.transform(text))
+        else:
+            doc_ids = sp.encode(caseops.transform(text), out_type=int)
+            doc_counts = caseops.token_original_bytes(sp, tables, doc_ids, BOS_ID)
         ids.append(np.array([BOS_ID, *doc_ids], dtype=np.uint16))
-        counts.append(np.array([0, *caseops.token_original_bytes(sp, tables, doc_ids, BOS_ID)], dtype=np.uint16))
+        counts.append(np.array([0, *doc_counts], dtype=np.uint16))
     empty = np.zeros(0, dtype=np.uint16)
     return (np.concatenate(ids) if ids else empty), (np.concatenate(counts) if counts else empty)
 
 
 def write_split(tokens: np.ndarray, folder: Path, split: str, shard_tokens: int, kind: str = "",
-                magic: int | None = None) -> list[Path]:
-    """Shards fineweb_{split}_{kind}NNNNNN.bin; kind "bytes_" with the sidecar magic writes a byte sidecar."""
+                magic: int | None = None, convention: str | None = None) -> list[Path]:
+    """Shards fineweb_{split}_{kind}NNNNNN.bin; kind "bytes_" with the sidecar magic and a byte convention writes a
+    byte sidecar."""
     from train_gpt import SHARD_MAGIC, write_shard  # the trainer owns the shard format
     # Shards left by an earlier, larger build would be read as part of this one (a token split's pattern also
     # takes an earlier CaseOps build's sidecar, which this build may not replace).
@@ -242,7 +252,7 @@ def write_split(tokens: np.ndarray, folder: Path, split: str, shard_tokens: int,
     paths = []
     for index, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
         path = folder / f"fineweb_{split}_{kind}{index:06d}.bin"
-        write_shard(path, tokens[start:start + shard_tokens], SHARD_MAGIC if magic is None else magic)
+        write_shard(path, tokens[start:start + shard_tokens], SHARD_MAGIC if magic is None else magic, convention)
         paths.append(path)
     return paths
 
@@ -271,13 +281,16 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
           max_val_docs: int | None = None, tokenizer_train_docs: int | None = None,
           tokenizer_train_bytes: int | None = 20_000_000, shard_tokens: int = 100_000_000,
           val_fraction: float = DEFAULT_VAL_FRACTION, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
-          caseops_transform: bool = False, verbose: bool = True) -> dict:
+          caseops_transform: bool = False, byte_convention: str = "normalized", verbose: bool = True) -> dict:
     """Build the corpus; return its paths and per-split docs/bytes/tokens. Errors raise SystemExit."""
     t0 = time.time()
     if bool(jsonl) != bool(val_jsonl):
         raise SystemExit("make_sample: --jsonl and --val-jsonl must be given together")
     if not 0 < vocab_size <= 1 << 16:
         raise SystemExit(f"make_sample: vocab size {vocab_size} does not fit the uint16 shard format")
+    if byte_convention != "normalized" and not caseops_transform:
+        raise SystemExit(f"make_sample: --byte-convention {byte_convention} is for the byte sidecar of --caseops "
+                         "data; without CaseOps the trainer counts bytes with the tokenizer")
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
 
@@ -308,11 +321,12 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
 
     summary = dict(dataset_dir=dataset_dir, tokenizer_model=model_path, tokenizer_vocab=vocab_path,
                    vocab_size=sp.vocab_size(), caseops=caseops_transform,
+                   byte_convention=byte_convention if caseops_transform else None,
                    tokenizer_train=dict(docs=len(tok_texts), bytes=text_bytes(tok_texts)))
     from train_gpt import SIDECAR_MAGIC
     for split, texts in (("train", train), ("val", val)):
         if caseops_transform and split == "val":  # the sidecar is for validation only
-            tokens, counts = encode_caseops_documents(sp, texts)
+            tokens, counts = encode_caseops_documents(sp, texts, byte_convention)
         elif caseops_transform:
             tokens = encode_documents(sp, [caseops.transform(t) for t in texts])
         else:
@@ -320,7 +334,8 @@ def build(out=None, name: str = DEFAULT_NAME, tokenizer_name: str = DEFAULT_TOKE
         shards = write_split(tokens, dataset_dir, split, shard_tokens)
         summary[split] = dict(docs=len(texts), bytes=text_bytes(texts), tokens=int(tokens.size), shards=shards)
         if caseops_transform and split == "val":
-            summary[split]["sidecar"] = write_split(counts, dataset_dir, split, shard_tokens, "bytes_", SIDECAR_MAGIC)
+            summary[split]["sidecar"] = write_split(counts, dataset_dir, split, shard_tokens, "bytes_", SIDECAR_MAGIC,
+                                                    byte_convention)
             summary[split]["sidecar_bytes"] = int(counts.sum(dtype=np.int64))
     summary["seconds"] = round(time.time() - t0, 2)
     if verbose:
@@ -335,7 +350,7 @@ def print_summary(s: dict) -> None:
               f"({d['bytes'] / max(d['tokens'], 1):.2f} bytes/token) -> "
               + ", ".join(str(p) for p in d["shards"]))
         if "sidecar" in d:
-            print(f"       byte sidecar: {d['sidecar_bytes']:,} bytes of normalized original text -> "
+            print(f"       byte sidecar: {d['sidecar_bytes']:,} bytes of {s['byte_convention']} original text -> "
                   + ", ".join(str(p) for p in d["sidecar"]))
     t = s["tokenizer_train"]
     print(f"tokenizer: vocab {s['vocab_size']}, trained on {t['docs']:,} train docs ({t['bytes']:,} bytes) "
@@ -368,6 +383,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--caseops", action="store_true",
                    help="CaseOps data: transformed text, reserved operators, a validation byte sidecar; the "
                         "default names gain a _caseops suffix")
+    p.add_argument("--byte-convention", choices=("normalized", "raw"), default="normalized",
+                   help="--caseops: the sidecar counts the bytes of the text as the tokenizer normalizes it "
+                        "(normalized, the default) or of the raw text (raw: the public CaseOps export's convention)")
     args = p.parse_args(argv)
     if args.caseops:
         args.name += "_caseops" if args.name == DEFAULT_NAME else ""
@@ -386,7 +404,8 @@ def main(argv=None) -> dict:
                  jsonl=a.jsonl, val_jsonl=a.val_jsonl, max_train_docs=a.max_train_docs,
                  max_val_docs=a.max_val_docs, tokenizer_train_docs=a.tokenizer_train_docs,
                  tokenizer_train_bytes=a.tokenizer_train_bytes, shard_tokens=a.shard_tokens,
-                 val_fraction=a.val_fraction, max_text_bytes=a.max_text_bytes, caseops_transform=a.caseops)
+                 val_fraction=a.val_fraction, max_text_bytes=a.max_text_bytes, caseops_transform=a.caseops,
+                 byte_convention=a.byte_convention)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,4 @@ if __name__ == "__main__":
     torch.save(times, f"{prefix}{rt.rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    tg.exit_process(0)  # not through the interpreter's finalization, which gloo's threads can abort

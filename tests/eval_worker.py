@@ -21,3 +21,4 @@ if __name__ == "__main__":
         torch.save({name: s.nll for name, s in results.items()}, sys.argv[1])
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    tg.exit_process(0)  # not through the interpreter's finalization, which gloo's threads can abort

@@ -28,3 +28,4 @@ if __name__ == "__main__":
         torch.save(dict(states=states, norms=norms), sys.argv[1])
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    tg.exit_process(0)  # not through the interpreter's finalization, which gloo's threads can abort

@@ -7,6 +7,8 @@ count, and to the UTF-8 bytes of the inverse of what its tokens decode to. Opera
 import importlib.util
 import json
 import lzma
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,12 @@ ADVERSARIAL = [
     "emoji 😀 between WORDS 👍🏽 and Flags 🇫🇷", "tab\tand\r\nCRLF", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ ﬁ ligature",
     "".join(tg.CASEOPS_OPERATORS), f"{ESC}{ESC}", f"a{TITLE}b", f"{ALLCAPS}ABC{CAPNEXT}", f"X{ESC}", f"{TITLE}",
 ]
+# Capitals whose NFKC composition with the next combining mark depends on their case: I+U+0307 composes, i+U+0307
+# does not; J+U+030C does not, j+U+030C does (U+01F0).
+COMPOSING = ["I\u0307stanbul", "J\u030cx", "AJ\u030c BI\u0307 xY\u0307z", "e\u0301E\u0301 A\u0300B\u0300"]
 
 
-@pytest.mark.parametrize("text", ADVERSARIAL)
+@pytest.mark.parametrize("text", ADVERSARIAL + COMPOSING)
 def test_the_inverse_restores_any_text(text):
     assert caseops.inverse(caseops.transform(text)) == text
 
@@ -144,12 +149,48 @@ def test_a_sidecar_that_disagrees_with_the_tokens_is_refused(tmp_path, damage, m
         tg.load_byte_sidecar(tmp_path, torch.from_numpy(tokens.astype(np.int32)), BOS_ID)
 
 
+def test_a_sidecar_beside_a_tokenizer_without_caseops_must_count_what_the_tokenizer_counts(small_sample, tmp_path):
+    """A stray sidecar would otherwise replace the tokenizer's counts and change the score (it gave 9.90 bpb
+    instead of 3.74 for the same losses): it may only agree with them, and the first token it disagrees on is named."""
+    data = tmp_path / "data"
+    shutil.copytree(small_sample["dataset_dir"], data)
+    cfg = tg.config_from_env(tiny_env(small_sample, tmp_path, DATA_PATH=data))
+    plain = tg.load_validation_data(cfg)
+    exact = plain.byte_counts(torch.device("cpu")).numpy().astype(np.uint16)
+    sidecar = data / "fineweb_val_bytes_000000.bin"
+    tg.write_shard(sidecar, np.concatenate([[0], exact]), tg.SIDECAR_MAGIC)
+    agreeing = tg.load_validation_data(cfg)
+    assert torch.equal(agreeing.byte_counts(torch.device("cpu")), plain.byte_counts(torch.device("cpu")))
+    wrong = np.concatenate([[0], exact])
+    wrong[7] += 3
+    tg.write_shard(sidecar, wrong, tg.SIDECAR_MAGIC)
+    piece = tg.load_tokenizer(Path(cfg.TOKENIZER_PATH), 1024).id_to_piece(int(plain.tokens[7]))
+    with pytest.raises(tg.ConfigError, match=f"charges validation token 7 \\(id {int(plain.tokens[7])}, "
+                                             f"{re.escape(repr(piece))}\\) {wrong[7]} bytes where tokenizer .* counts "
+                                             f"{exact[6]} \\(1 tokens differ\\); only a CaseOps tokenizer"):
+        tg.main(tiny_env(small_sample, tmp_path, DATA_PATH=data))
+    assert "steps" not in json.loads((tmp_path / "logs" / "run.json").read_text())  # stopped before training
+
+
 def test_a_sidecar_with_the_token_magic_is_read_as_the_public_files_have_it(tmp_path):
     tokens = np.array([BOS_ID, 7, 8], dtype=np.uint16)
     tg.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
     tg.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.array([0, 3, 1], dtype=np.uint16), tg.SHARD_MAGIC)
-    counts = tg.load_byte_sidecar(tmp_path, torch.from_numpy(tokens.astype(np.int32)), BOS_ID)
-    assert counts.tolist() == [0, 3, 1]
+    counts, convention = tg.load_byte_sidecar(tmp_path, torch.from_numpy(tokens.astype(np.int32)), BOS_ID)
+    assert counts.tolist() == [0, 3, 1] and convention == "raw"  # the public export counts the raw text
+
+
+@pytest.mark.parametrize("magic, convention, read_as", [
+    (tg.SIDECAR_MAGIC, None, "normalized"),  # written by make_sample before conventions were recorded
+    (tg.SIDECAR_MAGIC, "normalized", "normalized"), (tg.SIDECAR_MAGIC, "raw", "raw"), (tg.SHARD_MAGIC, "raw", "raw"),
+])
+def test_a_sidecar_says_which_bytes_it_counts(tmp_path, magic, convention, read_as):
+    tg.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.array([0, 3], dtype=np.uint16), magic, convention)
+    assert tg.sidecar_convention(tmp_path / "fineweb_val_bytes_000000.bin") == read_as
+    tg.write_shard(tmp_path / "fineweb_val_bytes_000001.bin", np.array([0, 3], dtype=np.uint16), tg.SIDECAR_MAGIC,
+                   "raw" if read_as == "normalized" else "normalized")
+    with pytest.raises(tg.ConfigError, match="count bytes by different conventions"):
+        tg.load_byte_sidecar(tmp_path, torch.tensor([BOS_ID, 7, BOS_ID, 8], dtype=torch.int32), BOS_ID)
 
 
 def test_a_run_on_caseops_data_scores_every_pass_against_the_original_bytes(caseops_sample, tmp_path):
@@ -157,9 +198,53 @@ def test_a_run_on_caseops_data_scores_every_pass_against_the_original_bytes(case
     assert summary["status"] == "ok" and summary["byte_source"] == "sidecar"
     assert summary["val_bytes"] == caseops_sample["val"]["sidecar_bytes"]
     log = (tmp_path / "logs" / "run.txt").read_text()
-    assert "byte_source:sidecar" in log
+    assert "byte_source:sidecar byte_convention:normalized" in log
     written = json.loads((tmp_path / "logs" / "run.json").read_text())
-    assert written["byte_source"] == "sidecar"
+    assert written["byte_source"] == "sidecar" and written["byte_convention"] == "normalized"
+
+
+@pytest.fixture(scope="module")
+def caseops_tokenizer(caseops_sample):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(caseops_sample["tokenizer_model"]))
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL + COMPOSING)
+def test_the_normalized_convention_counts_the_normalized_original_and_its_tokens_decode_to_it(caseops_tokenizer, text):
+    sp = caseops_tokenizer
+    ids = sp.encode(caseops.transform(text), out_type=int)
+    normalized = sp.normalize(text).replace("\u2581", " ")  # what a tokenizer without CaseOps reads of the text
+    assert caseops.inverse(sp.decode(ids)) == normalized
+    assert sum(caseops.token_original_bytes(sp, tg.byte_tables(sp), ids, BOS_ID)) == len(normalized.encode("utf-8"))
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL + COMPOSING)
+def test_the_raw_convention_counts_the_original_bytes_as_the_public_export_does(caseops_tokenizer, text):
+    """Every token is charged the bytes of the text it was cut from; whitespace inside the document counts as it
+    was written (the normalization folds it), whitespace at its ends is dropped with the tokenizer's."""
+    pytest.importorskip("google.protobuf", reason="the raw convention reads piece surfaces through protobuf")
+    sp = caseops_tokenizer
+    ids, counts = caseops.token_raw_bytes(sp, caseops.transform(text))
+    assert ids == sp.encode(caseops.transform(text), out_type=int)
+    assert sum(counts) == len(text.strip(" \t\r\n").encode("utf-8"))
+    if sp.normalize(text).replace("\u2581", " ") == text:  # nothing to fold: the conventions agree on every token
+        normalized = caseops.token_original_bytes(sp, tg.byte_tables(sp), ids, BOS_ID)
+        whole = [not sp.is_byte(i) for i in ids]  # the surface of a character's byte pieces is all on its last one
+        assert [c for c, w in zip(counts, whole) if w] == [c for c, w in zip(normalized, whole) if w]
+
+
+def test_a_raw_convention_sample_is_the_normalized_one_plus_its_folded_whitespace(caseops_sample, tmp_path):
+    pytest.importorskip("google.protobuf", reason="the raw convention reads piece surfaces through protobuf")
+    from conftest import make_sample
+    raw = make_sample.build(out=tmp_path, name="raw", tokenizer_name="raw", max_text_bytes=400_000,
+                            caseops_transform=True, byte_convention="raw", verbose=False)
+    tokens, counts = sidecar_and_tokens(raw)
+    normalized_tokens, normalized_counts = sidecar_and_tokens(caseops_sample)
+    assert np.array_equal(tokens, normalized_tokens) and counts.sum() > normalized_counts.sum()
+    texts = make_sample.split_documents(make_sample.sample_documents(400_000))[1]
+    assert int(counts.sum()) == sum(len(t.strip(" \t\r\n").encode("utf-8")) for t in texts)
+    val = tg.load_validation_data(tg.config_from_env(tiny_env(raw, tmp_path)))
+    assert val.byte_source == "sidecar" and val.byte_convention == "raw"
 
 
 def shared_documents(name: str, limit: int) -> list[str]:

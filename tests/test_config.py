@@ -1,6 +1,7 @@
 """Knobs: parsing, ranges, cross-checks, near-miss warnings, and input checks before any work."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,10 @@ def test_environment_overrides_preset_and_defaults():
     ({"ASYM_LOGIT_RESCALE": "1", "LOGIT_SOFTCAP": "0"}, ["ASYM_LOGIT_RESCALE=1", "LOGIT_SOFTCAP=0"]),
     ({"ASYM_LOGIT_RESCALE": "1", "TTT_MODE": "lora"}, ["ASYM_LOGIT_RESCALE=1", "PHASED_TTT_PHASES > 0"]),
     ({"ASYM_LOGIT_RESCALE": "1", "TTT_ENABLED": "0"}, ["ASYM_LOGIT_RESCALE=1", "TTT_ENABLED=1"]),
+    ({"PHASED_TTT_PHASES": "2"}, ["PHASED_TTT_PHASES=2 would do nothing", "TTT_MODE=lora"]),
+    ({"PHASED_TTT_PHASES": "2", "TTT_ENABLED": "0", "TTT_MODE": "lora"},
+     ["TTT_MODE='lora' would do nothing: it acts only with TTT_ENABLED=1; PHASED_TTT_PHASES=2 would do nothing: it "
+      "acts only with TTT_ENABLED=1 with TTT_MODE=lora. Turn the mode on"]),
 ])
 def test_bad_knobs_name_the_knob_and_the_accepted_range(env, words):
     with pytest.raises(ConfigError) as err:
@@ -72,8 +77,61 @@ def test_plain_run_ids_and_the_empty_one_are_accepted():
         assert config_from_env({"RUN_ID": run_id}).RUN_ID == run_id
 
 
-def test_recurrence_knobs_are_free_when_recurrence_is_off():
-    assert config_from_env({"NUM_LOOPS": "0", "LOOP_END": "40"}).NUM_LOOPS == 0
+def test_recurrence_knobs_are_unchecked_when_recurrence_is_off_and_may_be_left_at_their_defaults():
+    assert config_from_env({"NUM_LOOPS": "0", "NUM_LAYERS": "4"}).LOOP_END == 5  # beyond the layers, never read
+    assert config_from_env({"NUM_LOOPS": "0", "LOOP_END": "5"}).NUM_LOOPS == 0  # set to its default: no change
+
+
+# How to turn each mode of tg.KNOB_MODES off and on (with the knobs that mode needs to be valid).
+MODE_SWITCHES = {
+    "TTT_ENABLED=1": ({"TTT_ENABLED": "0"}, {}),
+    "TTT_ENABLED=1 with TTT_MODE=chunk": ({"TTT_MODE": "lora"}, {}),
+    "a TTT that trains": ({"TTT_MODE": "lora"}, {"TTT_MODE": "lora", "PHASED_TTT_PHASES": "1"}),
+    "TTT_ENABLED=1 with TTT_MODE=lora": ({}, {"TTT_MODE": "lora"}),
+    "TTT_MODE=lora with TTT_SHORT_DOC_CHUNK": ({"TTT_MODE": "lora"}, {"TTT_MODE": "lora", "TTT_SHORT_DOC_CHUNK": "24"}),
+    "TTT_MODE=lora with PHASED_TTT_PHASES": ({"TTT_MODE": "lora"}, {"TTT_MODE": "lora", "PHASED_TTT_PHASES": "1"}),
+    "SLOT_ENABLED=1": ({}, {"SLOT_ENABLED": "1"}),
+    "TTT_ENABLED=1 or SLOT_ENABLED=1": ({"TTT_ENABLED": "0"}, {}),
+    "NUM_LOOPS > 0": ({"NUM_LOOPS": "0"}, {}),
+    "SPARSE_ATTN_GATE=1": ({"SPARSE_ATTN_GATE": "0"}, {}),
+    "QUANT_METHOD=gptq": ({"QUANT_METHOD": "rtn"}, {}),
+    "AWQ_TOP_GROUPS > 0": ({}, {"AWQ_TOP_GROUPS": "1"}),
+    "LQER_RANK > 0": ({"LQER_RANK": "0"}, {}),
+    "WD_TAPER_FINAL_MULT other than 1": ({}, {"WD_TAPER_FINAL_MULT": "0.5"}),
+    "MUON_MOMENTUM_WARMUP_STEPS > 0": ({"MUON_MOMENTUM_WARMUP_STEPS": "0"}, {}),
+}
+
+
+def another_value(name: str) -> str:
+    """A valid value of the knob other than its default."""
+    field = tg.knob_fields()[name]
+    default, meta = field.default, field.metadata
+    if meta["choices"]:
+        return next(c for c in meta["choices"] if c != default)
+    if field.type == "int":
+        return str(default + 1 if meta["hi"] is None or default + 1 <= meta["hi"] else default - 1)
+    return str(default * 0.5 if default else 0.5)
+
+
+MODE_KNOBS = [(mode, name) for mode, _, names in tg.KNOB_MODES for name in names]
+
+
+@pytest.mark.parametrize("mode, name", MODE_KNOBS, ids=[name for _, name in MODE_KNOBS])
+def test_a_knob_set_outside_its_mode_stops_the_run_and_within_it_is_accepted(mode, name):
+    """One rule for every knob that acts only in a mode: set (changed from its default) without the mode, the run
+    stops naming the knob and the mode; with the mode on, it is accepted and used."""
+    off, on = MODE_SWITCHES[max((p for p in MODE_SWITCHES if mode.startswith(p)), key=len)]
+    value = another_value(name)
+    with pytest.raises(ConfigError, match=f"{name}={tg.parse_knob(name, value, tg.knob_fields()[name])!r}.* would "
+                                          f"do nothing: .* only with {re.escape(mode)}"):
+        config_from_env({**off, name: value})
+    assert str(getattr(config_from_env({**on, name: value}), name)) == str(tg.parse_knob(name, value,
+                                                                                         tg.knob_fields()[name]))
+    assert config_from_env({**off, name: str(getattr(config_from_env(off), name))})  # its default changes nothing
+
+
+def test_every_mode_has_its_switches_in_this_test():
+    assert all(any(mode.startswith(prefix) for prefix in MODE_SWITCHES) for mode, _, _ in tg.KNOB_MODES)
 
 
 @pytest.mark.parametrize("world_size, accum", [(1, 8), (2, 4), (3, 2), (8, 1), (16, 1), (64, 1)])
@@ -147,6 +205,20 @@ def test_tokenizer_that_is_not_a_sentencepiece_model(tmp_path, content):
     (tmp_path / "tok.model").write_bytes(content)
     with pytest.raises(ConfigError, match=r"tok.model is not a SentencePiece model .*TOKENIZER_PATH"):
         tg.load_tokenizer(tmp_path / "tok.model", 1024)
+
+
+def test_a_tokenizer_without_bos_names_the_switches_that_need_it(tmp_path):
+    """The fix the message gives must work: BOS_ID=-1 is out of range, turning document handling off is not."""
+    text = [" ".join(f"w{i}x{j}" for j in range(20)) for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "nobos"), model_type="bpe",
+                                   vocab_size=300, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    vocab = spm.SentencePieceProcessor(model_file=str(tmp_path / "nobos.model")).vocab_size()
+    env = {"TOKENIZER_PATH": str(tmp_path / "nobos.model"), "VOCAB_SIZE": str(vocab)}
+    with pytest.raises(ConfigError, match="has no BOS piece, but SMEAR_GATE=1 and VARLEN_ATTENTION=1 cut documents at "
+                                          "BOS_ID=1: for data without document starts set SMEAR_GATE=0 and "
+                                          "VARLEN_ATTENTION=0"):
+        tg.checked_tokenizer(config_from_env(env))
+    assert tg.checked_tokenizer(config_from_env({**env, "SMEAR_GATE": "0", "VARLEN_ATTENTION": "0"})).bos_id() == -1
 
 
 def test_tokenizer_without_a_bare_space_piece(tmp_path):
@@ -238,3 +310,17 @@ def test_knob_table_in_docs_is_current():
     script = Path(tg.__file__).parent / "tools" / "knob_table.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_evaluation_table_gives_each_row_the_common_settings_its_modes_read():
+    sys.path.insert(0, str(Path(tg.__file__).resolve().parent / "bench"))
+    import eval_modes
+
+    common = {"PRESET": "sample", "TTT_DOC_BATCH": "4", "PHASED_TTT_PREFIX_DOCS": "12", "SLOT_STEPS": "3"}
+    rows = {name: eval_modes.row_environment(common, knobs) for name, knobs in eval_modes.MODES}
+    assert "TTT_DOC_BATCH" not in rows["TTT"] and rows["LoRA TTT"]["TTT_DOC_BATCH"] == "4"
+    assert "PHASED_TTT_PREFIX_DOCS" not in rows["LoRA TTT"]
+    assert rows["LoRA TTT + phases"]["PHASED_TTT_PREFIX_DOCS"] == "12"
+    assert rows["SLOT AdamW"]["SLOT_STEPS"] == "3" and "SLOT_STEPS" not in rows["sliding"]
+    for env in rows.values():  # every row's knobs resolve: none is left where it would do nothing
+        config_from_env(env)

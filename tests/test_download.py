@@ -251,6 +251,28 @@ def test_corrupt_local_shard_is_fetched_again(env, corrupt):
     assert (out / rel).read_bytes() == good
 
 
+def test_a_present_file_is_hashed_once_and_again_when_it_changes(env, monkeypatch):
+    """A flipped byte leaves the size and the header as they were: only the sha256 tells, and it is checked for
+    files already on disk too; a hash verified before is not computed again for an unchanged file."""
+    hub, out, remote, run = env
+    hashed = []
+    real_sha256 = dl.sha256_of
+    monkeypatch.setattr(dl, "sha256_of", lambda path: hashed.append(path.name) or real_sha256(path))
+    run("--variant", "sp8192", "--train-shards", 2)
+    assert len(hashed) == 6  # 2 val + 2 train shards and the tokenizer's two files, each once, as it arrived
+    hashed.clear()
+    run("--variant", "sp8192", "--train-shards", 2)
+    assert hashed == [] and hub.files().count("datasets/manifest.json") == 2  # nothing changed, nothing hashed
+    rel = "datasets/fineweb10B_sp8192/fineweb_train_000001.bin"
+    good = (out / rel).read_bytes()
+    (out / rel).unlink()  # a new file rather than a rewrite: the local file is a hard link into the fake cache
+    (out / rel).write_bytes(flip_last_byte(good))
+    hub.calls.clear()
+    run("--variant", "sp8192", "--train-shards", 2)
+    assert hub.files() == ["datasets/manifest.json", f"datasets/{rel}"] and (out / rel).read_bytes() == good
+    assert hashed == ["fineweb_train_000001.bin"] * 2  # the damaged copy, then the fetched one
+
+
 def test_invalid_shard_from_hub_is_reported(env):
     hub, _, remote, run = env
     (remote / KEVCLARK / "datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin").write_bytes(b"junk")

@@ -81,7 +81,7 @@ def test_ttt_changes_later_scores_only_after_training():
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
 def test_slot_with_zero_steps_equals_sliding_exactly(optimizer):
-    cfg, model, tokens = setup(SLOT_STEPS=0, SLOT_OPTIMIZER=optimizer, SLOT_LOGIT_BIAS=1)
+    cfg, model, tokens = setup(SLOT_ENABLED=1, SLOT_STEPS=0, SLOT_OPTIMIZER=optimizer, SLOT_LOGIT_BIAS=1)
     sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
     slot, _ = evaluator(cfg, model, tokens).run_pass(False, True, with_mass=True)
     assert torch.equal(slot.nll, sliding.nll)
@@ -89,7 +89,7 @@ def test_slot_with_zero_steps_equals_sliding_exactly(optimizer):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
 def test_slot_lowers_context_loss_and_leaves_the_first_window_alone(optimizer):
-    cfg, model, tokens = setup(SLOT_OPTIMIZER=optimizer, SLOT_LR=0.5 if optimizer == "adamw" else 1.0)
+    cfg, model, tokens = setup(SLOT_ENABLED=1, SLOT_OPTIMIZER=optimizer, SLOT_LR=0.5 if optimizer == "adamw" else 1.0)
     sliding, _ = evaluator(cfg, model, tokens).run_pass(False, False, with_mass=True)
     slot, _ = evaluator(cfg, model, tokens).run_pass(False, True, with_mass=True)
     assert torch.equal(slot.nll[:cfg.EVAL_SEQ_LEN], sliding.nll[:cfg.EVAL_SEQ_LEN])  # window 0 has no context
@@ -99,7 +99,7 @@ def test_slot_lowers_context_loss_and_leaves_the_first_window_alone(optimizer):
 @pytest.mark.parametrize("optimizer", ["adamw", "lbfgs"])
 def test_slot_leaves_the_model_gradients_alone(optimizer):
     """SLOT differentiates through the head; none of that may reach the weights TTT will step."""
-    cfg, model, tokens = setup(SLOT_OPTIMIZER=optimizer)
+    cfg, model, tokens = setup(SLOT_ENABLED=1, SLOT_OPTIMIZER=optimizer)
     evaluator(cfg, model, tokens).run_pass(False, True, with_mass=True)
     assert all(p.grad is None for p in model.parameters())
 
@@ -228,8 +228,7 @@ def test_slow_scoring_does_not_stop_ttt_before_an_update_is_measured(monkeypatch
 
 @pytest.mark.parametrize("knobs,names", [(dict(TTT_ENABLED=0), ["sliding"]), (dict(TTT_ENABLED=1), ["ttt"]),
                                          (dict(TTT_ENABLED=0, SLOT_ENABLED=1), ["slot"]),
-                                         (dict(SLOT_ENABLED=1, EVAL_SLIDING_ALSO=1), ["sliding", "ttt"]),
-                                         (dict(TTT_ENABLED=0, EVAL_SLIDING_ALSO=1), ["sliding"])])
+                                         (dict(SLOT_ENABLED=1, EVAL_SLIDING_ALSO=1), ["sliding", "ttt"])])
 def test_the_sliding_pass_runs_alone_or_when_asked_for(knobs, names):
     cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
     assert [name for name, _, _ in tg.eval_passes(cfg)] == names

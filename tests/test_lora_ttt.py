@@ -106,8 +106,8 @@ def test_documents_cover_every_target_once_and_batches_go_longest_first():
 
 
 def test_short_documents_take_the_short_chunk():
-    cfg = check_causality.check_config(dict(TTT_DOC_CHUNK="48", TTT_SHORT_DOC_CHUNK="16", TTT_SHORT_DOC_LEN="2048",
-                                            EVAL_SEQ_LEN="64"))
+    cfg = check_causality.check_config(dict(TTT_MODE="lora", TTT_DOC_CHUNK="48", TTT_SHORT_DOC_CHUNK="16",
+                                            TTT_SHORT_DOC_LEN="2048", EVAL_SEQ_LEN="64"))
     assert tg.doc_chunk_size(cfg, 2047) == 16 and tg.doc_chunk_size(cfg, 2048) == 48
     assert tg.chunk_window(chunk=3, size=16, targets=60, seq_len=32) == (28, 60, 49)
 
@@ -196,8 +196,8 @@ def test_split_softcaps_score_as_the_shared_cap_until_ttt_trains_them(mode):
     """ASYM_LOGIT_RESCALE: at their start the two caps give the shared cap's logits bit for bit, so LoRA TTT scores
     every batch up to the first phase exactly as without them (chunk TTT its first chunk); the TTT that trains the
     base weights (the phases, chunk TTT's SGD) then moves each cap its own way."""
-    knobs = dict(EVERY_SWITCH, TTT_MODE=mode, PHASED_TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_LR=0.05,
-                 TTT_DOC_BATCH=2, TTT_CHUNK_TOKENS=96)
+    phases = dict(PHASED_TTT_PHASES=1, PHASED_TTT_PREFIX_DOCS=4, PHASED_TTT_LR=0.05, TTT_DOC_BATCH=2)
+    knobs = dict(EVERY_SWITCH, TTT_MODE=mode, TTT_CHUNK_TOKENS=96, **(phases if mode == "lora" else {}))
     cfg, model, tokens = setup(**knobs)  # the model of ASYM_LOGIT_RESCALE=0
     cfg = tg.dataclasses.replace(cfg, ASYM_LOGIT_RESCALE=1)
     with torch.no_grad():  # logits of a trained model's size, near the cap, where the caps' gradients are not tiny

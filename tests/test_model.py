@@ -19,7 +19,7 @@ def randomized_model(**overrides) -> tg.GPT:
     """A model whose zero-initialized and unit-initialized parts are randomized, so every path
     (projections, gains, skips, mixes) actually carries signal."""
     torch.manual_seed(0)
-    model = tg.GPT(config_from_env({**FULL_OPTIONS, **overrides})).double()
+    model = tg.GPT(config_from_env(overrides, base=FULL_OPTIONS)).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -47,8 +47,8 @@ def test_changing_token_j_changes_no_logit_before_j(looping, overrides):
 
 def test_recurrence_adds_no_block_weights():
     with torch.device("meta"):
-        plain = tg.GPT(config_from_env({**FULL_OPTIONS, "NUM_LOOPS": "0"}))
-        looped = tg.GPT(config_from_env(FULL_OPTIONS))
+        plain = tg.GPT(config_from_env({"NUM_LOOPS": "0"}, base=FULL_OPTIONS))
+        looped = tg.GPT(config_from_env({}, base=FULL_OPTIONS))
     count = lambda m: sum(p.numel() for p in m.parameters())
     extra_skip_slots = looped.skip_weights.size(0) - plain.skip_weights.size(0)
     assert looped.loop_order == [0, 1, 2, 1, 2, 1, 2, 3, 4] and len(looped.blocks) == len(plain.blocks) == 5
@@ -104,7 +104,7 @@ def test_forward_is_hidden_then_logits_with_softcap():
 
 def test_zero_init_and_orthogonal_init():
     torch.manual_seed(0)
-    model = tg.GPT(config_from_env(FULL_OPTIONS))
+    model = tg.GPT(config_from_env({}, base=FULL_OPTIONS))
     state, block = model.state_dict(), model.blocks[0]
     for i in range(5):  # output projections start at zero; matrices with both sides >= 64 orthogonal
         assert torch.count_nonzero(state[f"blocks.{i}.attn.proj.weight"]) == 0
@@ -194,7 +194,7 @@ def stream_dtypes(model: tg.GPT, tokens: torch.Tensor) -> tuple[set, torch.Tenso
 
 
 def test_compute_dtype_is_the_parameters_dtype_on_cpu():
-    model = tg.GPT(config_from_env(FULL_OPTIONS))
+    model = tg.GPT(config_from_env({}, base=FULL_OPTIONS))
     assert model.compute_dtype == torch.float32 and model.double().compute_dtype == torch.float64
     model.compute_dtype = torch.bfloat16
     assert model.compute_dtype == torch.bfloat16
@@ -241,7 +241,7 @@ def test_gates_start_as_the_identity_and_a_half():
     """Zero-initialized, SmearGate changes nothing and the sparse attention gate halves every head's output
     (sigmoid(0)): the gated model equals the plain one with its attention output projections halved."""
     torch.manual_seed(0)
-    plain = tg.GPT(config_from_env(FULL_OPTIONS)).double()
+    plain = tg.GPT(config_from_env({}, base=FULL_OPTIONS)).double()
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -309,7 +309,7 @@ def test_the_muon_weight_decay_taper():
     cfg = config_from_env({"WD_TAPER_START": "0.7", "WD_TAPER_FINAL_MULT": "0.5"})
     assert [tg.weight_decay_multiplier(cfg, f) for f in (0.0, 0.7, 0.85, 1.0)] == pytest.approx([1, 1, 0.75, 0.5])
     assert {tg.weight_decay_multiplier(config_from_env({}), f) for f in (0.0, 0.9, 1.0)} == {1.0}  # off by default
-    model = tg.GPT(config_from_env({**FULL_OPTIONS, "NUM_LOOPS": "0"}))
+    model = tg.GPT(config_from_env({"NUM_LOOPS": "0"}, base=FULL_OPTIONS))
     optimizers = tg.build_optimizers(cfg, model)
     tg.set_schedule(cfg, optimizers, step=10, frac=0.85)
     assert optimizers.muon.param_groups[0]["weight_decay"] == pytest.approx(0.095 * 0.75)
@@ -357,7 +357,7 @@ def test_two_lanes_without_skips_or_x0_and_keeping_all_are_the_parallel_block_ex
     """Lanes that keep all of themselves and take all of both outputs, with no U-Net skip and no x0 mix (the two
     things only lane 0 receives), compute the single-stream parallel block, bit for bit."""
     torch.manual_seed(0)
-    plain = tg.GPT(config_from_env(FULL_OPTIONS)).double()
+    plain = tg.GPT(config_from_env({}, base=FULL_OPTIONS)).double()
     with torch.no_grad():
         for p in plain.parameters():
             p.add_(torch.randn_like(p) * 0.3)

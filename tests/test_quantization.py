@@ -3,10 +3,13 @@ import ast
 import dataclasses
 import json
 import math
+import re
+import subprocess
 import shutil
 import sys
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +142,45 @@ def test_artifact_format_is_written_and_an_older_one_is_refused_by_number():
     older = with_header(blob, lambda h: h.update(format=4))
     with pytest.raises(tg.ArtifactError, match="old.ptz: format 4 artifact, but this train_gpt.py reads format 5"):
         tg.decode_artifact(older, "old.ptz")
+
+
+@pytest.mark.parametrize("found", sorted(tg.OLDER_ARTIFACT_FORMATS) + [tg.ARTIFACT_FORMAT + 1])
+def test_an_artifact_of_another_format_is_named_with_the_version_that_reads_it(found):
+    """The magic carries the format digit and is read first: an older artifact used to be called corrupt."""
+    blob = b"PGQ%d" % found + tiny_artifact()[4:]
+    with pytest.raises(tg.ArtifactError) as err:
+        tg.decode_artifact(blob, "old.ptz")
+    message = str(err.value)
+    assert message.startswith(f"old.ptz: a format-{found} artifact") and "corrupt" not in message
+    if found in tg.OLDER_ARTIFACT_FORMATS:
+        commit = tg.OLDER_ARTIFACT_FORMATS[found][1]
+        assert f"Read it with the train_gpt.py of commit {commit}, the last to read format {found}" in message
+    else:
+        assert "written by a newer train_gpt.py" in message
+
+
+def test_each_named_commit_is_the_last_before_its_format_changed():
+    """The table's commits, checked against this repository's history where the clone has it: each reads its format
+    and is the parent of the commit that moved to the next one."""
+    repo = Path(tg.__file__).resolve().parent
+
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+    def format_at(commit: str) -> int:
+        found = re.search(r'^ARTIFACT_FORMAT = (\d+)|^ARTIFACT_MAGIC = b"PGQ(\d+)"',
+                          git("show", f"{commit}:train_gpt.py").stdout, re.M)
+        return int(found.group(1) or found.group(2))
+
+    changes = git("log", "--format=%H %P", "-G", r"^ARTIFACT_(FORMAT|MAGIC) = ", "--", "train_gpt.py")
+    commits = [commit for _, commit in tg.OLDER_ARTIFACT_FORMATS.values()]
+    if changes.returncode != 0 or any(git("cat-file", "-e", commit).returncode for commit in commits):
+        pytest.skip("this clone lacks the repository's history")
+    moves = [line.split() for line in changes.stdout.splitlines()]
+    for found, (_, commit) in tg.OLDER_ARTIFACT_FORMATS.items():
+        assert format_at(commit) == found, commit
+        assert any(format_at(child) == found + 1 and any(p.startswith(commit) for p in parents)
+                   for child, *parents in moves), commit
 
 
 @pytest.mark.parametrize("knob, value, words", [
@@ -541,11 +583,6 @@ def test_an_artifact_with_awq_blocks_decodes_to_the_same_weights_bit_for_bit(com
     assert sum(by_group.values()) == len(blob)
     no_awq = tg.quantize_model(dataclasses.replace(cfg, AWQ_TOP_GROUPS=0), model, plan, factors)
     assert by_group["scales"] > tg.encode_artifact(no_awq, compressor)[1]["scales"]  # the blocks' row steps
-
-
-def test_awq_lite_with_round_to_nearest_is_refused():
-    with pytest.raises(tg.ConfigError, match="AWQ_TOP_GROUPS=1 needs QUANT_METHOD=gptq"):
-        tg.config_from_env({"AWQ_TOP_GROUPS": "1", "QUANT_METHOD": "rtn"})
 
 
 @pytest.mark.parametrize("blocks", [[[999], 32], [[0], 0], [[5], 32]])

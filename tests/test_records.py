@@ -7,6 +7,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,7 +59,12 @@ def test_sweep_resumes_with_the_unfinished_seed_only(swept, monkeypatch, unfinis
     assert "skipped (complete)" in lines[1] and "FAILED (exit 1" in lines[2]
 
 
-def test_ending_a_sweep_ends_its_trainer(small_sample, tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_ending_a_sweep_ends_its_trainer(small_sample, tmp_path, how):
+    """SIGTERM is passed on; SIGKILL cannot be, so the trainer is asked (Linux) to get SIGTERM when the sweep dies:
+    an orphaned trainer would go on training, and on GPUs corrupt the timings of the next seed's run."""
+    if how == signal.SIGKILL and not sys.platform.startswith("linux"):
+        pytest.skip("a trainer hears of its sweep's death through Linux's PR_SET_PDEATHSIG")
     env = {**os.environ, **tiny_env(small_sample, tmp_path, ITERATIONS=100000, VAL_LOSS_EVERY=0), "SEEDS": "5 6"}
     logs = tmp_path / "sweep_logs"
     runner = subprocess.Popen([sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), "--name", "k", "--log-dir",
@@ -68,13 +74,35 @@ def test_ending_a_sweep_ends_its_trainer(small_sample, tmp_path):
         deadline = time.time() + 300
         while "step:1/" not in ((logs / "k_s5.txt").read_text() if (logs / "k_s5.txt").is_file() else "") and time.time() < deadline:
             time.sleep(0.2)
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(timeout=120) == 128 + signal.SIGTERM
+        trainer = int((logs / "k_s5.lock").read_text())
+        runner.send_signal(how)
+        assert runner.wait(timeout=120) == (128 + how if how == signal.SIGTERM else -how)
+        deadline = time.time() + 120
+        while sweep.train_gpt.process_alive(trainer) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not sweep.train_gpt.process_alive(trainer)
     finally:
         runner.kill()
     summary = json.loads((logs / "k_s5.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RunKilled: killed by SIGTERM"
     assert not (logs / "k_s6.json").exists() and not (logs / "k_s5.lock").exists()
+
+
+def test_a_resumed_sweep_waits_for_a_seed_a_live_process_holds_and_says_why_a_seed_failed(small_sample, tmp_path,
+                                                                                          monkeypatch):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    threading.Thread(target=holder.wait, daemon=True).start()  # reaped as it ends, as a foreign process would be
+    (logs / "w_s1.lock").write_text(str(holder.pid))
+    monkeypatch.setattr(sweep, "LOCK_POLL_SECONDS", 0.1)
+    env = {**os.environ, **tiny_env(small_sample, tmp_path), "NUM_HEADS": "three"}  # the seed then fails at once
+    lines = []
+    results = sweep.run_sweep([1], "w", logs, REPO_ROOT / "train_gpt.py", 1, env=env, out=lines.append)
+    assert holder.poll() is not None and results == [None]  # it waited for the holder before starting the seed
+    assert lines[1] == f"seed 1: its RUN_ID is held by running process {holder.pid} ({logs / 'w_s1.lock'}); waiting " \
+                       "for that run to end"
+    assert "FAILED (exit 2: error: NUM_HEADS='three' is not a valid int; see" in lines[2]
 
 
 def test_t_distribution_matches_closed_forms():

@@ -45,9 +45,7 @@ STREAM_TOKENS = 300
 
 
 def check_config(env) -> tg.Config:
-    merged = {k: str(v) for k, v in CHECK_DEFAULTS.items()}
-    merged.update({k: v for k, v in env.items() if k in tg.knob_fields()})
-    return tg.config_from_env(merged)
+    return tg.config_from_env({k: v for k, v in env.items() if k in tg.knob_fields()}, base=CHECK_DEFAULTS)
 
 
 def random_model(cfg: tg.Config, seed: int) -> tg.GPT:

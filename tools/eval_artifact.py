@@ -54,6 +54,7 @@ def evaluate_file(env, path: Path, max_tokens: int = 0, log=print) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return dict(artifact=str(path), tokens=val.tokens.numel(), byte_source=val.byte_source,
+                byte_convention=val.byte_convention,
                 model_config=tg.dataclasses.asdict(qm.model_config),
                 **tg.summary_fields(result))
 
@@ -69,6 +70,8 @@ def main() -> None:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        tg.exit_process(0)  # not through the interpreter's finalization, which gloo's threads can abort
 
 
 if __name__ == "__main__":

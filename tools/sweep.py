@@ -5,16 +5,21 @@
 
 Every knob in the environment passes through to each run; SEED, RUN_ID (<name>_s<seed>) and
 LOG_DIR are set per seed. A seed whose summary (LOG_DIR/<name>_s<seed>.json) says status ok, beside
-the log of that same run, is skipped, so an interrupted sweep resumes with the unfinished seed. Ending
-the sweep (SIGTERM, Ctrl-C) ends its trainer too, which records that it was killed. --nproc 1 runs
-`python train_gpt.py`, more runs it under torchrun. Exits 1 if any seed failed.
+the log of that same run, is skipped, so an interrupted sweep resumes with the unfinished seed; a seed
+whose RUN_ID a live process still holds (LOG_DIR/<name>_s<seed>.lock) is waited for, then skipped if that
+run finished well. Ending the sweep (SIGTERM, Ctrl-C) ends its trainer too, which records that it was
+killed; on Linux so does killing it outright (kill -9): the trainer gets SIGTERM when the sweep dies.
+--nproc 1 runs `python train_gpt.py`, more runs it under torchrun. A failed seed's row gives the trainer's
+error line. Exits 1 if any seed failed.
 """
 import argparse
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,23 +71,66 @@ def run_sweep(seeds: list[int], name: str, log_dir: Path, script: Path, nproc: i
     results = []
     for seed in seeds:
         path = summary_path(log_dir, name, seed)
+        wait_for_holder(path.with_suffix(".lock"), seed, out)
         summary = finished(path)
         if summary is not None:
             out(row(seed, summary, "skipped (complete)"))
             results.append(summary)
             continue
         run_env = {**env, "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "LOG_DIR": str(log_dir)}
-        with open(log_dir / f"{name}_s{seed}.stdout", "w") as console:
+        console_path = log_dir / f"{name}_s{seed}.stdout"
+        with open(console_path, "w") as console:
             code = run_trainer(command(script, nproc), run_env, console)
         summary = finished(path)
-        out(row(seed, summary, "ok" if summary else f"FAILED (exit {code}; see {path.with_suffix('.txt')})"))
+        status = "ok" if summary else f"FAILED (exit {code}: {failure_line(console_path)}; see {path.with_suffix('.txt')})"
+        out(row(seed, summary, status))
         results.append(summary)
     return results
 
 
+LOCK_POLL_SECONDS = 2.0
+
+
+def wait_for_holder(lock: Path, seed: int, out) -> None:
+    """A seed whose RUN_ID a live process holds (a run started by hand, or the trainer of a sweep that died before
+    the trainer could hear of it) is waited for: starting it again would fail on the lock, and on GPUs two runs
+    would share the devices and corrupt both runs' timings."""
+    holder = train_gpt.lock_holder(lock)
+    if holder is None or not train_gpt.process_alive(holder):
+        return
+    out(f"seed {seed}: its RUN_ID is held by running process {holder} ({lock}); waiting for that run to end")
+    while holder is not None and train_gpt.process_alive(holder):
+        time.sleep(LOCK_POLL_SECONDS)
+        holder = train_gpt.lock_holder(lock)
+
+
+def failure_line(console: Path) -> str:
+    """Why a seed failed, from its console: the trainer's last error line, else its last line."""
+    try:
+        lines = [line.strip() for line in console.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no output"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def die_with(sweep_pid: int):
+    """What the trainer's process runs before it starts (Linux): ask for SIGTERM when the sweep dies, however it dies,
+    so a trainer never outlives its sweep (torchrun passes the signal on to its ranks)."""
+    def arm() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return  # no prctl: killing the sweep outright leaves the trainer running
+        if os.getppid() != sweep_pid:  # the sweep died before the request was made
+            os._exit(128 + signal.SIGTERM)
+    return arm
+
+
 def run_trainer(cmd: list[str], env: dict, console) -> int:
     """Run one seed; if the sweep is told to stop, stop the trainer first (it records the signal)."""
-    trainer = subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT)
+    trainer = subprocess.Popen(cmd, env=env, stdout=console, stderr=subprocess.STDOUT,
+                               preexec_fn=die_with(os.getpid()) if sys.platform.startswith("linux") else None)
     stopped = []
 
     def stop(signum, _frame):  # no wait() here: the interrupted wait() below holds Popen's lock
