@@ -18,6 +18,7 @@ import faulthandler
 import functools
 import importlib
 import inspect
+import io
 import json
 import lzma
 import math
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 try:  # the language of FUSED_MLP's kernel: Triton resolves it from this module's globals
     import triton.language as tl
@@ -68,6 +70,7 @@ class ModelConfig:
     NUM_HEADS: int = knob(8, 1, 1024)
     NUM_KV_HEADS: int = knob(4, 1, 1024, doc="GQA: must divide NUM_HEADS")
     MLP_MULT: float = knob(4.0, 0.0625, 64.0, doc="MLP hidden = MLP_MULT * MODEL_DIM")
+    MLP_LEAKY_SLOPE: float = knob(0.5, 0.0, 1.0, doc="the MLP's activation is LeakyReLU(x, slope)², eager and FUSED_MLP")
     TIED_EMBED_INIT_STD: float = knob(0.005, 0.0, 1.0)
     QK_GAIN_INIT: float = knob(5.0, 0.0, 100.0, doc="initial learned per-head query gain")
     ROPE_DIMS: int = knob(16, 0, 65536, doc="rotated dims per head (even, <= head dim)")
@@ -79,7 +82,9 @@ class ModelConfig:
     LOOP_START: int = knob(3, 0, 255)
     LOOP_END: int = knob(5, 0, 255)
     SMEAR_GATE: int = knob(1, 0, 1, doc="SmearGate: each token's embedding takes a learned, gated share of the "
-                           "previous token's, never across a BOS")
+                           "previous token's")
+    SMEAR_BOS_MASK: int = knob(1, 0, 1, doc="SmearGate never carries a token across a BOS (1.0611); #2135 runs without "
+                               "the mask (earlier documents are legal context in a score-first stream)")
     BOS_ID: int = knob(1, 0, 65535, doc="the token id that starts every document (checked against the tokenizer)")
     VARLEN_ATTENTION: int = knob(1, 0, 1, doc="document-isolated attention: no token attends across a BOS")
     SPARSE_ATTN_GATE: int = knob(1, 0, 1, doc="per-head attention output gate sigmoid(s*W*x[:12]), W zero-initialized")
@@ -103,9 +108,9 @@ class ModelConfig:
 class Config(ModelConfig):
     """Every knob: the model's (inherited from ModelConfig) and the run's. Built once, in main, by config_from_env."""
     # Run and data
-    PRESET: str = knob("record", choices=("record", "r1081", "sample"),
-                       doc="default set: 'record' = the frontier stack (these defaults), 'r1081' = the 1.0810 record "
-                           "exactly, 'sample' = tiny CPU run on the embedded sample")
+    PRESET: str = knob("record", choices=("record", "r1061", "r1081", "sample"),
+                       doc="default set: 'record' = the 1.05651 row, PR #2135 (these defaults), 'r1061' = the 1.0611 "
+                           "record, 'r1081' = the 1.0810 record, 'sample' = tiny CPU run on the embedded sample")
     RUN_ID: str = knob("", doc="names logs/{RUN_ID}.txt, .json and .ptz: a plain file name; random when empty")
     SEED: int = knob(1337, 0, 2**31 - 1, doc="initialization and data order")
     DATA_DIR: str = knob("./data", doc="root holding datasets/ and tokenizers/")
@@ -113,12 +118,19 @@ class Config(ModelConfig):
     TOKENIZER_PATH: str = knob("",
                                doc="SentencePiece model; default DATA_DIR/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model")
     LOG_DIR: str = knob("logs", doc="where the log and the JSON summary go")
+    STOP_AFTER: str = knob("", choices=("", "train", "artifact"),
+                           doc="end the run after this stage: train (no calibration, artifact or evaluation) or "
+                               "artifact (no evaluation); its JSON then says status: stopped; empty = the whole run")
     # Training length and batch
     TRAIN_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="training sequence length (the last one, with TRAIN_SEQ_SCHEDULE)")
     TRAIN_SEQ_SCHEDULE: str = knob("", doc="progressive context: 'LEN:FRAC,...' trains at each LEN until the training "
                                    "fraction FRAC, then at TRAIN_SEQ_LEN; the batch keeps its token count; e.g. "
                                    "1024:0.3,2048:0.6 with TRAIN_SEQ_LEN=3072")
     TRAIN_BATCH_TOKENS: int = knob(786432, 2, 1 << 30, doc="global tokens per optimizer step")
+    TRAIN_LOADER: str = knob("windows", choices=("windows", "packed"),
+                             doc="windows = TRAIN_SEQ_LEN windows in a SEED-shuffled order; packed = the 1.0611 "
+                                 "record's loader: shards in order, one packed row per micro-batch, documents cut "
+                                 "every TRAIN_SEQ_LEN tokens (needs VARLEN_ATTENTION=1)")
     ITERATIONS: int = knob(20000, 1, 10**9, doc="step cap")
     MAX_WALLCLOCK_SECONDS: float = knob(600.0, 0.0, INF, doc="training time cap; 0 = steps only")
     GPTQ_RESERVE_SECONDS: float = knob(8.0, 0.0, INF,
@@ -129,7 +141,7 @@ class Config(ModelConfig):
     MIN_LR: float = knob(0.1, 0.0, 1.0, doc="LR multiplier floor during warmdown")
     ENABLE_LOOPING_AT: float = knob(0.35, 0.0, 1.0, doc="training fraction at which recurrence switches on")
     # Optimizer
-    MATRIX_LR: float = knob(0.026, 0.0, 10.0, doc="Muon LR for block matrices")
+    MATRIX_LR: float = knob(0.028, 0.0, 10.0, doc="Muon LR for block matrices")
     SCALAR_LR: float = knob(0.02, 0.0, 10.0, doc="AdamW LR for gains, mixes and gates")
     TIED_EMBED_LR: float = knob(0.03, 0.0, 10.0, doc="AdamW LR for the tied embedding")
     MUON_MOMENTUM: float = knob(0.97, 0.0, 0.99999)
@@ -158,7 +170,8 @@ class Config(ModelConfig):
     EMBED_CLIP_SIGMAS: float = knob(14.0, 0.1, 1000.0, doc="k for the tied embedding")
     QUANT_PASSTHROUGH_NUMEL: int = knob(65536, 0, 1 << 40,
                                         doc="tensors with at most this many elements are stored as fp16")
-    GPTQ_CALIBRATION_BATCHES: int = knob(16, 1, 10**6,
+    QUANT_ATTN_GATE: int = knob(0, 0, 1, doc="the sparse attention gates as int8 per row (1.0611); 0 = fp16 (#2135)")
+    GPTQ_CALIBRATION_BATCHES: int = knob(32, 1, 10**6,
                                          doc="global training batches whose activations build the Hessians")
     GPTQ_DAMP: float = knob(0.01, 0.0, 10.0, doc="Hessian damping, as a fraction of its mean diagonal")
     GPTQ_DAMP_ATTN: float = knob(0.0, 0.0, 10.0, doc="attention matrices only; 0 = GPTQ_DAMP (PR #2051: 0.01)")
@@ -168,7 +181,9 @@ class Config(ModelConfig):
     LQER_RANK: int = knob(4, 0, 256, doc="LQER: rank of the stored correction of the largest quantization errors; "
                           "0 = off")
     LQER_TOP_K: int = knob(3, 0, 1 << 20, doc="LQER: how many quantized matrices (largest |W - W_hat|) get one")
-    LQER_GROUP: int = knob(64, 1, 1 << 20, doc="LQER: columns per int4 scale of the B factor")
+    LQER_GROUP: int = knob(32, 1, 1 << 20, doc="LQER: columns per scale of the B factor")
+    LQER_A_BITS: int = knob(2, 2, 8, doc="LQER: bits of the A factor (one scale per matrix)")
+    LQER_B_BITS: int = knob(4, 2, 8, doc="LQER: bits of the B factor (one scale per LQER_GROUP columns)")
     AWQ_TOP_GROUPS: int = knob(0, 0, 1 << 10, doc="AWQ-lite (PR #1908): per GPTQ matrix, this many blocks of "
                                "AWQ_GROUP_SIZE columns (largest activation RMS x mean |w|) on an int8 grid inside the "
                                "GPTQ solve; 0 = off (PR #1946: 1)")
@@ -183,15 +198,25 @@ class Config(ModelConfig):
     VAL_BATCH_TOKENS: int = knob(524288, 2, 1 << 30, doc="global tokens per validation batch")
     VAL_LOSS_EVERY: int = knob(0, 0, 10**9, doc="periodic validation; 0 = only at the end")
     TRAIN_LOG_EVERY: int = knob(500, 1, 10**9)
+    STALL_DUMP_SECONDS: float = knob(0.0, 0.0, INF, doc="a warm-up or training step still running after this many "
+                                     "seconds prints every thread's stack to stderr, and the run goes on; 0 = off")
     COMPILE: int = knob(1, 0, 1, doc="torch.compile the model (CUDA only; CPU always runs eager)")
+    COMPILE_CACHE: str = knob("", doc="a file of torch.compile's cache artifacts: loaded at start where it exists, "
+                              "written (rank 0) when a run that compiled ends, so the next run on the same torch and "
+                              "Triton starts warm; empty = none")
     FUSED_CE: int = knob(0, 0, 1, doc="CUDA: the loss through liger-kernel's fused linear softcapped cross-entropy, "
                          "which never materializes the logits (pip install liger-kernel)")
-    FUSED_MLP: int = knob(0, 0, 1, doc="CUDA: training's MLP through a Triton matmul with LeakyReLU(0.5)² (and its "
+    FUSED_MLP: int = knob(0, 0, 1, doc="CUDA: training's MLP through a Triton matmul with LeakyReLU² (and its "
                           "derivative in backward) in the epilogue")
     ATTENTION_BACKEND: str = knob("auto", choices=("auto", "fa3", "fa2", "sdpa"),
                                   doc="auto = FA3 on Hopper, else FA2, else SDPA; one that cannot run stops the run")
+    DOC_ATTENTION: str = knob("auto", choices=("auto", "varlen", "flex", "mask"),
+                              doc="how VARLEN_ATTENTION isolates documents: varlen = a varlen kernel over sequence "
+                                  "starts (CUDA: FlashAttention's, else torch's), flex = FlexAttention with a document "
+                                  "block mask (CUDA), mask = SDPA with a dense mask; auto = varlen on CUDA, else mask")
     # Evaluation of the artifact: sliding window, score-first TTT, context-only SLOT
-    EVAL_SEQ_LEN: int = knob(2048, 2, 1 << 20, doc="sliding-window length")
+    EVAL_SEQ_LEN: int = knob(2560, 2, 1 << 20, doc="evaluation context: the sliding window's length, LoRA TTT's "
+                                                       "longest window and the phases' row length")
     EVAL_STRIDE: int = knob(64, 1, 1 << 20, doc="new tokens scored per window (<= EVAL_SEQ_LEN)")
     EVAL_BATCH_WINDOWS: int = knob(32, 1, 1 << 16, doc="windows per forward on each rank")
     EVAL_TIME_BUDGET: float = knob(600.0, 0.0, INF,
@@ -206,7 +231,7 @@ class Config(ModelConfig):
     TTT_EPOCHS: int = knob(3, 1, 1000, doc="passes over each chunk after it is scored")
     TTT_GRAD_CLIP: float = knob(1.0, 0.0, INF, doc="0 = off")
     TTT_FREEZE_BLOCKS: int = knob(0, 0, 256, doc="first N blocks stay fixed during TTT (TTT_MODE=chunk)")
-    TTT_MODE: str = knob("chunk", choices=("chunk", "lora"),
+    TTT_MODE: str = knob("lora", choices=("chunk", "lora"),
                          doc="chunk = SGD on all weights over stream chunks; lora = per-document LoRA, chunk by chunk")
     TTT_DOC_BATCH: int = knob(64, 1, 1 << 16, doc="documents adapted together, one LoRA row each (TTT_MODE=lora)")
     TTT_DOC_CHUNK: int = knob(48, 1, 1 << 20, doc="targets per scored-then-trained chunk of a document")
@@ -214,18 +239,22 @@ class Config(ModelConfig):
     TTT_SHORT_DOC_LEN: int = knob(2048, 1, 1 << 30, doc="documents with fewer targets take TTT_SHORT_DOC_CHUNK")
     TTT_LORA_RANK: int = knob(80, 1, 4096)
     TTT_LORA_ALPHA: float = knob(144.0, 0.0, 1e6, doc="the delta is scaled by ALPHA / RANK")
-    TTT_LORA_LR: float = knob(1e-4, 0.0, 10.0, doc="Adam LR of the adapters; 0 scores with the base model")
+    TTT_LORA_LR: float = knob(8e-5, 0.0, 10.0, doc="Adam LR of the adapters; 0 scores with the base model")
     TTT_LORA_BETA1: float = knob(0.0, 0.0, 0.99999)
     TTT_LORA_BETA2: float = knob(0.99, 0.0, 0.99999)
-    TTT_LORA_WD: float = knob(0.5, 0.0, 100.0)
+    TTT_LORA_WD: float = knob(2.0, 0.0, 100.0, doc="AdamW's decoupled weight decay of the adapters")
     TTT_LORA_NO_QV: int = knob(0, 0, 1, doc="no adapters on Q and V (K, O, MLP and the head keep theirs)")
+    TTT_LORA_K: int = knob(0, 0, 1, doc="adapters on K (1.0611 has them, #2135 not)")
+    TTT_LORA_O: int = knob(1, 0, 1, doc="adapters on O (fed the block's input, as the records do)")
+    TTT_LORA_MLP: int = knob(1, 0, 1, doc="adapters beside the MLP (fed its input, added to its output)")
     TTT_WARM_START_A: int = knob(1, 0, 1, doc="keep each row's A from one document batch to the next; B restarts at 0")
-    PHASED_TTT_PHASES: int = knob(0, 0, 1000, doc="TTT_MODE=lora: pauses for SGD on all weights over the documents "
+    PHASED_TTT_PHASES: int = knob(1, 0, 1000, doc="TTT_MODE=lora: pauses for SGD on all weights over the documents "
                                                    "scored so far; 0 = none")
-    PHASED_TTT_PREFIX_DOCS: int = knob(2500, 1, 1 << 30, doc="documents (in scoring order) the phases split evenly")
+    PHASED_TTT_PREFIX_DOCS: int = knob(2500, 1, 1 << 30, doc="phase i runs once PREFIX_DOCS * i / PHASES documents "
+                                       "are scored, on that many of them (the shortest)")
     PHASED_TTT_LR: float = knob(0.001, 0.0, 10.0, doc="the phases' SGD LR, cosine-decayed over each phase's chunks "
-                                                       "(momentum TTT_MOMENTUM, clip TTT_GRAD_CLIP, chunks "
-                                                       "TTT_CHUNK_TOKENS)")
+                                                       "but its last, which is not trained (momentum TTT_MOMENTUM, "
+                                                       "clip TTT_GRAD_CLIP, chunks TTT_CHUNK_TOKENS)")
     PHASED_TTT_EPOCHS: int = knob(1, 1, 1000)
     ASYM_LOGIT_RESCALE: int = knob(0, 0, 1, doc="evaluation: learned softcaps for positive and negative logits, "
                                    "both starting at LOGIT_SOFTCAP; trained by the TTT that trains the base weights")
@@ -245,13 +274,20 @@ class Config(ModelConfig):
                                      "research)")
 
 
+# PRESET=r1061: the 1.0611 record (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack) as it ran, where
+# #2135's launch command differs from it (the defaults).
+R1061_PRESET = dict(
+    MATRIX_LR=0.026, GPTQ_CALIBRATION_BATCHES=16, LQER_GROUP=64, QUANT_ATTN_GATE=1, EVAL_SEQ_LEN=2048,
+    PHASED_TTT_PHASES=3, TTT_LORA_LR=1e-4, TTT_LORA_WD=0.5, TTT_LORA_K=1,
+)
+
 # PRESET=r1081: the 1.0810 record (PR #1493) as it ran, before the frontier stack that the defaults are.
 R1081_PRESET = dict(
     QK_GAIN_INIT=5.25, SMEAR_GATE=0, VARLEN_ATTENTION=0, SPARSE_ATTN_GATE=0, PARALLEL_RESIDUAL_START=7,
     PARALLEL_LANES_START=256, WARMDOWN_FRAC=0.72, MIN_LR=0.0, MATRIX_LR=0.022, MUON_MOMENTUM=0.99,
     MUON_NS_COEFFS="quintic", BETA2=0.95, EMBED_BITS=8, ATTN_CLIP_SIGMAS=0.0, MLP_CLIP_SIGMAS=0.0,
     EMBED_CLIP_SIGMAS=20.0, GPTQ_CALIBRATION_BATCHES=64, GPTQ_RESERVE_SECONDS=12.0, VAL_LOSS_EVERY=4000,
-    LQER_RANK=0, COMPRESSOR="brotli",
+    LQER_RANK=0, COMPRESSOR="brotli", EVAL_SEQ_LEN=2048, TTT_MODE="chunk",
 )
 
 # Defaults swapped in by PRESET=sample: a small model that exercises every architecture option
@@ -266,7 +302,8 @@ SAMPLE_PRESET = dict(
     MATRIX_LR=0.03, TIED_EMBED_LR=0.05, EMA_DECAY=0.97,
     QUANT_PASSTHROUGH_NUMEL=4096, GPTQ_CALIBRATION_BATCHES=16,
     VAL_BATCH_TOKENS=16384, VAL_LOSS_EVERY=75, TRAIN_LOG_EVERY=25,
-    EVAL_SEQ_LEN=256, EVAL_STRIDE=128, TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, SLOT_ENABLED=1, SLOT_STEPS=4,
+    EVAL_SEQ_LEN=256, EVAL_STRIDE=128, TTT_MODE="chunk", TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, SLOT_ENABLED=1,
+    SLOT_STEPS=4,
 )
 
 # Variables set by launchers, libraries and this repository's tools (SEEDS: tools/sweep.py): never knobs,
@@ -326,7 +363,8 @@ def resolve_config(env, base: dict | None = None) -> tuple[Config, set[str]]:
     fields, base = knob_fields(), base or {}
     preset = parse_knob("PRESET", env.get("PRESET", str(base.get("PRESET", "record"))), fields["PRESET"])
     tool_defaults = {name: parse_knob(name, str(raw), fields[name]) for name, raw in base.items()}
-    defaults = Config(**{**{"record": {}, "r1081": R1081_PRESET, "sample": SAMPLE_PRESET}[preset], **tool_defaults})
+    presets = {"record": {}, "r1061": R1061_PRESET, "r1081": R1081_PRESET, "sample": SAMPLE_PRESET}
+    defaults = Config(**{**presets[preset], **tool_defaults})
     values = dataclasses.asdict(defaults)
     for name, field in fields.items():
         if name in env:
@@ -358,7 +396,8 @@ KNOB_MODES = (
      ("TTT_CHUNK_TOKENS", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TTT_FREEZE_BLOCKS", "ASYM_LOGIT_RESCALE")),
     ("TTT_ENABLED=1 with TTT_MODE=lora", lora_ttt,
      ("TTT_DOC_BATCH", "TTT_DOC_CHUNK", "TTT_SHORT_DOC_CHUNK", "TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LORA_LR",
-      "TTT_LORA_BETA1", "TTT_LORA_BETA2", "TTT_LORA_WD", "TTT_LORA_NO_QV", "TTT_WARM_START_A", "PHASED_TTT_PHASES")),
+      "TTT_LORA_BETA1", "TTT_LORA_BETA2", "TTT_LORA_WD", "TTT_LORA_NO_QV", "TTT_LORA_K", "TTT_LORA_O",
+      "TTT_LORA_MLP", "TTT_WARM_START_A", "PHASED_TTT_PHASES")),
     ("TTT_MODE=lora with TTT_SHORT_DOC_CHUNK > 0", lambda c: lora_ttt(c) and c.TTT_SHORT_DOC_CHUNK > 0,
      ("TTT_SHORT_DOC_LEN",)),
     ("TTT_MODE=lora with PHASED_TTT_PHASES > 0", phased_ttt,
@@ -369,12 +408,14 @@ KNOB_MODES = (
     ("TTT_ENABLED=1 or SLOT_ENABLED=1 (else the sliding pass is the score already)",
      lambda c: bool(c.TTT_ENABLED or c.SLOT_ENABLED), ("EVAL_SLIDING_ALSO",)),
     ("NUM_LOOPS > 0", lambda c: c.NUM_LOOPS > 0, ("LOOP_START", "LOOP_END", "ENABLE_LOOPING_AT")),
-    ("SPARSE_ATTN_GATE=1", lambda c: bool(c.SPARSE_ATTN_GATE), ("SPARSE_ATTN_GATE_SCALE",)),
+    ("SMEAR_GATE=1", lambda c: bool(c.SMEAR_GATE), ("SMEAR_BOS_MASK",)),
+    ("SPARSE_ATTN_GATE=1", lambda c: bool(c.SPARSE_ATTN_GATE), ("SPARSE_ATTN_GATE_SCALE", "QUANT_ATTN_GATE")),
+    ("VARLEN_ATTENTION=1", lambda c: bool(c.VARLEN_ATTENTION), ("DOC_ATTENTION",)),
     ("QUANT_METHOD=gptq", lambda c: c.QUANT_METHOD == "gptq",
      ("GPTQ_CALIBRATION_BATCHES", "GPTQ_DAMP", "GPTQ_DAMP_ATTN", "GPTQ_DAMP_MLP", "GPTQ_DAMP_EMBED", "GPTQ_BLOCK_SIZE",
       "AWQ_TOP_GROUPS")),
     ("AWQ_TOP_GROUPS > 0", lambda c: c.AWQ_TOP_GROUPS > 0, ("AWQ_GROUP_SIZE",)),
-    ("LQER_RANK > 0", lambda c: c.LQER_RANK > 0, ("LQER_TOP_K", "LQER_GROUP")),
+    ("LQER_RANK > 0", lambda c: c.LQER_RANK > 0, ("LQER_TOP_K", "LQER_GROUP", "LQER_A_BITS", "LQER_B_BITS")),
     ("WD_TAPER_FINAL_MULT other than 1", lambda c: c.WD_TAPER_FINAL_MULT != 1, ("WD_TAPER_START",)),
     ("MUON_MOMENTUM_WARMUP_STEPS > 0", lambda c: c.MUON_MOMENTUM_WARMUP_STEPS > 0, ("MUON_MOMENTUM_WARMUP_START",)),
 )
@@ -432,6 +473,15 @@ def validate_config(cfg: Config) -> None:
     need(not (cfg.TTT_ENABLED and cfg.TTT_MODE == "lora" and cfg.SLOT_ENABLED),
          "TTT_MODE=lora with SLOT_ENABLED=1: SLOT runs inside the chunk TTT's window scoring only; set SLOT_ENABLED=0 "
          "or TTT_MODE=chunk")
+    need(cfg.TRAIN_LOADER != "packed" or cfg.VARLEN_ATTENTION,
+         "TRAIN_LOADER=packed trains on rows of TRAIN_BATCH_TOKENS/8 tokens that only document isolation keeps "
+         "apart: set VARLEN_ATTENTION=1 or TRAIN_LOADER=windows")
+    need(cfg.TRAIN_LOADER != "packed" or not cfg.TRAIN_SEQ_SCHEDULE,
+         "TRAIN_LOADER=packed has one row length: leave TRAIN_SEQ_SCHEDULE empty or set TRAIN_LOADER=windows")
+    need(cfg.MUON_NS_COEFFS != "polar_express" or cfg.MUON_BACKEND_STEPS <= len(POLAR_EXPRESS_COEFFS),
+         f"MUON_BACKEND_STEPS={cfg.MUON_BACKEND_STEPS} with MUON_NS_COEFFS=polar_express: Polar Express has "
+         f"{len(POLAR_EXPRESS_COEFFS)} tuples (the record runs each once); set MUON_BACKEND_STEPS <= "
+         f"{len(POLAR_EXPRESS_COEFFS)} or MUON_NS_COEFFS=quintic")
     need(cfg.MAX_WALLCLOCK_SECONDS <= 0 or cfg.GPTQ_RESERVE_SECONDS < cfg.MAX_WALLCLOCK_SECONDS,
          f"GPTQ_RESERVE_SECONDS={cfg.GPTQ_RESERVE_SECONDS} leaves no training time out of "
          f"MAX_WALLCLOCK_SECONDS={cfg.MAX_WALLCLOCK_SECONDS}")
@@ -699,6 +749,47 @@ class TrainLoader:
         return rows.unfold(1, split_len + 1, split_len).reshape(-1, split_len + 1)
 
 
+class PackedLoader:
+    """TRAIN_LOADER=packed, the 1.0611 record's DocumentPackingLoader: the shards in name order, each read from its
+    first BOS in consecutive spans of row_len + 1 tokens (a span's last token is only a target). A step takes the
+    next `global_seqs` spans, one per micro-batch of every rank, rank r the r-th contiguous share; where they do not
+    fit, the shard's rest is skipped, and after the last shard the first comes again. No shuffling and no seed: the
+    record's order, the same for any world size. Attention cuts each document every TRAIN_SEQ_LEN tokens from its
+    start (GPT.segment_len), as the record's cu_seqlens do."""
+
+    def __init__(self, files: list[Path], row_len: int, bos_id: int, vocab_size: int | None = None):
+        self.files, self.seq_len, self.bos_id, self.vocab_size = files, row_len, bos_id, vocab_size
+        self.shard, self.tokens, self.cursor = -1, np.zeros(0, np.uint16), 0
+
+    def _next_shard(self) -> None:
+        self.shard = (self.shard + 1) % len(self.files)
+        self.tokens = read_shard(self.files[self.shard])
+        first_bos = np.flatnonzero(self.tokens[:1 << 20] == self.bos_id)[:1]
+        self.cursor = int(first_bos[0]) if first_bos.size else 0
+
+    def next_batch(self, global_seqs: int, rank: int, world_size: int, split_len: int | None = None) -> Tensor:
+        """This rank's share of the next global batch: (global_seqs/world_size, row_len+1) int64 (split_len, a
+        sequence length of the windows loader, does not apply: validate_config refuses a schedule)."""
+        span = self.seq_len + 1
+        need = global_seqs * span
+        for _ in range(len(self.files) + 1):
+            if self.cursor + need <= len(self.tokens):
+                break
+            self._next_shard()
+        else:
+            raise ConfigError(f"no training shard holds {need} tokens after its first BOS, a step of TRAIN_LOADER="
+                              "packed (TRAIN_BATCH_TOKENS plus a token per row): use TRAIN_LOADER=windows, or a "
+                              "smaller TRAIN_BATCH_TOKENS")
+        per_rank = global_seqs // world_size
+        first = self.cursor + rank * per_rank * span
+        rows = np.asarray(self.tokens[first:first + per_rank * span]).reshape(per_rank, span)
+        self.cursor += need
+        if self.vocab_size is not None and rows.max() >= self.vocab_size:
+            raise ConfigError(f"{self.files[self.shard]}: token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size}; "
+                              "the shard was tokenized with another vocabulary")
+        return torch.from_numpy(rows.astype(np.int64))
+
+
 def load_tokenizer(path: Path, vocab_size: int):
     """Load the SentencePiece model and check it against VOCAB_SIZE before any work starts."""
     import sentencepiece as spm
@@ -789,6 +880,10 @@ ATTENTION_INSTALL = {
 }
 
 
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
+FLASH_FUNCTIONS = ("flash_attn_func", "flash_attn_varlen_func")  # what attention_function and varlen_kernel call
+
+
 def attention_backend_problem(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device`, or None when it can. Checked before any work starts,
     so a missing kernel never surfaces as a crash in the first compiled step."""
@@ -802,11 +897,22 @@ def attention_backend_problem(backend: str, device: torch.device) -> str | None:
         return f"it needs a Hopper GPU (compute capability 9.x) and {gpu}"
     if backend == "fa2" and major < 8:
         return f"it needs compute capability 8.0 or newer and {gpu}"
-    module = "flash_attn_interface" if backend == "fa3" else "flash_attn"
+    return flash_module_problem(backend)
+
+
+def flash_module_problem(backend: str) -> str | None:
+    """Why the FlashAttention module of `backend` cannot serve it: not importable, or without the functions the
+    model calls. flash-attn-4 installs a `flash_attn` namespace package that has neither."""
+    module_name = FLASH_MODULES[backend]
     try:
-        importlib.import_module(module)
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        return f"module {module} cannot be imported ({e})"
+        return f"module {module_name} cannot be imported ({e})"
+    missing = [name for name in FLASH_FUNCTIONS if not callable(getattr(module, name, None))]
+    if missing:
+        where = getattr(module, "__file__", None) or ", ".join(getattr(module, "__path__", [])) or "?"
+        return (f"module {module_name} ({where}) has no {' or '.join(missing)}: not the FlashAttention this backend "
+                "needs (flash-attn-4 installs such a namespace package)")
     return None
 
 
@@ -832,14 +938,13 @@ def attention_function(backend: str) -> Callable[[Tensor, Tensor, Tensor, Tensor
                                              attn_mask=docs, is_causal=docs is None, enable_gqa=True)
         return out.transpose(1, 2)
 
-    flash = None
-    if backend == "fa3":
-        from flash_attn_interface import flash_attn_func as flash
-    elif backend == "fa2":
-        from flash_attn import flash_attn_func as flash
+    flash = importlib.import_module(FLASH_MODULES[backend]).flash_attn_func if backend in FLASH_MODULES else None
     varlen = varlen_kernel(backend)
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> Tensor:
+    def attend(q: Tensor, k: Tensor, v: Tensor, docs=None) -> Tensor:
+        if docs is not None and not isinstance(docs, Tensor):  # a FlexAttention block mask
+            return flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=docs,
+                                  enable_gqa=True).transpose(1, 2)
         if docs is not None and docs.dtype != torch.bool:
             return varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), docs, q.size(1)).view(q.shape)
         if docs is not None or flash is None:
@@ -854,8 +959,8 @@ def varlen_kernel(backend: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, int
     token count: FlashAttention's varlen function for fa3/fa2, else torch's varlen_attn (torch >= 2.10), whose
     older releases take is_causal instead of window_size and no enable_gqa (then K/V heads are repeated).
     `max_len` is the row length, an upper bound that keeps the compiled graph's shapes fixed."""
-    if backend in ("fa3", "fa2"):
-        module = importlib.import_module("flash_attn_interface" if backend == "fa3" else "flash_attn")
+    if backend in FLASH_MODULES:
+        module = importlib.import_module(FLASH_MODULES[backend])
 
         def flash_varlen(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
             out = module.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
@@ -878,20 +983,43 @@ def varlen_kernel(backend: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, int
     return torch_varlen
 
 
-def document_mask(input_ids: Tensor, bos_id: int) -> Tensor:
-    """(batch, 1, time, time) bool: query t may attend key s when s <= t and no BOS lies in (s, t]."""
-    docs = (input_ids == bos_id).cumsum(1)
+def sequence_starts(input_ids: Tensor, bos_id: int, max_len: int | None = None) -> Tensor:
+    """(batch, time) bool: where attention's sequences start. Each row's first token and each BOS, and with
+    max_len also every max_len tokens from the last of those (the record's packed rows cut long documents so)."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    if max_len:
+        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = torch.where(starts, pos, 0).cummax(1).values
+        starts = starts | ((pos - last) % max_len == 0)
+    return starts
+
+
+def document_mask(input_ids: Tensor, bos_id: int, max_len: int | None = None) -> Tensor:
+    """(batch, 1, time, time) bool: query t may attend key s when s <= t in the same sequence (sequence_starts)."""
+    docs = sequence_starts(input_ids, bos_id, max_len).cumsum(1)
     same = docs[:, :, None] == docs[:, None, :]
     causal = torch.ones(input_ids.size(1), input_ids.size(1), dtype=torch.bool, device=input_ids.device).tril()
     return (same & causal)[:, None]
 
 
-def document_starts(input_ids: Tensor, bos_id: int) -> Tensor:
-    """int32 start of every sequence in the flattened (batch * time) tokens, then the token count: each row
-    and each BOS starts one, so a varlen kernel sees the same documents as document_mask."""
-    starts = input_ids == bos_id
-    starts[:, 0] = True
-    index = starts.flatten().nonzero().flatten()
+def document_block_mask(input_ids: Tensor, bos_id: int, max_len: int | None = None):
+    """FlexAttention's BlockMask for document_mask's rule: causal, and query and key in one sequence (a token's
+    sequence is the count of starts up to it). Built on the batch's device from a cumsum, so nothing waits on the
+    host, and compiled with the forward that builds it; FlexAttention skips the blocks it masks out whole."""
+    documents = sequence_starts(input_ids, bos_id, max_len).cumsum(1)
+
+    def same_document(b, h, q, kv):
+        return (q >= kv) & (documents[b, q] == documents[b, kv])
+
+    B, T = input_ids.shape
+    return create_block_mask(same_document, B, None, T, T, device=input_ids.device)
+
+
+def document_starts(input_ids: Tensor, bos_id: int, max_len: int | None = None) -> Tensor:
+    """int32 start of every sequence in the flattened (batch * time) tokens, then the token count: the starts of
+    sequence_starts, so a varlen kernel sees the same sequences as document_mask."""
+    index = sequence_starts(input_ids, bos_id, max_len).flatten().nonzero().flatten()
     return torch.cat((index, index.new_tensor([input_ids.numel()]))).to(torch.int32)
 
 
@@ -980,15 +1108,15 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self):
+    def __init__(self, slope: float):
         super().__init__()
-        self.fc, self.proj = BankedLinear(), BankedLinear()
+        self.fc, self.proj, self.slope = BankedLinear(), BankedLinear(), slope
         self.fused: Callable | None = None  # FUSED_MLP: fused_leaky_square_mlp(), for steps that take gradients
 
     def forward(self, x: Tensor, w: LayerWeights) -> Tensor:
         if self.fused is not None and torch.is_grad_enabled():  # not under no_grad: GPTQ's hooks need fc and proj
-            return self.fused(x, w.up.to(x.dtype), w.down.to(x.dtype))
-        return self.proj(F.leaky_relu(self.fc(x, w.up), 0.5).square(), w.down)
+            return self.fused(x, w.up.to(x.dtype), w.down.to(x.dtype), self.slope)
+        return self.proj(F.leaky_relu(self.fc(x, w.up), self.slope).square(), w.down)
 
 
 class Block(nn.Module):
@@ -997,7 +1125,7 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer + 1)
         self.parallel = layer >= cfg.PARALLEL_RESIDUAL_START
         self.attn = Attention(cfg, xsa=layer >= cfg.NUM_LAYERS - cfg.XSA_LAST_N, backend=backend)
-        self.mlp = MLP()
+        self.mlp = MLP(cfg.MLP_LEAKY_SLOPE)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.MODEL_DIM), torch.zeros(cfg.MODEL_DIM))))
         self.attn_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.MODEL_DIM))
@@ -1085,7 +1213,9 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.smear_gate, self.varlen, self.bos_id = bool(cfg.SMEAR_GATE), bool(cfg.VARLEN_ATTENTION), cfg.BOS_ID
         self.has_varlen_kernel = varlen_kernel(attention_backend) is not None
-        self.smear_masks_bos = True  # tests switch it off to show the leak the mask prevents
+        self.doc_attention = "auto"  # DOC_ATTENTION, set by whoever runs the model (a run knob, not in the artifact)
+        self.segment_len: int | None = None  # TRAIN_LOADER=packed: training cuts documents every TRAIN_SEQ_LEN
+        self.smear_masks_bos = bool(cfg.SMEAR_BOS_MASK)
         self.split_caps: nn.ParameterList | None = None  # split_softcap()
         self.register_state_dict_post_hook(GPT._unbank_state)
         self.register_load_state_dict_pre_hook(GPT._bank_state)
@@ -1160,18 +1290,28 @@ class GPT(nn.Module):
     def compute_dtype(self, dtype: torch.dtype | None) -> None:
         self._dtype_override = dtype
 
-    def documents(self, input_ids: Tensor, starts: Tensor | None = None) -> Tensor | None:
-        """What isolates documents in attention (VARLEN_ATTENTION): on CUDA with a varlen kernel, the sequence
-        starts (given by the caller when the forward is compiled, see documents_outside), else a bool mask."""
+    def document_isolation(self, device: torch.device) -> str | None:
+        """How attention isolates documents on `device` (VARLEN_ATTENTION): None when it does not, else
+        DOC_ATTENTION's choice, auto being a varlen kernel on CUDA where there is one, else the dense mask."""
         if not self.varlen:
             return None
-        if self.runs_varlen_kernel(input_ids):
-            return starts if starts is not None else document_starts(input_ids, self.bos_id)
-        return document_mask(input_ids, self.bos_id)
+        if self.doc_attention != "auto":
+            return self.doc_attention
+        return "varlen" if self.has_varlen_kernel and device.type == "cuda" else "mask"
 
-    def runs_varlen_kernel(self, input_ids: Tensor) -> bool:
-        """Whether attention isolates documents with a varlen kernel (CUDA), fed sequence starts."""
-        return self.varlen and self.has_varlen_kernel and input_ids.is_cuda
+    def documents(self, input_ids: Tensor, starts: Tensor | None = None):
+        """What isolates documents in attention: the sequence starts for a varlen kernel (given by the caller when
+        it has them, see documents_outside), a FlexAttention block mask, a dense bool mask, or None."""
+        kind = self.document_isolation(input_ids.device)
+        if kind == "varlen":
+            return starts if starts is not None else document_starts(input_ids, self.bos_id, self.segment_len)
+        if kind == "flex":
+            return document_block_mask(input_ids, self.bos_id, self.segment_len)
+        return document_mask(input_ids, self.bos_id, self.segment_len) if kind == "mask" else None
+
+    def runs_varlen_kernel(self, device: torch.device) -> bool:
+        """Whether attention isolates documents with a varlen kernel on `device`, fed sequence starts."""
+        return self.document_isolation(device) == "varlen"
 
     def forward_hidden(self, input_ids: Tensor, doc_starts: Tensor | None = None,
                        adapters: DocumentAdapters | None = None) -> Tensor:
@@ -1212,8 +1352,9 @@ class GPT(nn.Module):
         return torch.stack((x, x)) if self.blocks[layer].lanes and x.dim() == x0.dim() else x
 
     def smear(self, x: Tensor, input_ids: Tensor) -> Tensor:
-        """SmearGate: x_t + lambda * sigmoid(W x_t[:12]) * x_{t-1}, except where token t is a BOS, so the last
-        token of one document never reaches the next. The first position of a sequence has no predecessor."""
+        """SmearGate: x_t + lambda * sigmoid(W x_t[:12]) * x_{t-1}, with SMEAR_BOS_MASK except where token t is a
+        BOS, so the last token of one document never reaches the next. The first position of a sequence has no
+        predecessor."""
         gate = self.smear_lambda * torch.sigmoid(F.linear(x[..., :GATE_INPUTS], self.smear_w))
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         if self.smear_masks_bos:
@@ -1256,15 +1397,21 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
-POLAR_EXPRESS_COEFFS = ((8.157, -22.483, 15.879), (4.043, -2.809, 0.500), (3.892, -2.772, 0.506),
-                        (3.286, -2.368, 0.464), (2.347, -1.710, 0.423))
+# The 1.0611 record's Polar Express tuples at full precision: rounded to three decimals they move Newton-Schulz's
+# output by 3.5e-3 (relative) on every bank, and the weights apart from the record's within a few steps.
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
 def newton_schulz_coeffs(kind: str, steps: int) -> list[tuple[float, float, float]]:
-    """(a, b, c) per iteration; Polar Express repeats its last tuple beyond its five."""
+    """(a, b, c) per iteration: the quintic's one tuple repeated, or Polar Express's first `steps` tuples (at most
+    five: validate_config refuses more, where the record's code silently stops at five)."""
     if kind == "quintic":
         return [QUINTIC_COEFFS] * steps
-    return [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
+    return list(POLAR_EXPRESS_COEFFS[:steps])
 
 
 def newton_schulz(g: Tensor, coeffs, eps: float = 1e-7) -> Tensor:
@@ -1621,9 +1768,10 @@ def train_step(cfg: Config, model_fn, model: GPT, optimizers: Optimizers, batch:
     Returns this rank's mean training loss (a 0-dim tensor, not yet synchronized)."""
     total = torch.zeros((), device=rt.device)
     for micro in batch.chunk(rt.accum_steps):
+        starts = host_document_starts(model, micro[:, :-1], rt.device)
         micro = micro.to(rt.device, non_blocking=True)
         with rt.autocast():
-            loss = model_fn(micro[:, :-1], micro[:, 1:]).mean()
+            loss = model_fn(micro[:, :-1], micro[:, 1:], doc_starts=starts).mean()
         (loss / rt.accum_steps).backward()
         total += loss.detach()
     optimizers.step(cfg.GRAD_CLIP_NORM, rt)
@@ -1649,18 +1797,18 @@ def fused_cross_entropy(model: GPT, hidden_fn: Callable) -> Callable[[Tensor, Te
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
     head = LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=model.softcap or None)
 
-    def nll(input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        hidden = hidden_fn(input_ids)
+    def nll(input_ids: Tensor, target_ids: Tensor, doc_starts: Tensor | None = None) -> Tensor:
+        hidden = hidden_fn(input_ids, doc_starts=doc_starts)
         weight = model.tok_emb.weight.to(torch.bfloat16)
         return head(weight, hidden.to(torch.bfloat16).flatten(0, 1), target_ids.flatten()).view(target_ids.shape)
     return nll
 
 
-def matmul_leaky_square(a, b, out, aux, M, N, K: tl.constexpr, FORWARD: tl.constexpr,
+def matmul_leaky_square(a, b, out, aux, M, N, K: tl.constexpr, FORWARD: tl.constexpr, SLOPE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """FUSED_MLP's Triton kernel (fused_leaky_square_mlp jits it): acc = A Bᵀ for row-major A (M, K) and B (N, K).
-    FORWARD: out = acc, aux = LeakyReLU(acc)². Else aux holds the pre-activation p and
-    out = acc · d(LeakyReLU(p)²)/dp = acc · (p > 0 ? 2p : p/2)."""
+    FORWARD: out = acc, aux = LeakyReLU(acc, SLOPE)². Else aux holds the pre-activation p and
+    out = acc · d(LeakyReLU(p, s)²)/dp = acc · (p > 0 ? 2p : 2s²p)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -1674,17 +1822,18 @@ def matmul_leaky_square(a, b, out, aux, M, N, K: tl.constexpr, FORWARD: tl.const
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     if FORWARD:
         pre = acc.to(out.dtype.element_ty)  # the square is taken of the stored (rounded) value, as eager does
-        leaky = tl.where(pre > 0, pre, 0.5 * pre)
+        leaky = tl.where(pre > 0, pre, SLOPE * pre)
         tl.store(out + at, pre, mask=inside)
         tl.store(aux + at, (leaky * leaky).to(aux.dtype.element_ty), mask=inside)
     else:
         pre = tl.load(aux + at, mask=inside, other=0.0)
-        tl.store(out + at, (acc * tl.where(pre > 0, 2.0 * pre, 0.5 * pre)).to(out.dtype.element_ty), mask=inside)
+        tl.store(out + at, (acc * tl.where(pre > 0, 2.0 * pre, (2.0 * SLOPE * SLOPE) * pre)).to(out.dtype.element_ty),
+                 mask=inside)
 
 
 @functools.cache  # the custom ops register once per process
-def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """FUSED_MLP: the MLP as (x, W_up, W_down) -> LeakyReLU(0.5)(x W_upᵀ)² W_downᵀ, with the activation in the
+def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor, float], Tensor]:
+    """FUSED_MLP: the MLP as (x, W_up, W_down, s) -> LeakyReLU(x W_upᵀ, s)² W_downᵀ, with the activation in the
     epilogue of a Triton matmul: forward writes the pre-activation and its square in one pass, and backward's
     dpost = g W_down is multiplied by the activation's derivative before it leaves registers, so neither
     elementwise pass reads the hidden tensor again. TRITON_INTERPRET=1 runs the kernel on the CPU (how the tests
@@ -1692,7 +1841,7 @@ def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     import triton
     kernel = triton.jit(matmul_leaky_square)  # decorated here, so TRITON_INTERPRET set by then takes effect
 
-    def launch(a: Tensor, b: Tensor, aux: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def launch(a: Tensor, b: Tensor, slope: float, aux: Tensor | None = None) -> tuple[Tensor, Tensor]:
         (M, K), N = a.shape, b.size(0)
         if M * max(N, K) >= 2**31:  # the kernel's offsets are int32
             raise ValueError(f"FUSED_MLP: a {M}x{K} by {N}x{K} product overflows the kernel's int32 offsets; "
@@ -1703,44 +1852,46 @@ def fused_leaky_square_mlp() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         # Large tiles on a GPU; the CPU interpreter's minimum (tl.dot needs 16) keeps the tests fast.
         bm, bn, bk, extra = (128, 128, 64, dict(num_warps=8, num_stages=3)) if a.is_cuda else (16, 16, 16, {})
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        kernel[grid](a, b, out, aux, M, N, K, forward, bm, bn, bk, **extra)
+        kernel[grid](a, b, out, aux, M, N, K, forward, slope, bm, bn, bk, **extra)
         return out, aux
 
     # Custom ops rather than an autograd.Function: torch.compile keeps them opaque (it cannot trace a Triton launch,
     # nor, in torch 2.11, an autograd.Function held as a module attribute), and register_fake gives it their shapes.
     @torch.library.custom_op("parameter_golf::leaky_square_mlp", mutates_args=())
-    def mlp(x2: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        pre, post = launch(x2, w_up.contiguous())
+    def mlp(x2: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        pre, post = launch(x2, w_up.contiguous(), slope)
         with torch.autocast(x2.device.type, enabled=False):  # the output keeps x2's dtype, as register_fake says
             out = F.linear(post, w_down)
         return out, pre, post  # pre and post ride along as outputs for the backward
 
     @mlp.register_fake
-    def _(x2, w_up, w_down):
+    def _(x2, w_up, w_down, slope):
         hidden = x2.new_empty(x2.size(0), w_up.size(0))
         return x2.new_empty(x2.size(0), w_down.size(0)), hidden, torch.empty_like(hidden)
 
     @torch.library.custom_op("parameter_golf::leaky_square_mlp_dpre", mutates_args=())
-    def dpre(g: Tensor, w_down: Tensor, pre: Tensor) -> Tensor:
-        return launch(g, w_down.t().contiguous(), aux=pre)[0]
+    def dpre(g: Tensor, w_down: Tensor, pre: Tensor, slope: float) -> Tensor:
+        return launch(g, w_down.t().contiguous(), slope, aux=pre)[0]
 
     @dpre.register_fake
-    def _(g, w_down, pre):
+    def _(g, w_down, pre, slope):
         return torch.empty_like(pre)
 
     def save(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, *output[1:])
+        ctx.save_for_backward(*inputs[:3], *output[1:])
+        ctx.slope = inputs[3]
 
     def backward(ctx, grad, _grad_pre, _grad_post):
         x2, w_up, w_down, pre, post = ctx.saved_tensors
         g = grad.to(pre.dtype).contiguous()  # autocast may hand back another dtype
-        d = dpre(g, w_down, pre)
-        return d @ w_up, d.t() @ x2, g.t() @ post
+        d = dpre(g, w_down, pre, ctx.slope)
+        return d @ w_up, d.t() @ x2, g.t() @ post, None
 
     mlp.register_autograd(backward, setup_context=save)
 
-    def apply(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-        return mlp(x.reshape(-1, x.size(-1)).contiguous(), w_up, w_down)[0].view(*x.shape[:-1], w_down.size(0))
+    def apply(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tensor:
+        out = mlp(x.reshape(-1, x.size(-1)).contiguous(), w_up, w_down, slope)[0]
+        return out.view(*x.shape[:-1], w_down.size(0))
     return apply
 
 
@@ -1759,6 +1910,19 @@ def fused_kernel_problem(cfg: Config, device: torch.device) -> str | None:
     return None
 
 
+def doc_attention_problem(cfg: Config, device: torch.device, backend: str) -> str | None:
+    """Why DOC_ATTENTION's choice cannot isolate documents here, or None."""
+    if not cfg.VARLEN_ATTENTION or cfg.DOC_ATTENTION in ("auto", "mask"):
+        return None
+    if device.type != "cuda":
+        why = "FlexAttention has no backward on a CPU" if cfg.DOC_ATTENTION == "flex" else "the kernel runs on CUDA"
+        return f"DOC_ATTENTION={cfg.DOC_ATTENTION} needs a CUDA GPU ({why}); set DOC_ATTENTION=mask or auto"
+    if cfg.DOC_ATTENTION == "varlen" and varlen_kernel(backend) is None:
+        return ("DOC_ATTENTION=varlen needs FlashAttention or torch >= 2.10 (torch.nn.attention.varlen); install "
+                "one, or set DOC_ATTENTION=flex or mask")
+    return None
+
+
 def compile_static(fn, backend: str = "inductor"):
     """torch.compile with every shape static except the ones marked dynamic (the document starts): a new
     shape anywhere else compiles a new graph rather than a dynamic one."""
@@ -1769,14 +1933,25 @@ def compile_static(fn, backend: str = "inductor"):
 def documents_outside(model: GPT, fn: Callable) -> Callable:
     """fn(input_ids, ...) (the compiled forward or forward_hidden) with the document starts of a varlen kernel
     found before it runs: their count changes with every batch, which a graph cannot compute at a fixed shape,
-    so they enter as an input whose length is dynamic, and no batch recompiles."""
-    def call(input_ids: Tensor, *args) -> Tensor:
-        if not model.runs_varlen_kernel(input_ids):
+    so they enter as an input whose length is dynamic, and no batch recompiles. Training passes them in, found
+    on the host before the batch's copy (host_document_starts); found here, on the device, they cost a sync."""
+    def call(input_ids: Tensor, *args, doc_starts: Tensor | None = None) -> Tensor:
+        if not model.runs_varlen_kernel(input_ids.device):
             return fn(input_ids, *args)
-        starts = document_starts(input_ids, model.bos_id)
-        torch._dynamo.mark_dynamic(starts, 0)
-        return fn(input_ids, *args, starts)
+        if doc_starts is None:
+            doc_starts = document_starts(input_ids, model.bos_id, model.segment_len)
+        torch._dynamo.mark_dynamic(doc_starts, 0)
+        return fn(input_ids, *args, doc_starts)
     return call
+
+
+def host_document_starts(model: GPT, inputs: Tensor, device: torch.device) -> Tensor | None:
+    """The varlen kernel's sequence starts of a micro-batch still on the host, sent to `device` with it: finding
+    them there costs the device no sync (nonzero on a GPU tensor waits for the GPU). None where the model takes
+    none."""
+    if not model.runs_varlen_kernel(device):
+        return None
+    return document_starts(inputs, model.bos_id, model.segment_len).to(device, non_blocking=True)
 
 
 def global_seqs(cfg: Config) -> int:
@@ -1791,6 +1966,7 @@ def training_fraction(cfg: Config, step: int, train_seconds: float, budget: floa
 # The loop predicts the next step's duration as the slowest of the last few, so one slow step
 # (a validation's aftermath, a straggling rank) cannot carry training past its cap.
 RECENT_STEPS = 16
+SWITCH_LOGGED_STEPS = 3  # the steps after recurrence switches on are logged whatever TRAIN_LOG_EVERY says
 TRAIN_TIME_LIMIT_SECONDS = 600.0
 
 
@@ -1866,7 +2042,30 @@ class TrainingResult:
     peak_memory_mib: int | None
     train_curve: list  # [step, seconds, mean train loss]
     val_curve: list    # [step, seconds, val_loss, val_bpb] on the live weights
+    warmup: list       # [seq_len, looping, seconds of the first step (compiles), mean seconds of the others or None]
+    compiled_graphs: int  # graphs torch.compile built from warm-up to the end of training (0 when nothing compiles)
     ema: EMA | None = dataclasses.field(default=None, metadata=IN_MEMORY)
+
+
+@contextlib.contextmanager
+def stall_dump(seconds: float):
+    """Around a step: if it is still running after `seconds`, every thread's stack goes to stderr (and the step
+    goes on), so a step that hangs shows where without any harness. 0 = off; also off where stderr has no file
+    descriptor (a notebook)."""
+    armed = False
+    if seconds > 0:
+        with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            faulthandler.dump_traceback_later(seconds, repeat=False)
+            armed = True
+    try:
+        yield
+    finally:
+        if armed:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def compiled_graph_count() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 @dataclasses.dataclass
@@ -1880,43 +2079,64 @@ class Trainer:
     train_files: list[Path]
     rt: Runtime
     log: Callable[[str], None]
+    graphs_before: int = 0  # compiled_graph_count() when training began: the counter is per process
 
-    def new_loader(self) -> TrainLoader:
-        block = train_block_len(self.cfg)
-        return TrainLoader(self.train_files, block, self.cfg.SEED, self.cfg.VOCAB_SIZE)
+    def new_loader(self) -> TrainLoader | PackedLoader:
+        cfg, rt = self.cfg, self.rt
+        if cfg.TRAIN_LOADER == "packed":  # one row per micro-batch of every rank
+            row_len = cfg.TRAIN_BATCH_TOKENS // (rt.world_size * rt.accum_steps)
+            return PackedLoader(self.train_files, row_len, cfg.BOS_ID, cfg.VOCAB_SIZE)
+        return TrainLoader(self.train_files, train_block_len(cfg), cfg.SEED, cfg.VOCAB_SIZE)
 
     def step(self, loader: TrainLoader, seq_len: int) -> Tensor:
         blocks = self.cfg.TRAIN_BATCH_TOKENS // loader.seq_len
         batch = loader.next_batch(blocks, self.rt.rank, self.rt.world_size, seq_len)
-        return train_step(self.cfg, self.model_fn, self.model, self.optimizers, batch, self.rt)
+        with stall_dump(self.cfg.STALL_DUMP_SECONDS):
+            return train_step(self.cfg, self.model_fn, self.model, self.optimizers, batch, self.rt)
 
-    def prime_compilation(self) -> None:
+    def timed_step(self, loader: TrainLoader, seq_len: int) -> tuple[Tensor, float]:
+        """One step and its seconds, the device synchronized around it."""
+        self.rt.sync()
+        t0 = time.perf_counter()
+        loss = self.step(loader, seq_len)
+        self.rt.sync()
+        return loss, time.perf_counter() - t0
+
+    def prime_compilation(self) -> list:
         """Run WARMUP_STEPS real steps at every training sequence length, with recurrence off and on, so
         every graph is compiled before the clock starts, then restore the model and optimizers exactly.
-        Training builds a fresh loader afterwards, so the data order is unaffected too."""
+        Training builds a fresh loader afterwards, so the data order is unaffected too. Returns each state's
+        [seq_len, looping, first step's seconds (the compile), mean seconds of the rest or None]."""
         cfg, model, optimizers = self.cfg, self.model, self.optimizers
         if cfg.WARMUP_STEPS == 0:
-            return
+            return []
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = self.new_loader()
+        loader, states = self.new_loader(), []
         for seq_len, _ in seq_len_stages(cfg):
             for looping in ([False, True] if cfg.NUM_LOOPS > 0 else [False]):
                 model.looping = looping
+                seconds = []
                 for i in range(cfg.WARMUP_STEPS):
                     set_schedule(cfg, optimizers, i, 0.0)
-                    self.step(loader, seq_len)
-                self.log(f"warmup: primed {cfg.WARMUP_STEPS} steps seq_len={seq_len} looping={looping}")
+                    seconds.append(self.timed_step(loader, seq_len)[1])
+                steady = sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else None
+                states.append([seq_len, looping, round(seconds[0], 3), None if steady is None else round(steady, 4)])
+                self.log(f"warmup: primed {cfg.WARMUP_STEPS} steps seq_len={seq_len} looping={looping}: first step "
+                         f"(compiles) {seconds[0]:.2f}s" + ("" if steady is None else f", then {steady:.3f}s/step")
+                         + f"; graphs so far {compiled_graph_count() - self.graphs_before}")
         model.looping = False
         model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
         self.log("warmup: model and optimizer state restored")
+        return states
 
     def train(self, validate: Callable[[], dict], budget: float) -> TrainingResult:
         """The timed loop, stopped before a step that would end past `budget` seconds."""
         cfg, model, rt, log = self.cfg, self.model, self.rt, self.log
-        self.prime_compilation()
+        self.graphs_before = compiled_graph_count()
+        warmup = self.prime_compilation()
         loader = self.new_loader()
         ema = EMA(model, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
         step, train_seconds, loop_step, loop_seconds = 0, 0.0, None, 0.0
@@ -1927,7 +2147,8 @@ class Trainer:
             frac = training_fraction(cfg, step, train_seconds, budget)
             if cfg.NUM_LOOPS > 0 and not model.looping and frac >= cfg.ENABLE_LOOPING_AT:
                 model.looping, loop_step, loop_seconds = True, step, train_seconds
-                log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
+                last = f" last_plain_step_time:{1000 * recent_steps[-1]:.0f}ms" if recent_steps else ""
+                log(f"layer_loop:enabled step:{step} frac:{frac:.3f}{last} order:{model.loop_order}")
             stage_len = stage_seq_len(stages, frac)
             if len(stages) > 1 and stage_len != seq_len:
                 log(f"seq_len:{stage_len} step:{step} frac:{frac:.3f}")
@@ -1946,12 +2167,14 @@ class Trainer:
             step += 1
             recent_steps.append(step_seconds)
             done = step >= cfg.ITERATIONS or next_step_would_overrun(train_seconds, recent_steps, budget)
-            if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done:
+            near_switch = loop_step is not None and step - loop_step <= SWITCH_LOGGED_STEPS
+            if step % cfg.TRAIN_LOG_EVERY == 0 or step == 1 or done or near_switch:
                 mean_loss = all_reduce_(loss.detach().float().reshape(1), rt).item() / rt.world_size
                 remaining = min(budget - train_seconds, (cfg.ITERATIONS - step) * train_seconds / step)
                 train_curve.append([step, round(train_seconds, 4), mean_loss])
                 log(f"step:{step}/{cfg.ITERATIONS} train_loss:{mean_loss:.4f} train_time:{train_seconds:.1f}s "
-                    f"tok/s:{step * cfg.TRAIN_BATCH_TOKENS / train_seconds:.0f} eta:{max(0.0, remaining):.0f}s")
+                    f"step_time:{1000 * step_seconds:.0f}ms tok/s:{step * cfg.TRAIN_BATCH_TOKENS / train_seconds:.0f} "
+                    f"eta:{max(0.0, remaining):.0f}s")
             if cfg.VAL_LOSS_EVERY > 0 and (step % cfg.VAL_LOSS_EVERY == 0 or done):
                 result = validate()
                 val_curve.append([step, round(train_seconds, 4), result["val_loss"], result["val_bpb"]])
@@ -1970,7 +2193,8 @@ class Trainer:
             tokens_per_second=step * cfg.TRAIN_BATCH_TOKENS / train_seconds, looping_enabled_step=loop_step,
             ms_per_step_before_looping=1000 * loop_seconds / loop_step if looped else None,
             ms_per_step_after_looping=1000 * (train_seconds - loop_seconds) / (step - loop_step) if looped else None,
-            peak_memory_mib=peak_memory, train_curve=train_curve, val_curve=val_curve, ema=ema)
+            peak_memory_mib=peak_memory, train_curve=train_curve, val_curve=val_curve, warmup=warmup,
+            compiled_graphs=compiled_graph_count() - self.graphs_before, ema=ema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1978,6 +2202,8 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000
+# ModelConfig fields added within the current format, with the value every artifact written before them had.
+MODEL_FIELDS_ADDED = {"MLP_LEAKY_SLOPE": 0.5, "SMEAR_BOS_MASK": 1}
 ARTIFACT_FORMAT = 5  # the header's "format" and the magic's digit; 4: LQER factors; 5: AWQ-lite blocks
 ARTIFACT_MAGIC = b"PGQ%d" % ARTIFACT_FORMAT
 # Each older format, what it lacked, and the last commit of this repository whose train_gpt.py reads it.
@@ -2258,8 +2484,8 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
                 quantized[n].update(awq=starts, awq_size=cfg.AWQ_GROUP_SIZE,
                                     awq_scale=awq[1].split(rows)[i].to(torch.float16).cpu())
     # The sparse gates, int8 per row (half the bytes of fp16), each row's largest weight at +-127: one short row
-    # per head, where a std-based clip would cut the one weight that matters.
-    for n in [n for n in state if n.endswith(".attn.gate_w")]:
+    # per head, where a std-based clip would cut the one weight that matters. QUANT_ATTN_GATE=0 keeps them fp16.
+    for n in [n for n in state if n.endswith(".attn.gate_w") and cfg.QUANT_ATTN_GATE]:
         q, scale = quantize_grid(state[n].float(), -127, 127, 127)
         quantized[n] = dict(q=q.cpu(), scale=scale.to(torch.float16).cpu(), bits=8, group="gate")
     if cfg.LQER_RANK and cfg.LQER_TOP_K:
@@ -2269,9 +2495,10 @@ def quantize_model(cfg: Config, model: GPT, plan: list[QuantGroup], factors: dic
 
 
 # LQER (PR #1797): the quantization error E = W - W_hat of the matrices where it is largest, as a rank-r product
-# A @ B from its SVD (A = U S, B = V^T), A on an int2 grid (-2..1, one scale per matrix, max |A| at 1.5 steps) and
-# B on an int4 grid (-8..7, one scale per LQER_GROUP columns, max at 7.5 steps). Both are stored as quantized
-# tensors reshaped so the container's per-row scales are exactly those: A as one row, B as rows of one group.
+# A @ B from its SVD (A = U S, B = V^T), A on a signed LQER_A_BITS grid (2 bits: -2..1, one scale per matrix, max
+# |A| at 1.5 steps) and B on a signed LQER_B_BITS grid (4 bits: -8..7, one scale per LQER_GROUP columns, max at 7.5
+# steps). Both are stored as quantized tensors reshaped so the container's per-row scales are exactly those: A as
+# one row, B as rows of one group.
 LQER_A, LQER_B = ".lqer_a", ".lqer_b"
 
 
@@ -2292,8 +2519,9 @@ def lqer_corrections(cfg: Config, weights: dict[str, Tensor], quantized: dict[st
         rank = min(cfg.LQER_RANK, S.numel())
         A, B = U[:, :rank] * S[:rank], Vh[:rank]
         group = cfg.LQER_GROUP if B.size(1) % cfg.LQER_GROUP == 0 else B.size(1)
-        for suffix, (q, scale), bits in ((LQER_A, quantize_grid(A.reshape(1, -1), -2, 1, 1.5), 2),
-                                         (LQER_B, quantize_grid(B.reshape(-1, group), -8, 7, 7.5), 4)):
+        for suffix, factor, bits in ((LQER_A, A.reshape(1, -1), cfg.LQER_A_BITS),
+                                     (LQER_B, B.reshape(-1, group), cfg.LQER_B_BITS)):
+            q, scale = quantize_grid(factor, -2 ** (bits - 1), 2 ** (bits - 1) - 1, 2 ** (bits - 1) - 0.5)
             factors[n + suffix] = dict(q=q.cpu(), scale=scale.to(torch.float16).cpu(), bits=bits, group="lqer")
     return factors
 
@@ -2725,6 +2953,7 @@ def header_model_config(header: dict, origin: str) -> ModelConfig:
     config, fields = header.get("model_config"), {f.name: f for f in dataclasses.fields(ModelConfig)}
     if not isinstance(config, dict):
         raise ArtifactError(f"{origin}: header has no model_config; write the artifact again")
+    config = {**MODEL_FIELDS_ADDED, **config}
     unknown, missing = sorted(set(config) - set(fields)), sorted(set(fields) - set(config))
     if unknown or missing:
         what = f"has {unknown[0]!r}, which is not a ModelConfig field" if unknown else f"lacks {missing[0]!r}"
@@ -2851,6 +3080,7 @@ def model_from_artifact(qm: QuantizedModel, cfg: Config, backend: str, device, o
                             f"describe ({len(wrong)} such tensors); write the artifact again")
     model.load_state_dict(qm.state_dict(template))
     model.looping = model_cfg.NUM_LOOPS > 0
+    model.doc_attention = cfg.DOC_ATTENTION
     if cfg.ASYM_LOGIT_RESCALE:
         if model_cfg.LOGIT_SOFTCAP <= 0:
             raise ArtifactError(f"{origin}: its model has no logit softcap (LOGIT_SOFTCAP=0) for "
@@ -3350,8 +3580,10 @@ class DocumentAdapters(nn.Module):
     def __init__(self, cfg: Config, model: GPT, rows: int, generator: torch.Generator):
         super().__init__()
         dim, kv, rank = cfg.MODEL_DIM, cfg.NUM_KV_HEADS * cfg.head_dim, cfg.TTT_LORA_RANK
+        wanted = dict(q=not cfg.TTT_LORA_NO_QV, k=cfg.TTT_LORA_K, v=not cfg.TTT_LORA_NO_QV, o=cfg.TTT_LORA_O,
+                      mlp=cfg.TTT_LORA_MLP)
         widths = dict(q=dim, k=kv, v=kv, o=dim, mlp=dim)
-        names = [n for n in widths if not (cfg.TTT_LORA_NO_QV and n in ("q", "v"))]
+        names = [n for n in widths if wanted[n]]
 
         def lora(fan_out: int) -> LoRA:
             return LoRA(rows, dim, fan_out, rank, cfg.TTT_LORA_ALPHA / rank, generator)
@@ -3376,28 +3608,41 @@ def document_spans(tokens: Tensor, bos_id: int) -> list[tuple[int, int]]:
 
 
 def lora_batches(spans: list[tuple[int, int]], batch_docs: int) -> list[list[int]]:
-    """Documents by length into batches of TTT_DOC_BATCH (like lengths pad little), cut from the longest end, so the
-    longest batch comes first and is full (the evaluation clock's projection from the batches done so far errs on
-    the safe side) and a partial batch holds the shortest documents, last."""
-    by_length = sorted(range(len(spans)), key=lambda d: (-spans[d][1], d))
-    return [by_length[i:i + batch_docs] for i in range(0, len(by_length), batch_docs)]
+    """The records' queue: documents sorted shortest first (ties by position) and cut into batches of TTT_DOC_BATCH
+    from the short end (like lengths pad little; a partial batch holds the longest), then run longest batch first.
+    The long batches first make the evaluation clock's projection from the batches done so far err on the safe
+    side."""
+    by_length = sorted(range(len(spans)), key=lambda d: (spans[d][1], d))
+    ascending = [by_length[i:i + batch_docs] for i in range(0, len(by_length), batch_docs)]
+    return sorted(ascending, key=lambda batch: -spans[batch[-1]][1])  # stable: equal longest keep ascending order
 
 
-def phase_last_batches(queue: list[list[int]], prefix_docs: int, phases: int) -> list[int]:
-    """The queue index of the batch that ends each phase: phase i takes the batches holding the first
-    prefix_docs * i / phases documents in scoring order (whole batches; prefix_docs at most all of them). A phase
-    after the last batch would adapt nothing still to be scored, so there is none."""
-    ends, seen, k = [], 0, 0
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    after_batch: int  # queue index of the batch whose end starts it: every batch up to it is scored
+    documents: int    # it trains on this many of the scored documents, the shortest
+
+
+def phase_schedule(queue: list[list[int]], prefix_docs: int, phases: int) -> list[Phase]:
+    """The 1.0611 record's phases (one process): phase i is due once prefix_docs * (i + 1) // phases documents are
+    scored, checked at the end of each batch, so one batch ends at most one phase and a phase that falls due
+    inside a batch starts after it; it then trains on that many documents, the shortest scored (the record keeps
+    the first in sorted order). A phase after the last batch would adapt nothing still to be scored, and one of
+    no documents trains nothing: neither runs."""
     prefix_docs = min(prefix_docs, sum(len(b) for b in queue))
-    for i in range(1, phases + 1):
-        target = prefix_docs * i // phases
-        while k < len(queue) and seen + len(queue[k]) < target:
-            seen, k = seen + len(queue[k]), k + 1
-        if k >= len(queue) - 1:
-            break
-        if not ends or ends[-1] < k:
-            ends.append(k)
-    return ends
+    due = [prefix_docs * (i + 1) // phases for i in range(phases)]
+    schedule, scored = [], 0
+    for k, batch in enumerate(queue):
+        scored += len(batch)
+        if due and scored >= due[0]:
+            schedule.append(Phase(k, due.pop(0)))
+    return [p for p in schedule if p.after_batch < len(queue) - 1 and p.documents > 0]
+
+
+def phase_documents(spans: list[tuple[int, int]], queue: list[list[int]], phase: Phase) -> list[int]:
+    """The documents a phase trains on, shortest first (as the record joins them)."""
+    scored = [d for batch in queue[:phase.after_batch + 1] for d in batch]
+    return sorted(scored, key=lambda d: (spans[d][1], d))[:phase.documents]
 
 
 def doc_chunk_size(cfg: Config, targets: int) -> int:
@@ -3737,9 +3982,10 @@ class Evaluator:
         return [p for p in self.model.parameters() if id(p) not in frozen]
 
     def global_phase(self, docs: list[tuple[int, int]]) -> None:
-        """Phased TTT: SGD on the base weights over these documents, every one already scored, in scoring order,
-        each with all its targets (from its BOS to the next document's BOS, or the stream's end), joined into one
-        stream whose joints are no targets, in TTT_CHUNK_TOKENS chunks with the LR cosine-decayed across them.
+        """Phased TTT: SGD on the base weights over these documents, every one already scored, each with all its
+        targets (from its BOS to the next document's BOS, or the stream's end), joined in the given order into one
+        stream whose joints are no targets (the record trains a BOS-to-BOS target at each), in TTT_CHUNK_TOKENS
+        chunks. As in the record, the last chunk is not trained and the LR decays over the others, cos(pi c/(n-1)).
         Every rank runs it on the same documents and holds the same weights."""
         cfg = self.cfg
         pieces = [self.data.tokens[s:s + n + 1] for s, n in docs]  # each document with every one of its targets
@@ -3749,8 +3995,8 @@ class Evaluator:
         trainable = self.trainable_weights()
         opt = torch.optim.SGD(trainable, lr=cfg.PHASED_TTT_LR, momentum=cfg.TTT_MOMENTUM)
         n_chunks = -(-(tokens.numel() - 1) // cfg.TTT_CHUNK_TOKENS)
-        for c in range(n_chunks):
-            lr = cfg.PHASED_TTT_LR * 0.5 * (1 + math.cos(math.pi * c / n_chunks))  # every chunk trains: none at 0
+        for c in range(n_chunks - 1):
+            lr = cfg.PHASED_TTT_LR * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
             lo = c * cfg.TTT_CHUNK_TOKENS
             self.train_on_span(tokens, lo, min(lo + cfg.TTT_CHUNK_TOKENS, tokens.numel() - 1), trainable, opt, lr,
                                cfg.PHASED_TTT_EPOCHS, is_target)
@@ -3764,15 +4010,15 @@ class Evaluator:
         cfg, model, rt, clock = self.cfg, self.model, self.rt, self.clock
         spans = document_spans(self.data.tokens, cfg.BOS_ID)
         queue = lora_batches(spans, cfg.TTT_DOC_BATCH)
-        phase_ends = phase_last_batches(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
+        phases_due = phase_schedule(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
         batches = list(enumerate(queue))[rt.rank::rt.world_size]
-        rows = len(queue[0]) if queue else 0  # the first batch is the largest: TTT_DOC_BATCH, or every document
+        rows = max(map(len, queue), default=0)  # TTT_DOC_BATCH, or every document
         scores = self.new_scores(with_mass)
         adapters, steps, phases = None, 0, 0
         batch_seconds = phase_seconds = phase_tokens = 0
         for done, (k, batch) in enumerate(batches + [(len(queue), None)]):  # the end runs the phases left
-            while phase_ends and phase_ends[0] < k:  # every batch up to it is scored, on every rank
-                docs = [spans[d] for b in queue[:phase_ends[0] + 1] for d in b]
+            while phases_due and phases_due[0].after_batch < k:  # every batch up to it is scored, on every rank
+                docs = [spans[d] for d in phase_documents(spans, queue, phases_due[0])]
                 tokens = sum(n + 1 for _, n in docs)
                 rest = (len(batches) - done) * batch_seconds / max(1, done)
                 if self.phase_fits(tokens * phase_seconds / max(1, phase_tokens) + rest):
@@ -3781,7 +4027,7 @@ class Evaluator:
                         self.global_phase(docs)
                     phase_seconds, phase_tokens = phase_seconds + time.perf_counter() - t0, phase_tokens + tokens
                     phases, adapters = phases + 1, None  # new base weights: new adapters, as the records do
-                phase_ends.pop(0)
+                phases_due.pop(0)
             if batch is None:
                 break
             # A is drawn from the batch's own seed: without warm starts the scores do not depend on the world size
@@ -3926,18 +4172,21 @@ def evaluate_artifact_model(cfg: Config, model: GPT, data: ValidationData, batch
 
 class RunLog:
     """Prints on the main rank and appends to logs/<RUN_ID>.txt, flushing every line so a run that dies still
-    leaves everything it said. A write that fails closes the file and raises once (a full disk as disk_error's
-    one line); the console still gets every later line."""
+    leaves everything it said; each message starts with the seconds since the run started ([12.3s]). A write that
+    fails closes the file and raises once (a full disk as disk_error's one line); the console still gets every
+    later line."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, start: float | None = None):
         self.path, self.file = path, None
+        self.start = time.perf_counter() if start is None else start
         if path is not None:
             self.file = open(path, "w", encoding="utf-8")
 
     def __call__(self, message: str) -> None:
         if self.path is not None:
-            print(message, flush=True)
-            self.write(message + "\n")
+            line = f"[{time.perf_counter() - self.start:.1f}s] {message}"
+            print(line, flush=True)
+            self.write(line + "\n")
 
     def write(self, text: str) -> None:
         if self.file is None:
@@ -3984,7 +4233,7 @@ class RunSummary(dict):
             self.save()
             return None
         except (OSError, ConfigError) as e:
-            if self.get("status") == "ok":
+            if self.get("status") in ("ok", "stopped"):
                 self.update(status="failed", error=f"{type(e).__name__}: {e}")
             ending = {k: self.get(k) for k in ("run_id", "run_start_id", "seed", "status", "error")}
             for data in (self, ending):
@@ -4033,7 +4282,8 @@ def checked_tokenizer(cfg: Config):
     """The tokenizer, checked against VOCAB_SIZE, and its BOS against BOS_ID where the run cuts documents there."""
     path = resolve_paths(cfg)[1]
     sp = load_tokenizer(path, cfg.VOCAB_SIZE)
-    cutters = [name for name, on in (("SMEAR_GATE=1", cfg.SMEAR_GATE), ("VARLEN_ATTENTION=1", cfg.VARLEN_ATTENTION),
+    smear_cuts = cfg.SMEAR_GATE and cfg.SMEAR_BOS_MASK
+    cutters = [name for name, on in (("SMEAR_GATE=1", smear_cuts), ("VARLEN_ATTENTION=1", cfg.VARLEN_ATTENTION),
                                      ("TTT_MODE=lora", lora_ttt(cfg))) if on]
     if cutters and sp.bos_id() != cfg.BOS_ID:
         what = " and ".join(cutters)
@@ -4111,11 +4361,14 @@ def build_model(cfg: Config, backend: str, rt: Runtime, log) -> tuple[GPT, Calla
     """The seeded model on this rank's device, the function training runs it through, and its optimizers."""
     torch.manual_seed(cfg.SEED)
     model = GPT(cfg.model, backend).to(rt.device)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_order_looped:{model.loop_order}")
-    if cfg.VARLEN_ATTENTION and rt.device.type == "cuda" and backend == "sdpa":
-        kernel = "torch's varlen_attn" if model.has_varlen_kernel else "SDPA with a dense mask (torch < 2.10)"
-        log(f"warning: VARLEN_ATTENTION=1 without FlashAttention runs {kernel}, slower than FlashAttention's "
-            "varlen kernel (docs/gpu.md has the figures); install FlashAttention 3 for record runs")
+    model.doc_attention = cfg.DOC_ATTENTION
+    model.segment_len = cfg.TRAIN_SEQ_LEN if cfg.TRAIN_LOADER == "packed" else None
+    isolation = model.document_isolation(rt.device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_order_looped:{model.loop_order} "
+        f"document_isolation:{isolation}")
+    if isolation == "varlen" and backend == "sdpa":
+        log("warning: VARLEN_ATTENTION=1 without FlashAttention runs torch's varlen_attn, slower than FlashAttention's "
+            "varlen kernel (docs/gpu.md has the figures); install FlashAttention 3, or try DOC_ATTENTION=flex")
     model_fn = training_function(cfg, model, rt.device)
     log(f"compile:{'on' if compiles(cfg, rt.device) else 'off'} fused_ce:{cfg.FUSED_CE} fused_mlp:{cfg.FUSED_MLP} "
         f"accum_steps:{rt.accum_steps} "
@@ -4162,16 +4415,20 @@ def autofit_bpb_cost(cfg: Config, unfitted: QuantizedModel, val: ValidationData,
     return cost
 
 
-def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummary) -> None:
+def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummary) -> str:
     """The pipeline: train, build the artifact, then score the model decoded from it. The one place that
     assembles the JSON summary: each stage returns its result and its fields are recorded (the JSON rewritten)
-    as it ends, so a run that fails or is killed late still shows everything before that point."""
+    as it ends, so a run that fails or is killed late still shows everything before that point. Returns the
+    run's status: ok, or stopped where STOP_AFTER ends it early."""
     if rt.is_main:
         for path in remove_stale_temporaries(Path(cfg.LOG_DIR)):
             log(f"removed {path}, left by a write that was killed")
+    load_compile_cache(cfg.COMPILE_CACHE, log)
     backend = pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
     fused = fused_kernel_problem(cfg, rt.device)
     need(fused is None, f"a fused kernel cannot be used: {fused}")
+    isolation = doc_attention_problem(cfg, rt.device, backend)
+    need(isolation is None, f"documents cannot be isolated as asked: {isolation}")
     summary.record(dict(versions=versions(rt, backend)))
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))
@@ -4188,6 +4445,8 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummar
     summary.record(summary_fields(budget))
     training = Trainer(cfg, model_fn, model, optimizers, train_files, rt, log).train(validate, budget.seconds)
     summary.record(summary_fields(training))
+    if cfg.STOP_AFTER == "train":
+        return stopped_after("train", summary, log)
     if training.ema is not None:
         training.ema.copy_to()
         log("ema: applied EMA weights")
@@ -4197,6 +4456,8 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummar
                                        summary["run_start_id"])
     summary.record(summary_fields(artifact))
     fail_together(failure, rt, "could not build the artifact")
+    if cfg.STOP_AFTER == "artifact":
+        return stopped_after("artifact", summary, log)
     summary.record(pre_quantization_fields(validate, log))
 
     quant_model, seconds = load_quantized_model(cfg, backend, rt, summary["run_start_id"], log)
@@ -4210,6 +4471,47 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummar
         summary.record(dict(autofit_bpb_cost=cost))
     log(f"final_score val_loss:{scored.val_loss:.6f} val_bpb:{scored.val_bpb:.6f} source:{scored.score_source}"
         + ("" if scored.compliant else " NON-COMPLIANT") + (" ruling_pending" if scored.ruling_pending else ""))
+    return "ok"
+
+
+def stopped_after(stage: str, summary: RunSummary, log) -> str:
+    summary.record(dict(stopped_after=stage))
+    log(f"stopped after {stage} (STOP_AFTER={stage}): no {'calibration, artifact or ' if stage == 'train' else ''}"
+        "evaluation")
+    return "stopped"
+
+
+def load_compile_cache(path: str, log) -> None:
+    """COMPILE_CACHE: torch.compile's cache artifacts from an earlier run, so this one's compiles are cache hits. A
+    file that does not load only costs the warm start: said, and the run goes on cold."""
+    if not path or not Path(path).is_file():
+        if path:
+            log(f"compile_cache: {path} not found; compiling cold")
+        return
+    data = Path(path).read_bytes()
+    try:
+        loaded = torch.compiler.load_cache_artifacts(data)  # None where torch itself found the bytes corrupt
+    except Exception as e:  # noqa: BLE001 - any failure here only means a cold start
+        loaded, why = None, f" ({type(e).__name__}: {e})"
+    else:
+        why = ""
+    if loaded is None:
+        log(f"warning: compile_cache: {path} does not load{why}; compiling cold")
+        return
+    log(f"compile_cache: loaded {len(data)} bytes from {path}")
+
+
+def save_compile_cache(path: str, graphs_before: int, log) -> None:
+    """COMPILE_CACHE: the cache artifacts of everything this process compiled, for the next run to start warm; none
+    where this run compiled nothing (compiled_graph_count() still at `graphs_before`)."""
+    if not path:
+        return
+    saved = torch.compiler.save_cache_artifacts() if compiled_graph_count() > graphs_before else None
+    if not saved or not saved[0]:
+        log("compile_cache: nothing was compiled; nothing saved")
+        return
+    write_bytes_atomic(Path(path), saved[0])
+    log(f"compile_cache: saved {len(saved[0])} bytes to {path}")
 
 
 def register_stack_dump() -> bool:
@@ -4364,7 +4666,7 @@ def record_early_failure(env, error: ConfigError) -> str | None:
 def main(env=None) -> dict:
     """Resolve knobs, set up ranks, train and evaluate; always leaves the log and the JSON summary
     (status "running" from the start, so a run killed without warning never looks finished)."""
-    env = dict(os.environ) if env is None else env
+    env, started, graphs_before = dict(os.environ) if env is None else env, time.perf_counter(), compiled_graph_count()
     try:
         cfg = config_from_env(env)
         check_batch_split(cfg, launcher_ranks(env)[0])
@@ -4387,7 +4689,7 @@ def main(env=None) -> dict:
             try:
                 files.claim()
                 summary.path = files.path(".json")
-                log = RunLog(files.path(".txt"))
+                log = RunLog(files.path(".txt"), started)
                 summary.save()
                 log.write(Path(__file__).read_text(encoding="utf-8") + "\n" + "=" * 100 + "\n")
             except (ConfigError, OSError) as e:
@@ -4396,8 +4698,7 @@ def main(env=None) -> dict:
         log(f"run_start_id:{start_id}")
         for w in warnings:
             log(w)
-        train_and_evaluate(cfg, rt, log, summary)
-        summary["status"] = "ok"
+        summary["status"] = train_and_evaluate(cfg, rt, log, summary)
     except BaseException as e:
         e = out_of_memory_error(e, rt) or e
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -4408,6 +4709,8 @@ def main(env=None) -> dict:
         raise e
     finally:
         if summary.path is not None:
+            with contextlib.suppress(ConfigError, OSError):  # a cache that cannot be written is no failure
+                save_compile_cache(cfg.COMPILE_CACHE, graphs_before, log)
             unsaved = summary.save_at_exit()
             with contextlib.suppress(ConfigError, OSError):
                 log(f"log:{files.path('.txt')} summary:{files.path('.json')}")
@@ -4418,7 +4721,7 @@ def main(env=None) -> dict:
         if dumps_stacks:
             faulthandler.unregister(signal.SIGUSR1)
         if dist.is_initialized():
-            if summary["status"] == "ok":  # leave together: a rank that exits early can abort gloo
+            if summary["status"] in ("ok", "stopped"):  # leave together: a rank that exits early can abort gloo
                 dist.barrier()
             dist.destroy_process_group()
     if unsaved is not None:  # the run ended well but its summary could not be written: it cannot count

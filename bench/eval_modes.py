@@ -20,19 +20,22 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 import eval_artifact  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
+CHUNK = dict(TTT_MODE="chunk")  # the 1.0810 record's TTT (the defaults are the LoRA TTT of the top row)
 MODES = [
     ("sliding", dict(TTT_ENABLED="0", SLOT_ENABLED="0")),
-    ("TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0")),
+    ("TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0", **CHUNK)),
     ("LoRA TTT, LR 0 (its windows, no adaptation)", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora",
-                                                         TTT_LORA_LR="0")),
-    ("LoRA TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora")),
+                                                         TTT_LORA_LR="0", PHASED_TTT_PHASES="0")),
+    ("LoRA TTT", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora", PHASED_TTT_PHASES="0")),
+    ("LoRA TTT + 1 phase (the record's)", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora",
+                                               PHASED_TTT_PHASES="1")),
     ("LoRA TTT + phases", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora", PHASED_TTT_PHASES="3")),
-    ("TTT + split softcaps", dict(TTT_ENABLED="1", SLOT_ENABLED="0", ASYM_LOGIT_RESCALE="1")),
+    ("TTT + split softcaps", dict(TTT_ENABLED="1", SLOT_ENABLED="0", ASYM_LOGIT_RESCALE="1", **CHUNK)),
     ("LoRA TTT + phases + split softcaps", dict(TTT_ENABLED="1", SLOT_ENABLED="0", TTT_MODE="lora",
                                                 PHASED_TTT_PHASES="3", ASYM_LOGIT_RESCALE="1")),
     ("SLOT AdamW", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
     ("SLOT L-BFGS", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_OPTIMIZER="lbfgs")),
-    ("TTT + SLOT AdamW", dict(TTT_ENABLED="1", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw")),
+    ("TTT + SLOT AdamW", dict(TTT_ENABLED="1", SLOT_ENABLED="1", SLOT_OPTIMIZER="adamw", **CHUNK)),
     ("SLOT AdamW, SLOT_MODE=full (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1", SLOT_MODE="full")),
     ("SLOT AdamW, SLOT_DELTA_SCOPE=batch (non-compliant)", dict(TTT_ENABLED="0", SLOT_ENABLED="1",
                                                                 SLOT_DELTA_SCOPE="batch")),

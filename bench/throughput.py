@@ -1,16 +1,18 @@
-"""Training throughput of a configuration on synthetic tokens: ms per optimizer step before and
-after recurrence switches on, tokens/s, model FLOPs per token, MFU, peak memory, the attention
-backend, and what Newton-Schulz and communication cost per step.
+"""Training throughput of a configuration: ms per optimizer step before and after recurrence switches on,
+tokens/s, model FLOPs per token, MFU, peak memory, the attention backend and how documents are isolated, and
+what Newton-Schulz and communication cost per step.
 
     python3 bench/throughput.py                                       # 1 GPU: 8 micro-batches per step
+    python3 bench/throughput.py --corpus data/datasets/fineweb10B_sp8192   # the trainer's real batches
     torchrun --standalone --nproc_per_node=8 bench/throughput.py      # 8 GPUs
     PRESET=sample python3 bench/throughput.py --steps 5 --warmup 1    # small, runs on a CPU
 
-Every knob of train_gpt.py applies (NUM_LAYERS, TRAIN_BATCH_TOKENS, COMPILE, ATTENTION_BACKEND, ...). The steps are the
-trainer's own train_step (forward, backward, gradient averaging, global-norm clip, AdamW and
-Parallel Muon); only the data is synthetic, so the loader's cost is left out. Newton-Schulz and
-communication are timed on their own with this step's shapes: inside the step they overlap, so
-their shares are upper bounds on what they add.
+Every knob of train_gpt.py applies (NUM_LAYERS, TRAIN_BATCH_TOKENS, COMPILE, ATTENTION_BACKEND, DOC_ATTENTION, ...).
+The steps are the trainer's own train_step (forward, backward, gradient averaging, global-norm clip, AdamW and
+Parallel Muon). Their batches are random tokens (with a BOS every --doc-tokens on average), or with --corpus the
+first batches the trainer's own loader reads from that shard folder, real documents and all; the loader's own cost
+is left out either way. Newton-Schulz and communication are timed on their own with this step's shapes: inside
+the step they overlap, so their shares are upper bounds on what they add.
 """
 import argparse
 import os
@@ -101,20 +103,35 @@ def random_batches(cfg: tg.Config, rows: int, doc_tokens: int, count: int = 4) -
     return batches
 
 
-def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int, doc_tokens: int = 0) -> dict:
+def corpus_batches(cfg: tg.Config, corpus: Path, rt: tg.Runtime, count: int = 4) -> list[torch.Tensor]:
+    """This rank's share of the first `count` global batches the trainer's loader reads from the shard folder."""
+    files = tg.find_shards(corpus, "train")
+    tg.check_training_shards(files, cfg.VOCAB_SIZE)
+    loader = tg.TrainLoader(files, tg.train_block_len(cfg), cfg.SEED, cfg.VOCAB_SIZE)
+    blocks = cfg.TRAIN_BATCH_TOKENS // loader.seq_len
+    return [loader.next_batch(blocks, rt.rank, rt.world_size, cfg.TRAIN_SEQ_LEN) for _ in range(count)]
+
+
+def measure(cfg: tg.Config, rt: tg.Runtime, steps: int, warmup: int, doc_tokens: int = 0,
+            corpus: Path | None = None) -> dict:
     backend = tg.pick_attention_backend(rt.device, cfg.ATTENTION_BACKEND)
+    problem = tg.doc_attention_problem(cfg, rt.device, backend)
+    if problem:
+        raise tg.ConfigError(problem)
     torch.manual_seed(cfg.SEED)
     model = tg.GPT(cfg, backend).to(rt.device)
+    model.doc_attention = cfg.DOC_ATTENTION
     compiled = tg.compiles(cfg, rt.device)
     model_fn = tg.training_function(cfg, model, rt.device)
     optimizers = tg.build_optimizers(cfg, model, rt.world_size)
     rows = tg.global_seqs(cfg) // rt.world_size
-    batches = random_batches(cfg, rows, doc_tokens)
+    batches = corpus_batches(cfg, corpus, rt) if corpus else random_batches(cfg, rows, doc_tokens)
     result = dict(device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                   world_size=rt.world_size, accum_steps=rt.accum_steps, attention_backend=backend, compile=compiled,
-                  fused_ce=cfg.FUSED_CE, fused_mlp=cfg.FUSED_MLP, varlen=cfg.VARLEN_ATTENTION, doc_tokens=doc_tokens,
-                  train_batch_tokens=cfg.TRAIN_BATCH_TOKENS, train_seq_len=cfg.TRAIN_SEQ_LEN,
-                  params=sum(p.numel() for p in model.parameters()))
+                  fused_ce=cfg.FUSED_CE, fused_mlp=cfg.FUSED_MLP, varlen=cfg.VARLEN_ATTENTION,
+                  document_isolation=model.document_isolation(rt.device), doc_tokens=doc_tokens,
+                  data=str(corpus) if corpus else "random", train_batch_tokens=cfg.TRAIN_BATCH_TOKENS,
+                  train_seq_len=cfg.TRAIN_SEQ_LEN, params=sum(p.numel() for p in model.parameters()))
     for phase, looping in (("plain", False), ("looping", True))[:2 if cfg.NUM_LOOPS > 0 else 1]:
         model.looping = looping
         for i in range(warmup):  # compiles this phase's graph
@@ -154,7 +171,7 @@ def report(r: dict) -> str:
     lines = [f"device:{r['device']} world_size:{r['world_size']} accum_steps:{r['accum_steps']} "
              f"attention_backend:{r['attention_backend']} compile:{'on' if r['compile'] else 'off'} "
              f"fused_ce:{r['fused_ce']} fused_mlp:{r['fused_mlp']} varlen:{r['varlen']} "
-             f"doc_tokens:{r['doc_tokens']} params:{r['params']} "
+             f"document_isolation:{r['document_isolation']} data:{r['data']} params:{r['params']} "
              f"batch:{r['train_batch_tokens']} tokens x seq {r['train_seq_len']}"]
     for phase in ("plain", "looping"):
         if f"{phase}_ms_per_step" in r:
@@ -176,11 +193,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures here (rank 0)")
     parser.add_argument("--doc-tokens", type=int, default=0, help="mean document length of the random batches "
                         "(a BOS about every N tokens); 0: no BOS beyond chance")
+    parser.add_argument("--corpus", type=Path, help="a shard folder (DATA_PATH): time the trainer's own first "
+                        "batches from it instead of random tokens")
     args = parser.parse_args(argv)
+    if args.corpus and args.doc_tokens:
+        parser.error("--doc-tokens shapes the random batches; --corpus reads real ones: give one of them")
     cfg = tg.config_from_env(os.environ)
     rt = tg.init_runtime(os.environ)
     try:
-        result = add_shares(measure(cfg, rt, args.steps, args.warmup, args.doc_tokens), args.peak_tflops)
+        result = add_shares(measure(cfg, rt, args.steps, args.warmup, args.doc_tokens, args.corpus),
+                            args.peak_tflops)
         if rt.is_main:
             print(report(result), flush=True)
             if args.json:

@@ -14,10 +14,10 @@ import compress_report  # noqa: E402
 
 @pytest.fixture(scope="module")
 def quantized():
-    """A small model with every kind of tensor: GPTQ-free RTN matrices, int7 embedding, sparse gates, LQER."""
+    """A small model with every kind of tensor: GPTQ-free RTN matrices, int7 embedding, int8 sparse gates, LQER."""
     cfg = tg.config_from_env(dict(VOCAB_SIZE="256", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
                                   ROPE_DIMS="8", XSA_LAST_N="2", NUM_LOOPS="0", PARALLEL_RESIDUAL_START="1",
-                                  QUANT_PASSTHROUGH_NUMEL="1024", LQER_TOP_K="2"))
+                                  QUANT_PASSTHROUGH_NUMEL="1024", LQER_TOP_K="2", QUANT_ATTN_GATE="1"))
     torch.manual_seed(0)
     model = tg.GPT(cfg, "sdpa")
     with torch.no_grad():

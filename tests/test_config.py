@@ -19,7 +19,7 @@ def test_defaults_are_the_record_configuration():
     cfg = config_from_env({})
     assert (cfg.NUM_LAYERS, cfg.MODEL_DIM, cfg.NUM_HEADS, cfg.NUM_KV_HEADS, cfg.VOCAB_SIZE) == (11, 512, 8, 4, 8192)
     assert (cfg.LOOP_START, cfg.LOOP_END, cfg.NUM_LOOPS, cfg.ENABLE_LOOPING_AT) == (3, 5, 2, 0.35)
-    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.0, 0.026, 0.095,
+    assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.0, 0.028, 0.095,
                                                                                                 0.9965, 0.85)
     assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 8.0, 16_000_000)
 
@@ -38,7 +38,7 @@ def test_environment_overrides_preset_and_defaults():
     ({"NUM_LAYERS": "0"}, ["NUM_LAYERS", "1 <= NUM_LAYERS"]),
     ({"MUON_ROW_NORMALIZE": "2"}, ["MUON_ROW_NORMALIZE", "0 <= MUON_ROW_NORMALIZE <= 1"]),
     ({"MUON_NS_COEFFS": "cubic"}, ["MUON_NS_COEFFS", "quintic, polar_express"]),
-    ({"PRESET": "tiny"}, ["PRESET", "record, r1081, sample"]),
+    ({"PRESET": "tiny"}, ["PRESET", "record, r1061, r1081, sample"]),
     ({"NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS=3", "NUM_HEADS=8"]),
     ({"MODEL_DIM": "500"}, ["MODEL_DIM=500", "NUM_HEADS=8"]),
     ({"ROPE_DIMS": "15"}, ["ROPE_DIMS=15", "even"]),
@@ -58,12 +58,15 @@ def test_environment_overrides_preset_and_defaults():
     ({"RUN_ID": "sub\\run"}, ["RUN_ID='sub\\\\run'", "plain file name"]),
     ({"RUN_ID": ".."}, ["RUN_ID='..'", "plain file name"]),
     ({"ASYM_LOGIT_RESCALE": "1", "LOGIT_SOFTCAP": "0"}, ["ASYM_LOGIT_RESCALE=1", "LOGIT_SOFTCAP=0"]),
-    ({"ASYM_LOGIT_RESCALE": "1", "TTT_MODE": "lora"}, ["ASYM_LOGIT_RESCALE=1", "PHASED_TTT_PHASES > 0"]),
+    ({"ASYM_LOGIT_RESCALE": "1", "PHASED_TTT_PHASES": "0"}, ["ASYM_LOGIT_RESCALE=1", "PHASED_TTT_PHASES > 0"]),
     ({"ASYM_LOGIT_RESCALE": "1", "TTT_ENABLED": "0"}, ["ASYM_LOGIT_RESCALE=1", "TTT_ENABLED=1"]),
-    ({"PHASED_TTT_PHASES": "2"}, ["PHASED_TTT_PHASES=2 would do nothing", "TTT_MODE=lora"]),
-    ({"PHASED_TTT_PHASES": "2", "TTT_ENABLED": "0", "TTT_MODE": "lora"},
-     ["TTT_MODE='lora' would do nothing: it acts only with TTT_ENABLED=1; PHASED_TTT_PHASES=2 would do nothing: it "
+    ({"PHASED_TTT_PHASES": "2", "TTT_MODE": "chunk"}, ["PHASED_TTT_PHASES=2 would do nothing", "TTT_MODE=lora"]),
+    ({"PHASED_TTT_PHASES": "2", "TTT_ENABLED": "0", "TTT_MODE": "chunk"},
+     ["TTT_MODE='chunk' would do nothing: it acts only with TTT_ENABLED=1; PHASED_TTT_PHASES=2 would do nothing: it "
       "acts only with TTT_ENABLED=1 with TTT_MODE=lora. Turn the mode on"]),
+    ({"MUON_BACKEND_STEPS": "6"}, ["MUON_BACKEND_STEPS=6", "MUON_NS_COEFFS=quintic"]),
+    ({"TRAIN_LOADER": "packed", "VARLEN_ATTENTION": "0"}, ["TRAIN_LOADER=packed", "VARLEN_ATTENTION=1"]),
+    ({"TRAIN_LOADER": "packed", "TRAIN_SEQ_SCHEDULE": "1024:0.5"}, ["TRAIN_LOADER=packed", "TRAIN_SEQ_SCHEDULE"]),
 ])
 def test_bad_knobs_name_the_knob_and_the_accepted_range(env, words):
     with pytest.raises(ConfigError) as err:
@@ -85,15 +88,17 @@ def test_recurrence_knobs_are_unchecked_when_recurrence_is_off_and_may_be_left_a
 # How to turn each mode of tg.KNOB_MODES off and on (with the knobs that mode needs to be valid).
 MODE_SWITCHES = {
     "TTT_ENABLED=1": ({"TTT_ENABLED": "0"}, {}),
-    "TTT_ENABLED=1 with TTT_MODE=chunk": ({"TTT_MODE": "lora"}, {}),
-    "a TTT that trains": ({"TTT_MODE": "lora"}, {"TTT_MODE": "lora", "PHASED_TTT_PHASES": "1"}),
-    "TTT_ENABLED=1 with TTT_MODE=lora": ({}, {"TTT_MODE": "lora"}),
-    "TTT_MODE=lora with TTT_SHORT_DOC_CHUNK": ({"TTT_MODE": "lora"}, {"TTT_MODE": "lora", "TTT_SHORT_DOC_CHUNK": "24"}),
-    "TTT_MODE=lora with PHASED_TTT_PHASES": ({"TTT_MODE": "lora"}, {"TTT_MODE": "lora", "PHASED_TTT_PHASES": "1"}),
-    "SLOT_ENABLED=1": ({}, {"SLOT_ENABLED": "1"}),
+    "TTT_ENABLED=1 with TTT_MODE=chunk": ({}, {"TTT_MODE": "chunk"}),
+    "a TTT that trains": ({"PHASED_TTT_PHASES": "0"}, {}),
+    "TTT_ENABLED=1 with TTT_MODE=lora": ({"TTT_MODE": "chunk"}, {}),
+    "TTT_MODE=lora with TTT_SHORT_DOC_CHUNK": ({}, {"TTT_SHORT_DOC_CHUNK": "24"}),
+    "TTT_MODE=lora with PHASED_TTT_PHASES": ({"PHASED_TTT_PHASES": "0"}, {}),
+    "SLOT_ENABLED=1": ({}, {"SLOT_ENABLED": "1", "TTT_MODE": "chunk"}),
     "TTT_ENABLED=1 or SLOT_ENABLED=1": ({"TTT_ENABLED": "0"}, {}),
     "NUM_LOOPS > 0": ({"NUM_LOOPS": "0"}, {}),
+    "SMEAR_GATE=1": ({"SMEAR_GATE": "0"}, {}),
     "SPARSE_ATTN_GATE=1": ({"SPARSE_ATTN_GATE": "0"}, {}),
+    "VARLEN_ATTENTION=1": ({"VARLEN_ATTENTION": "0"}, {}),
     "QUANT_METHOD=gptq": ({"QUANT_METHOD": "rtn"}, {}),
     "AWQ_TOP_GROUPS > 0": ({}, {"AWQ_TOP_GROUPS": "1"}),
     "LQER_RANK > 0": ({"LQER_RANK": "0"}, {}),
@@ -214,11 +219,14 @@ def test_a_tokenizer_without_bos_names_the_switches_that_need_it(tmp_path):
                                    vocab_size=300, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
     vocab = spm.SentencePieceProcessor(model_file=str(tmp_path / "nobos.model")).vocab_size()
     env = {"TOKENIZER_PATH": str(tmp_path / "nobos.model"), "VOCAB_SIZE": str(vocab)}
-    with pytest.raises(ConfigError, match="has no BOS piece, but SMEAR_GATE=1 and VARLEN_ATTENTION=1 cut documents at "
-                                          "BOS_ID=1: for data without document starts set SMEAR_GATE=0 and "
-                                          "VARLEN_ATTENTION=0"):
+    with pytest.raises(ConfigError, match="has no BOS piece, but SMEAR_GATE=1 and VARLEN_ATTENTION=1 and TTT_MODE=lora "
+                                          "cut documents at BOS_ID=1: for data without document starts set "
+                                          "SMEAR_GATE=0 and VARLEN_ATTENTION=0 \\(and TTT_MODE=chunk\\)"):
         tg.checked_tokenizer(config_from_env(env))
-    assert tg.checked_tokenizer(config_from_env({**env, "SMEAR_GATE": "0", "VARLEN_ATTENTION": "0"})).bos_id() == -1
+    fixed = {**env, "SMEAR_GATE": "0", "VARLEN_ATTENTION": "0", "TTT_MODE": "chunk"}
+    assert tg.checked_tokenizer(config_from_env(fixed)).bos_id() == -1
+    # SmearGate without its BOS mask (#2135's) does not cut documents
+    assert tg.checked_tokenizer(config_from_env({**fixed, "SMEAR_GATE": "1", "SMEAR_BOS_MASK": "0"})).bos_id() == -1
 
 
 def test_tokenizer_without_a_bare_space_piece(tmp_path):
@@ -274,6 +282,30 @@ def test_an_attention_backend_that_cannot_run_stops_the_run_before_any_input_is_
     assert summary["status"] == "failed" and "flash-attention/hopper" in summary["error"]
     said = (tmp_path / "logs" / "fa3.txt").read_text().split("=" * 100)[-1]  # the log after the script's source
     assert "error: ATTENTION_BACKEND=fa3 cannot be used" in said and "train_shards:" not in said
+
+
+def test_the_backend_probe_checks_the_functions_the_model_calls(tmp_path, monkeypatch):
+    """flash-attn-4 installs a `flash_attn` namespace package with neither flash_attn_func nor the varlen one: the
+    import alone used to pass, `auto` would take fa2, and the model build then failed."""
+    (tmp_path / "flash_attn").mkdir()  # a namespace package: no __init__.py
+    (tmp_path / "flash_attn_interface.py").write_text("def flash_attn_func(q, k, v, causal=True):\n    return q\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fa2, fa3 = tg.flash_module_problem("fa2"), tg.flash_module_problem("fa3")
+    assert "module flash_attn (" in fa2 and "has no flash_attn_func or flash_attn_varlen_func" in fa2
+    assert "has no flash_attn_varlen_func:" in fa3 and "flash_attn_func or" not in fa3
+    (tmp_path / "flash_attn_interface.py").write_text("def flash_attn_func(): pass\ndef flash_attn_varlen_func(): pass\n")
+    monkeypatch.delitem(sys.modules, "flash_attn_interface")
+    assert tg.flash_module_problem("fa3") is None
+
+
+@pytest.mark.parametrize("isolation", ["varlen", "flex"])
+def test_a_document_isolation_that_needs_a_gpu_stops_a_cpu_run_before_any_input_is_read(tmp_path, isolation):
+    env = {"PRESET": "sample", "DOC_ATTENTION": isolation, "DATA_PATH": str(tmp_path / "nowhere"),
+           "TOKENIZER_PATH": str(tmp_path / "nowhere.model"), "LOG_DIR": str(tmp_path / "logs")}
+    with pytest.raises(ConfigError, match=f"DOC_ATTENTION={isolation} needs a CUDA GPU .*set DOC_ATTENTION=mask"):
+        tg.main(env)
 
 
 @pytest.mark.parametrize("knob", ["FUSED_CE", "FUSED_MLP"])

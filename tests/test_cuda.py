@@ -5,7 +5,11 @@ outcome. CUDA_CHECK_DEVICE=cpu runs the same checks on the CPU, to debug the che
 """
 import contextlib
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +315,76 @@ def test_artifact_round_trip_is_bit_exact_from_the_gpu(device):
     lines = []
     tg.check_round_trip(packed, rebuilt, lines.append)  # raises on any tensor that differs by a bit
     assert lines and "bit for bit" in lines[0]
+
+
+def test_a_training_step_makes_no_host_sync(device):
+    """The varlen kernel's document starts come from the micro-batch on the host (host_document_starts): the
+    compiled forward and backward then never wait for the GPU. Found on the device instead, nonzero would."""
+    if device.type != "cuda":
+        pytest.skip("host syncs exist only on a GPU")
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = tg.GPT(cfg).to(device)
+    if not model.runs_varlen_kernel(device):
+        pytest.skip("no varlen kernel: nothing takes document starts")
+    rt, model_fn = tg.Runtime(0, 1, device), tg.compile_model(model)
+    batch = packed_documents(cfg, 4, torch.device("cpu"), 20)
+
+    def forward_backward(starts):
+        micro = batch.to(device, non_blocking=True)
+        with rt.autocast():
+            model_fn(micro[:, :-1], micro[:, 1:], doc_starts=starts).mean().backward()
+
+    forward_backward(tg.host_document_starts(model, batch[:, :-1], device))  # compiles
+    torch.cuda.synchronize()
+    starts = tg.host_document_starts(model, batch[:, :-1], device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward(starts)
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the check is real: starts found on the device sync
+            forward_backward(None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_flex_document_attention_matches_the_masked_reference(device):
+    """DOC_ATTENTION=flex against the dense document mask, compiled, forward and backward."""
+    if device.type != "cuda":
+        pytest.skip("FlexAttention has no backward on a CPU")
+    cfg = small_config()
+    model = perturbed_model(cfg, device)
+    batch = packed_documents(cfg, 4, device, 20)
+    rt = tg.Runtime(0, 1, device)
+    model.doc_attention = "mask"
+    want_loss, want = loss_and_grads(model, model, batch, rt)
+    model.doc_attention = "flex"
+    torch._dynamo.reset()
+    got_loss, got = loss_and_grads(model, tg.compile_model(model), batch, rt)
+    assert got_loss == pytest.approx(want_loss, rel=1e-2)
+    for name, grad in want.items():
+        gap = (got[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert gap < 0.05, (name, float(gap))
+
+
+def test_a_saved_compile_cache_makes_the_next_compile_warm(device, tmp_path):
+    """COMPILE_CACHE: a process that compiled saves the cache artifacts; a new process, with an empty Inductor cache
+    of its own, loads them and compiles from them."""
+    if device.type != "cuda":
+        pytest.skip("the trainer compiles on CUDA only")
+    child = ("import json, sys, time, torch; sys.path.insert(0, sys.argv[1]); import train_gpt as tg\n"
+             "from torch._dynamo.utils import counters\n"
+             "tg.load_compile_cache(sys.argv[2], print)\n"
+             "f = torch.compile(lambda x: torch.nn.functional.gelu(x @ x) * 2 + x.sin())\n"
+             "t0 = time.perf_counter(); f(torch.randn(256, 256, device='cuda')); torch.cuda.synchronize()\n"
+             "seconds = time.perf_counter() - t0\n"
+             "tg.save_compile_cache(sys.argv[2], 0, print)\n"
+             "print(json.dumps(dict(seconds=seconds, hits=counters['inductor']['fxgraph_cache_hit'])))\n")
+    runs = []
+    for name in ("cold", "warm"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name)}
+        done = subprocess.run([sys.executable, "-c", child, str(Path(tg.__file__).parent), str(tmp_path / "c.bin")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["hits"] == 0 and runs[1]["hits"] > 0
+    print(f"compile seconds cold {runs[0]['seconds']:.1f}, warm {runs[1]['seconds']:.1f}")

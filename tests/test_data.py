@@ -123,6 +123,48 @@ def test_world_size_only_splits_the_global_batch(tmp_path):
         assert all(not (a & b) for i, a in enumerate(starts) for b in starts[i + 1:])  # disjoint ranks
 
 
+def record_packed_spans(shards: list[np.ndarray], row_len: int, steps: int, spans_per_step: int, bos: int) -> list:
+    """The 1.0611 record's DocumentPackingLoader on 8 GPUs (one micro-batch each), written out plainly: each shard
+    from its first BOS, a step takes 8 consecutive spans of row_len + 1 (rank r the r-th), skipping a shard's rest
+    where they do not fit and coming back to the first shard after the last."""
+    shard, cursor, out = 0, int(np.flatnonzero(shards[0] == bos)[0]), []
+    for _ in range(steps):
+        need = spans_per_step * (row_len + 1)
+        while cursor + need > len(shards[shard]):
+            shard = (shard + 1) % len(shards)
+            cursor = int(np.flatnonzero(shards[shard] == bos)[0])
+        out.append([shards[shard][cursor + r * (row_len + 1):cursor + (r + 1) * (row_len + 1)].tolist()
+                    for r in range(spans_per_step)])
+        cursor += need
+    return out
+
+
+def test_the_packed_loader_reads_the_records_spans_for_any_world_size(tmp_path):
+    g = np.random.default_rng(0)
+    shards = []
+    for i, size in enumerate([700, 460, 530]):
+        tokens = g.integers(2, 500, size)
+        tokens[[5 + i, 40, 300]] = 1  # the first BOS a few tokens in: what comes before it is never read
+        shards.append(tokens)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    files = [folder / f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    for f, tokens in zip(files, shards):
+        tg.write_shard(f, tokens)
+    want = record_packed_spans(shards, row_len=15, steps=9, spans_per_step=8, bos=1)  # wraps around twice
+    for world in (1, 2, 8):
+        loaders = [tg.PackedLoader(files, 15, bos_id=1, vocab_size=500) for _ in range(world)]
+        for step in range(9):
+            rows = torch.cat([loader.next_batch(8, rank, world) for rank, loader in enumerate(loaders)])
+            assert rows.tolist() == want[step], (world, step)
+
+
+def test_a_packed_step_that_fits_no_shard_names_the_fix(tmp_path):
+    files = make_shards(tmp_path, [300])
+    with pytest.raises(ConfigError, match="no training shard holds 400 tokens .* TRAIN_LOADER=windows"):
+        tg.PackedLoader(files, 49, bos_id=1).next_batch(8, 0, 1)
+
+
 def test_seed_changes_the_data_order_and_is_reproducible(tmp_path):
     files = make_shards(tmp_path, [5000])
     first = lambda seed: tg.TrainLoader(files, 16, seed).next_batch(16, 0, 1)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import train_gpt as tg
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,3 +54,31 @@ def test_a_run_stopped_at_its_time_limit_shows_where_it_hung_and_leaves_its_summ
     assert "most recent call first" in text and "in stuck_in_training" in text, text[-2000:]
     summary = json.loads((tmp_path / "logs" / "hung.json").read_text())
     assert summary["status"] == "failed" and "SIGTERM" in summary["error"]
+
+
+def test_the_short_plan_rehearses_every_stage_on_a_cpu(small_sample, tmp_path):
+    """bench/gpu_check.py --plan short --tiny: stages 0, A-D as a GPU session runs them, at tiny size."""
+    corpus = Path(small_sample["dataset_dir"]).parent.parent
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu_check.py"), "--plan", "short", "--tiny",
+                           "--corpus", str(corpus), "--cycle-docs", "3", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(steps) == ["environment", "A loop switch", "B step cost", "C whole cycle", "D cuda tests"]
+    switch = steps["A loop switch"]["figures"]
+    assert steps["A loop switch"]["status"] == "pass" and switch["looped_steps"] >= 5 and switch["recompiles"] == 0
+    assert switch["ms_per_step_plain"] > 0 and switch["ms_per_step_looped"] > 0 and switch["last_logged_step"] == 10
+    assert {"compile_s_plain", "compile_s_looped"} <= set(switch)
+    cost = steps["B step cost"]["figures"]
+    assert steps["B step cost"]["status"] == "pass" and cost["record_isolation"] == "mask"
+    assert cost["record_no_isolation_isolation"] is None and cost["r1081_ms_plain"] > 0
+    assert cost["record_flex"].startswith("skip")  # FlexAttention trains on CUDA only
+    cycle = steps["C whole cycle"]
+    assert cycle["status"] == "pass" and cycle["figures"]["reached"] == "evaluation"
+    assert cycle["figures"]["ttt_seconds"] > 0 and cycle["figures"]["gptq_seconds"] > 0
+    summary = json.loads((tmp_path / "logs" / "cycle.json").read_text())
+    cut = tg.load_validation_tokens(tmp_path / "cycle_data")
+    assert int((cut == 1).sum()) == 3 and summary["val_tokens"] == cut.numel() - 1 and summary["score_source"] == "ttt"
+    assert cut.numel() < tg.load_validation_tokens(Path(small_sample["dataset_dir"])).numel()
+    assert steps["D cuda tests"]["status"] == "skip"
+    assert "| A loop switch | pass |" in done.stdout

@@ -20,32 +20,33 @@ def fused_mlp():
     return tg.fused_leaky_square_mlp()
 
 
-def eager_mlp(x, w_up, w_down):
-    return F.linear(F.leaky_relu(F.linear(x, w_up), 0.5).square(), w_down)
+def eager_mlp(x, w_up, w_down, slope):
+    return F.linear(F.leaky_relu(F.linear(x, w_up), slope).square(), w_down)
 
 
-def values_and_grads(mlp, x, w_up, w_down, grad):
+def values_and_grads(mlp, x, w_up, w_down, slope, grad):
     inputs = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
-    out = mlp(*inputs)
+    out = mlp(*inputs, slope)
     out.backward(grad)
     return [out.detach()] + [t.grad for t in inputs]
 
 
-def test_the_fused_mlp_is_the_eager_mlp_forward_and_backward(fused_mlp):
+@pytest.mark.parametrize("slope", [0.5, 0.3])
+def test_the_fused_mlp_is_the_eager_mlp_forward_and_backward(fused_mlp, slope):
     """Rows, hidden and model widths that are not multiples of the 16-wide tiles, so every mask is exercised;
-    half the pre-activations negative, so both branches of the derivative are."""
+    half the pre-activations negative, so both branches of the derivative are, at the records' slope and #2140's."""
     g = torch.Generator().manual_seed(0)
     x, w_up, w_down = (torch.randn(*shape, generator=g) for shape in ((3, 13, 24), (72, 24), (24, 72)))
     grad = torch.randn(3, 13, 24, generator=g)
-    got = values_and_grads(fused_mlp, x, w_up, w_down, grad)
-    want = values_and_grads(eager_mlp, x, w_up, w_down, grad)
+    got = values_and_grads(fused_mlp, x, w_up, w_down, slope, grad)
+    want = values_and_grads(eager_mlp, x, w_up, w_down, slope, grad)
     for name, a, b in zip(("output", "dx", "dW_up", "dW_down"), got, want):
         assert a.shape == b.shape
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"{name}: off by {(a - b).abs().max():.2e}"
 
 
 def test_the_model_with_the_fused_mlp_trains_as_the_eager_model(fused_mlp):
-    model = randomized_model(MLP_MULT="3").float()  # hidden 192: twelve 16-wide tiles
+    model = randomized_model(MLP_MULT="3", MLP_LEAKY_SLOPE="0.3").float()  # hidden 192: twelve 16-wide tiles
     batch = torch.randint(0, model.tok_emb.num_embeddings, (1, 21), generator=torch.Generator().manual_seed(1))
     losses, grads = [], []
     for fused in (None, fused_mlp):

@@ -1,5 +1,6 @@
 """TTT_MODE=lora: per-document LoRA test-time training through the model's own forward, scored first."""
 import copy
+import math
 
 import pytest
 import torch
@@ -54,6 +55,20 @@ def test_with_zero_learning_rate_lora_ttt_scores_exactly_what_the_model_scores(k
                                        atol=1e-5)
 
 
+@pytest.mark.parametrize("switch, name", [("TTT_LORA_K", "k"), ("TTT_LORA_O", "o"), ("TTT_LORA_MLP", "mlp")])
+def test_each_adapter_switch_removes_its_adapter_and_only_it_changes_the_scores(switch, name):
+    """#2135 runs without K's adapter: switched off, no virtual layer has it, every other adapter is there, and the
+    adapted scores differ (the adapter was doing something) while every target is still scored once."""
+    cfg, model, tokens = setup(**EVERY_SWITCH, TTT_LORA_K=1, TTT_LORA_O=1, TTT_LORA_MLP=1)
+    off = tg.dataclasses.replace(cfg, **{switch: 0})
+    g = torch.Generator().manual_seed(0)
+    names = [set(layer) for layer in tg.DocumentAdapters(off, model, 2, g).layers]
+    assert names and all(n == {"q", "k", "v", "o", "mlp"} - {name} for n in names)
+    with_it, _ = lora_scores(cfg, model, tokens)
+    without, _ = lora_scores(off, model, tokens)
+    assert bool((without.count == 1).all()) and not torch.equal(with_it.nll, without.nll)
+
+
 def test_a_documents_first_chunk_is_scored_before_any_step_and_later_chunks_by_adapted_weights():
     cfg, model, tokens = setup(**EVERY_SWITCH)
     adapted, info = lora_scores(cfg, model, tokens)
@@ -100,9 +115,10 @@ def test_documents_cover_every_target_once_and_batches_go_longest_first():
     assert spans == [(0, 2), (2, 3), (5, 2), (7, 5)]
     covered = torch.cat([torch.arange(s + 1, s + n + 1) for s, n in spans])
     assert torch.equal(covered, torch.arange(1, tokens.numel()))
+    # The records' queue: shortest first (ties by position) cut into batches from the short end, longest batch first
     batches = tg.lora_batches(spans, batch_docs=2)
-    assert batches == [[3, 1], [0, 2]] and sorted(sum(batches, [])) == [0, 1, 2, 3]
-    assert tg.lora_batches(spans, batch_docs=3) == [[3, 1, 0], [2]]  # the partial batch: the shortest, last
+    assert batches == [[1, 3], [0, 2]] and sorted(sum(batches, [])) == [0, 1, 2, 3]
+    assert tg.lora_batches(spans, batch_docs=3) == [[3], [0, 2, 1]]  # the partial batch: the longest, first
 
 
 def test_short_documents_take_the_short_chunk():
@@ -165,13 +181,52 @@ def test_causality_check_catches_lora_ttt_that_steps_before_scoring(monkeypatch)
     assert leaks(verdicts) and verdicts["sliding"]["C1/C3"]
 
 
-def test_phases_end_after_whole_batches_and_never_after_the_last():
+def test_phases_fall_due_at_batch_ends_one_per_batch_and_never_after_the_last():
     queue = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
-    assert tg.phase_last_batches(queue, prefix_docs=6, phases=2) == [0, 1]  # 3 and 6 documents
-    assert tg.phase_last_batches(queue, prefix_docs=4, phases=1) == [1]  # the batch holding document 4
-    assert tg.phase_last_batches(queue, prefix_docs=100, phases=3) == [0, 2]  # 11 documents: 3, 7; none after the last
-    assert tg.phase_last_batches(queue, prefix_docs=2, phases=3) == [0]  # phases inside one batch merge
-    assert tg.phase_last_batches(queue, prefix_docs=6, phases=0) == []
+    P = tg.Phase
+    assert tg.phase_schedule(queue, prefix_docs=6, phases=2) == [P(0, 3), P(1, 6)]
+    assert tg.phase_schedule(queue, prefix_docs=4, phases=1) == [P(1, 4)]  # due inside batch 1: after it, 4 documents
+    assert tg.phase_schedule(queue, prefix_docs=100, phases=3) == [P(0, 3), P(2, 7)]  # 11 documents; none after the last
+    # due at 2, 4 and 6: the third is due at batch 1's end too, but a batch ends one phase; it runs after batch 2
+    assert tg.phase_schedule(queue, prefix_docs=6, phases=3) == [P(0, 2), P(1, 4), P(2, 6)]
+    # due at 0, 1 and 2 documents: one phase per batch end, and the one of no documents does not run
+    assert tg.phase_schedule(queue, prefix_docs=2, phases=3) == [P(1, 1), P(2, 2)]
+    assert tg.phase_schedule(queue, prefix_docs=6, phases=0) == []
+
+
+def test_the_records_phases_at_its_scale():
+    """50,000 validation documents, batches of 64, 2,500 prefix documents, 3 phases (the 1.0611 run): the record
+    pauses when its counter reads 848, 1,680 and 2,512 (after 14, 27 and 40 batches, the first one the 16 longest
+    documents) and trains on the 833, 1,666 and 2,500 shortest documents scored."""
+    spans = [(10 * d, 1 + (d * 7919) % 50_000) for d in range(50_000)]  # distinct lengths, in no order
+    queue = tg.lora_batches(spans, 64)
+    assert len(queue) == 782 and len(queue[0]) == 16 and spans[queue[0][-1]][1] == 50_000
+    schedule = tg.phase_schedule(queue, prefix_docs=2500, phases=3)
+    assert schedule == [tg.Phase(13, 833), tg.Phase(26, 1666), tg.Phase(39, 2500)]
+    assert [sum(map(len, queue[:p.after_batch + 1])) for p in schedule] == [848, 1680, 2512]
+    chosen = tg.phase_documents(spans, queue, schedule[0])
+    scored = [d for batch in queue[:14] for d in batch]
+    assert sorted(chosen) == sorted(sorted(scored, key=lambda d: spans[d][1])[:833])  # the shortest scored
+    assert [spans[d][1] for d in chosen] == sorted(spans[d][1] for d in chosen)  # joined shortest first
+
+
+def test_a_phase_trains_every_chunk_but_its_last_with_the_records_cosine(monkeypatch):
+    """The record's global step: n chunks of TTT_CHUNK_TOKENS, chunk c < n - 1 trained at LR * (1 + cos(pi c /
+    (n - 1))) / 2, the last one not trained."""
+    cfg, model, tokens = setup(TTT_MODE="lora", PHASED_TTT_PHASES=1, TTT_CHUNK_TOKENS=40, PHASED_TTT_LR=0.01)
+    ev = evaluator(cfg, model, tokens)
+    calls = []
+    monkeypatch.setattr(tg.Evaluator, "train_on_span",
+                        lambda self, toks, lo, hi, trainable, opt, lr, epochs, is_target: calls.append((lo, hi, lr)))
+    docs = tg.document_spans(tokens, cfg.BOS_ID)[:3]
+    joined = sum(n + 1 for _, n in docs)  # each document with its targets
+    n = -(-(joined - 1) // 40)
+    assert n >= 3
+    ev.global_phase(docs)
+    expected = [(40 * c, min(40 * c + 40, joined - 1), 0.01 * 0.5 * (1 + math.cos(math.pi * c / (n - 1))))
+                for c in range(n - 1)]
+    assert [(lo, hi) for lo, hi, _ in calls] == [(lo, hi) for lo, hi, _ in expected]
+    assert all(math.isclose(a, b) for (_, _, a), (_, _, b) in zip(calls, expected))
 
 
 def test_phases_train_the_base_weights_only_for_what_comes_after_them():
@@ -183,7 +238,7 @@ def test_phases_train_the_base_weights_only_for_what_comes_after_them():
     assert info["ttt_phases"] == 2 and bool((phased.count == 1).all())
     spans = tg.document_spans(tokens, cfg.BOS_ID)
     queue = tg.lora_batches(spans, cfg.TTT_DOC_BATCH)
-    first_end = tg.phase_last_batches(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)[0]
+    first_end = tg.phase_schedule(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)[0].after_batch
     for k, batch in enumerate(queue):
         for d in batch:
             start, n = spans[d]
@@ -214,7 +269,7 @@ def test_split_softcaps_score_as_the_shared_cap_until_ttt_trains_them(mode):
     if mode == "lora":
         spans = tg.document_spans(tokens, cfg.BOS_ID)
         queue = tg.lora_batches(spans, cfg.TTT_DOC_BATCH)
-        first = [d for batch in queue[:tg.phase_last_batches(queue, 4, 1)[0] + 1] for d in batch]
+        first = [d for batch in queue[:tg.phase_schedule(queue, 4, 1)[0].after_batch + 1] for d in batch]
         before = torch.zeros_like(scored.nll, dtype=torch.bool)
         for d in first:
             start, n = spans[d]
@@ -241,9 +296,12 @@ def test_causality_check_catches_a_phase_that_trains_on_an_unscored_document(mon
     real = tg.Evaluator.global_phase
 
     def one_document_too_many(self, docs):
-        spans = tg.document_spans(self.data.tokens, self.cfg.BOS_ID)
-        in_order = [d for batch in tg.lora_batches(spans, self.cfg.TTT_DOC_BATCH) for d in batch]
-        real(self, docs + [spans[in_order[len(docs)]]])
+        cfg = self.cfg
+        spans = tg.document_spans(self.data.tokens, cfg.BOS_ID)
+        queue = tg.lora_batches(spans, cfg.TTT_DOC_BATCH)
+        phase = next(p for p in tg.phase_schedule(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
+                     if p.documents == len(docs))
+        real(self, docs + [spans[queue[phase.after_batch + 1][-1]]])  # its longest document
 
     monkeypatch.setattr(tg.Evaluator, "global_phase", one_document_too_many)
     verdicts = check_causality.check({"TTT_MODE": "lora", "PHASED_TTT_PHASES": "2", "PHASED_TTT_PREFIX_DOCS": "9"},

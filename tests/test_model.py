@@ -2,6 +2,7 @@
 compute dtype."""
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -146,21 +147,33 @@ def test_a_named_flash_backend_on_cpu_stops_saying_what_to_install(requested, in
 BOTH = ("flash_attn_interface", "flash_attn")
 
 
+def flash_module(name: str, functions=tg.FLASH_FUNCTIONS) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for function in functions:
+        setattr(module, function, lambda *args, **kwargs: None)
+    return module
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A CUDA device of the given compute capability on which only `modules` can be imported."""
+    """A CUDA device of the given compute capability on which only `modules` can be imported (with the functions
+    the model calls; "flash_attn (namespace)" stands for flash-attn-4's `flash_attn`, which has neither)."""
     def make(capability: tuple[int, int], modules=()):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
         for name in ("flash_attn_interface", "flash_attn"):  # None in sys.modules makes an import fail
-            monkeypatch.setitem(sys.modules, name, types.ModuleType(name) if name in modules else None)
+            module = flash_module(name) if name in modules else None
+            if f"{name} (namespace)" in modules:
+                module = flash_module(name, functions=())
+            monkeypatch.setitem(sys.modules, name, module)
         return torch.device("cuda", 0)
     return make
 
 
 @pytest.mark.parametrize("capability, modules, expected", [
     ((9, 0), BOTH, "fa3"), ((9, 0), ("flash_attn",), "fa2"), ((9, 0), (), "sdpa"),
-    ((8, 0), BOTH, "fa2"), ((7, 5), ("flash_attn",), "sdpa")])
+    ((8, 0), BOTH, "fa2"), ((7, 5), ("flash_attn",), "sdpa"), ((8, 0), ("flash_attn (namespace)",), "sdpa"),
+    ((9, 0), ("flash_attn_interface", "flash_attn (namespace)"), "fa3")])
 def test_auto_takes_the_best_backend_that_can_run(fake_gpu, capability, modules, expected):
     assert tg.pick_attention_backend(fake_gpu(capability, modules), "auto") == expected
 
@@ -277,16 +290,17 @@ def test_a_closed_sparse_gate_silences_its_head_only():
 
 def test_smear_gate_never_carries_a_token_across_a_bos():
     """Two documents, each opened by BOS (id 1). Changing the last token of the first changes nothing the
-    SmearGate gives the second; without the BOS mask the second document's BOS would take it in."""
-    model = tg.GPT(config_from_env({**FULL_OPTIONS, **GATES})).double()
-    with torch.no_grad():
-        model.smear_w.normal_()
-        model.smear_lambda.fill_(1.0)
+    SmearGate gives the second; without the BOS mask (SMEAR_BOS_MASK=0, as #2135 runs) the second document's BOS
+    takes it in."""
     ids = torch.tensor([[1, 5, 6, 7, 1, 8, 9, 10]])
     changed = ids.clone()
     changed[0, 3] = 50  # the first document's last token
     for masked in (True, False):
-        model.smear_masks_bos = masked
+        torch.manual_seed(0)
+        model = tg.GPT(config_from_env({**FULL_OPTIONS, **GATES, "SMEAR_BOS_MASK": str(int(masked))})).double()
+        with torch.no_grad():
+            model.smear_w.normal_()
+            model.smear_lambda.fill_(1.0)
         with torch.no_grad():
             out, out_changed = (model.smear(model.tok_emb(i), i) for i in (ids, changed))
         second_document_same = torch.equal(out[0, 4:], out_changed[0, 4:])
@@ -342,6 +356,28 @@ def test_document_isolated_attention_runs_each_document_as_if_alone():
         assert not torch.equal(model.compute_logits(model.forward_hidden(changed))[0, 6:], plain[6:])
 
 
+def test_flex_document_attention_is_the_masked_attention():
+    """DOC_ATTENTION=flex: FlexAttention with a document block mask (causal, same document) gives what SDPA with the
+    dense document mask gives, GQA included; here forward only, as FlexAttention has no CPU backward (the cuda test
+    checks both directions)."""
+    torch.manual_seed(3)
+    ids = torch.randint(2, 97, (2, 40))
+    ids[:, 0], ids[0, 9], ids[0, 30], ids[1, 17] = 1, 1, 1, 1
+    q, k, v = torch.randn(2, 40, 4, 16), torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+    attend = tg.attention_function("sdpa")
+    with warnings.catch_warnings():  # eager FlexAttention on a CPU warns that it runs unfused
+        warnings.simplefilter("ignore")
+        flex = attend(q, k, v, tg.document_block_mask(ids, bos_id=1))
+        model = randomized_model(VARLEN_ATTENTION="1", **GATES)
+        with torch.no_grad():
+            masked = model.compute_logits(model.forward_hidden(ids))
+            model.doc_attention = "flex"
+            assert model.document_isolation(ids.device) == "flex"
+            flexed = model.compute_logits(model.forward_hidden(ids))
+    torch.testing.assert_close(flex, attend(q, k, v, tg.document_mask(ids, bos_id=1)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(flexed, masked, rtol=0, atol=1e-4)
+
+
 def test_the_document_mask_is_causal_and_cut_at_every_bos():
     ids = torch.tensor([[7, 1, 5, 6, 1, 9]])
     mask = tg.document_mask(ids, bos_id=1)[0, 0].int()
@@ -351,6 +387,40 @@ def test_the_document_mask_is_causal_and_cut_at_every_bos():
                              [0, 1, 1, 1, 0, 0],
                              [0, 0, 0, 0, 1, 0],
                              [0, 0, 0, 0, 1, 1]]
+
+
+def test_packed_rows_cut_sequences_where_the_records_cu_seqlens_do():
+    """TRAIN_LOADER=packed: a sequence starts at the row's start, at each BOS and every max_len tokens after the
+    last of those, as the 1.0611 record's _build_cu_seqlens cuts (starts [0] + BOS, each segment split every
+    max_len from its own start); the mask, the block mask and the varlen starts agree."""
+    ids = torch.tensor([[7, 8, 1, 5, 6, 2, 3, 4, 9, 9, 9, 1, 5]])
+    def record_cuts(bos_positions, total, max_len):
+        starts = bos_positions if bos_positions and bos_positions[0] == 0 else [0] + bos_positions
+        return [c for a, b in zip(starts, starts[1:] + [total]) for c in range(a, b, max_len)]
+    want = record_cuts([2, 11], 13, 3)
+    assert want == [0, 2, 5, 8, 11]
+    assert tg.sequence_starts(ids, 1, 3)[0].nonzero().flatten().tolist() == want
+    assert tg.document_starts(ids, 1, 3).tolist() == want + [13]
+    segment = tg.sequence_starts(ids, 1, 3).cumsum(1)[0]
+    same = (segment[:, None] == segment[None, :]) & torch.ones(13, 13, dtype=torch.bool).tril()
+    assert torch.equal(tg.document_mask(ids, 1, 3)[0, 0], same)
+    assert tg.sequence_starts(ids, 1)[0].nonzero().flatten().tolist() == [0, 2, 11]  # no max_len: BOS alone
+
+
+def test_a_model_with_a_segment_length_runs_each_piece_of_a_long_document_alone():
+    """GPT.segment_len (TRAIN_LOADER=packed): a 10-token document cut every 4 tokens gives, piece by piece, the
+    logits each piece gets alone (no SmearGate: it reads the previous token across a cut by design)."""
+    model = randomized_model(VARLEN_ATTENTION="1", SPARSE_ATTN_GATE="1")
+    model.segment_len = 4
+    torch.manual_seed(5)
+    doc = torch.cat([torch.tensor([1]), torch.randint(2, 97, (9,))])[None]
+    with torch.no_grad():
+        together = model.compute_logits(model.forward_hidden(doc))[0]
+        model.segment_len = None
+        alone = torch.cat([model.compute_logits(model.forward_hidden(doc[:, i:i + 4]))[0] for i in (0, 4, 8)])
+        whole = model.compute_logits(model.forward_hidden(doc))[0]
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(whole[4:], together[4:], atol=1e-3)  # uncut, the later pieces read the earlier
 
 
 def test_two_lanes_without_skips_or_x0_and_keeping_all_are_the_parallel_block_exactly():

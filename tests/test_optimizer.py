@@ -40,10 +40,25 @@ def test_newton_schulz_singular_values_lie_in_the_polynomial_band(kind, shape):
     assert torch.allclose(out, expected, atol=2e-4)
 
 
-def test_quintic_is_repeated_and_polar_express_extends_its_last_step():
-    assert tg.newton_schulz_coeffs("quintic", 3) == [tg.QUINTIC_COEFFS] * 3
-    pe = tg.newton_schulz_coeffs("polar_express", 7)
-    assert pe[:5] == list(tg.POLAR_EXPRESS_COEFFS) and pe[5] == pe[6] == tg.POLAR_EXPRESS_COEFFS[-1]
+# The 1.0611 record's _PE_COEFFS, written out from its train_gpt.py (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_
+# 9HpStack_1.0611): exact, not rounded.
+RECORD_POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def test_quintic_is_repeated_and_polar_express_is_the_records_exact_tuples():
+    assert tg.newton_schulz_coeffs("quintic", 7) == [tg.QUINTIC_COEFFS] * 7
+    assert tg.newton_schulz_coeffs("polar_express", 5) == RECORD_POLAR_EXPRESS  # exact float equality
+    assert tg.newton_schulz_coeffs("polar_express", 3) == RECORD_POLAR_EXPRESS[:3]
+
+
+def test_more_polar_express_steps_than_tuples_is_refused_by_name():
+    with pytest.raises(tg.ConfigError, match=r"MUON_BACKEND_STEPS=6 with MUON_NS_COEFFS=polar_express.*<= 5"):
+        tg.config_from_env({"MUON_BACKEND_STEPS": "6"})
+    assert tg.config_from_env({"MUON_BACKEND_STEPS": "6", "MUON_NS_COEFFS": "quintic"}).MUON_BACKEND_STEPS == 6
 
 
 def test_row_normalization_gives_unit_rows():

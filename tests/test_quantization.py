@@ -234,6 +234,17 @@ def test_a_header_without_a_model_field_is_refused_by_name():
         tg.decode_artifact(edited, "edited.ptz")
 
 
+def test_a_header_written_before_the_leaky_slope_knob_reads_as_the_slope_it_was_trained_with():
+    """MLP_LEAKY_SLOPE came within format 5: a header without it is an artifact of the fixed slope 0.5, and the
+    slope a header holds is the one the rebuilt model runs."""
+    older = tg.decode_artifact(with_header(tiny_artifact(), lambda h: h["model_config"].pop("MLP_LEAKY_SLOPE")))
+    assert older.model_config.MLP_LEAKY_SLOPE == 0.5
+    cfg = tg.config_from_env({"VOCAB_SIZE": "1024"})
+    steep = tg.decode_artifact(with_header(tiny_artifact(), lambda h: h["model_config"].update(MLP_LEAKY_SLOPE=0.3)))
+    model = tg.model_from_artifact(steep, cfg, "sdpa", torch.device("cpu"))
+    assert {block.mlp.slope for block in model.blocks} == {0.3}
+
+
 @pytest.mark.parametrize("knob, value, words", [
     ("MODEL_DIM", 64, "or stores it in another shape"),
 ])
@@ -438,7 +449,7 @@ def test_every_frontier_switch_survives_the_artifact():
     """With every gate and both lanes on, each tensor is quantized or passed through, the header's ModelConfig
     rebuilds the same network, and the decoded model computes what the packed weights compute."""
     knobs = dict(TINY_MODEL, VOCAB_SIZE=1024, NUM_LAYERS=3, XSA_LAST_N=3, SMEAR_GATE=1, SPARSE_ATTN_GATE=1,
-                 VARLEN_ATTENTION=1, PARALLEL_LANES_START=2)
+                 VARLEN_ATTENTION=1, PARALLEL_LANES_START=2, QUANT_ATTN_GATE=1)
     cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
     torch.manual_seed(0)
     model = tg.GPT(cfg)
@@ -463,6 +474,21 @@ def test_every_frontier_switch_survives_the_artifact():
     tokens[0, 10] = 1  # a BOS inside the row
     with torch.no_grad():
         assert torch.equal(rebuilt.forward_hidden(tokens), reference.forward_hidden(tokens))
+
+
+def test_quant_attn_gate_0_keeps_the_gates_in_fp16_as_2135_does():
+    knobs = dict(TINY_MODEL, VOCAB_SIZE=1024, NUM_LAYERS=2, XSA_LAST_N=2, SPARSE_ATTN_GATE=1, QUANT_ATTN_GATE=0)
+    cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    qm = tg.decode_artifact(tg.encode_artifact(tg.quantize_model(cfg, model, tg.quantization_plan(model, cfg), None),
+                                               "rans")[0])
+    for i in range(2):
+        name = f"blocks.{i}.attn.gate_w"
+        assert name not in qm.quantized and torch.equal(qm.passthrough[name], model.state_dict()[name].half())
 
 
 def test_per_module_damping_reaches_each_group_and_falls_back_to_gptq_damp():
@@ -517,6 +543,28 @@ def test_lqer_corrects_the_largest_errors_on_int2_and_int4_grids():
         best = torch.linalg.svdvals(error)[4:].square().sum().sqrt()  # the unquantized rank-4 optimum
         assert error.norm() - after > 0.5 * (error.norm() - best)  # int2/int4 factors keep most of its gain
     assert all(torch.equal(fixed[n], plain[n]) for n in state if n not in corrected)
+
+
+def test_lqer_factor_bits_set_the_grids_and_more_bits_correct_more():
+    """LQER_A_BITS / LQER_B_BITS: the signed grids -2^(b-1)..2^(b-1)-1 with the largest magnitude half a step
+    inside; with int4/int8 factors the corrected matrices land nearer the weights than with int2/int4."""
+    cfg, model, coarse = lqer_problem(LQER_RANK=4, LQER_TOP_K=2, LQER_GROUP=16)
+    _, _, fine = lqer_problem(LQER_RANK=4, LQER_TOP_K=2, LQER_GROUP=16, LQER_A_BITS=4, LQER_B_BITS=8)
+    state = model.state_dict()
+    template = {n: t.float() for n, t in state.items()}
+    corrected = [n[:-len(tg.LQER_A)] for n in fine.quantized if n.endswith(tg.LQER_A)]
+    for n in corrected:
+        a, b = fine.quantized[n + tg.LQER_A], fine.quantized[n + tg.LQER_B]
+        assert (a["bits"], b["bits"]) == (4, 8)
+        for entry, lo, hi in ((a, -8, 7), (b, -128, 127)):  # each row's largest magnitude at an end of the grid
+            q = entry["q"].int()
+            assert lo <= int(q.min()) and int(q.max()) <= hi and bool((q.abs().amax(1) >= hi).all())
+    far = sum(float((state[n] - coarse.state_dict(template)[n]).norm()) for n in corrected)
+    near = sum(float((state[n] - fine.state_dict(template)[n]).norm()) for n in corrected)
+    assert near < far
+    decoded = tg.decode_artifact(tg.encode_artifact(fine, "rans")[0])
+    assert all(torch.equal(x, y) for x, y in zip(decoded.state_dict(template).values(),
+                                                 fine.state_dict(template).values()))
 
 
 @pytest.mark.parametrize("compressor", ["lzma", "rans"])

@@ -327,3 +327,16 @@ def test_reference_that_is_neither_a_number_nor_summaries(tmp_path, reference):
         make_record.main([str(fake_run(tmp_path / "runs")), "--name", "N", "--reference", reference,
                           "--out", str(tmp_path / "records")])
     assert not (tmp_path / "records").exists()
+
+
+def test_a_seed_that_stop_after_ended_says_so_rather_than_failed(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+
+    def trainer(cmd, env, console):
+        (logs / "st_s1.json").write_text(json.dumps({"status": "stopped", "stopped_after": "train"}))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_trainer", trainer)
+    lines = []
+    assert sweep.run_sweep([1], "st", logs, REPO_ROOT / "train_gpt.py", 1, env={}, out=lines.append) == [None]
+    assert lines[1].split(" | ")[1] == "stopped after train"

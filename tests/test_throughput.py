@@ -70,3 +70,23 @@ def test_benchmark_runs_the_named_attention_backend(monkeypatch):
     for name, value in {**TINY, "ATTENTION_BACKEND": "sdpa"}.items():
         monkeypatch.setenv(name, value)
     assert throughput.main(["--steps", "1", "--warmup", "0"])["attention_backend"] == "sdpa"
+
+
+def test_the_benchmark_times_the_trainers_own_batches_from_a_corpus(small_sample, monkeypatch):
+    """--corpus: the batches are the ones the trainer's loader reads first (its documents and BOS), not random."""
+    from test_training import tiny_env
+
+    env = {k: v for k, v in tiny_env(small_sample, Path("unused")).items() if k not in ("LOG_DIR", "RUN_ID")}
+    cfg = tg.config_from_env(env)
+    rt = tg.Runtime(0, 1, torch.device("cpu"))
+    batches = throughput.corpus_batches(cfg, Path(small_sample["dataset_dir"]), rt, count=2)
+    trainer = tg.Trainer(cfg, None, None, None, tg.find_shards(small_sample["dataset_dir"], "train"), rt, print)
+    loader = trainer.new_loader()
+    for batch in batches:
+        assert torch.equal(batch, loader.next_batch(cfg.TRAIN_BATCH_TOKENS // loader.seq_len, 0, 1, cfg.TRAIN_SEQ_LEN))
+    assert (batches[0] == cfg.BOS_ID).sum() >= 1  # real documents start inside the windows
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    r = throughput.main(["--steps", "1", "--warmup", "0", "--corpus", str(small_sample["dataset_dir"])])
+    assert r["data"] == str(small_sample["dataset_dir"]) and r["document_isolation"] == "mask"
+    assert r["plain_ms_per_step"] > 0 and r["looping_ms_per_step"] > 0

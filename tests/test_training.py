@@ -33,8 +33,12 @@ def tiny_env(sample, tmp_path, **overrides) -> dict:
     # The modes' own knobs, only where their mode is on (a knob set outside its mode stops the run).
     if env.get("QUANT_METHOD", "gptq") == "gptq":
         env.setdefault("GPTQ_CALIBRATION_BATCHES", 4)
-    ttt, lora = str(env.get("TTT_ENABLED", 1)) != "0", env.get("TTT_MODE", "chunk") == "lora"
-    if ttt and (not lora or int(env.get("PHASED_TTT_PHASES", 0)) > 0):
+    ttt = str(env.get("TTT_ENABLED", 1)) != "0"
+    if ttt:  # chunk TTT, the quick one, unless a test asks for the records' LoRA TTT
+        env.setdefault("TTT_MODE", "chunk")
+    lora = ttt and env["TTT_MODE"] == "lora"
+    phases = int(env.get("PHASED_TTT_PHASES", tg.knob_fields()["PHASED_TTT_PHASES"].default))
+    if ttt and (not lora or phases > 0):
         env.setdefault("TTT_CHUNK_TOKENS", 4096)
     if ttt and not lora:
         env.setdefault("TTT_EPOCHS", 1)
@@ -104,10 +108,26 @@ def test_progressive_context_primes_every_length_and_switches_on_schedule(small_
     log = (tmp_path / "logs" / "run.txt").read_text()
     primed = [f"warmup: primed 1 steps seq_len={n} looping={b}" for n in (16, 32, 64) for b in (False, True)]
     assert all(line in log for line in primed)
-    assert [line.split()[0] for line in log.splitlines() if line.startswith("seq_len:")] == [
+    assert [line.split()[1] for line in log.splitlines() if "] seq_len:" in line] == [
         "seq_len:16", "seq_len:32", "seq_len:64"]
     assert "step:2 frac:0.250" in log and "step:4 frac:0.500" in log  # 8 steps: 2 at 16, 2 at 32, 4 at 64
     assert math.isfinite(run["val_bpb"])
+
+
+def test_the_packed_loader_trains_one_packed_row_per_micro_batch(small_sample, tmp_path, monkeypatch):
+    """TRAIN_LOADER=packed: each of the 8 micro-batches is one row of TRAIN_BATCH_TOKENS/8 tokens, in shard order
+    from the first BOS (what PackedLoader reads), and the attention cuts documents every TRAIN_SEQ_LEN tokens."""
+    seen = []
+    real = tg.train_step
+    monkeypatch.setattr(tg, "train_step", lambda cfg, fn, model, opts, batch, rt: seen.append(
+        (batch.clone(), model.segment_len)) or real(cfg, fn, model, opts, batch, rt))
+    run = tg.main(tiny_env(small_sample, tmp_path, TRAIN_LOADER="packed", ITERATIONS=3, TTT_ENABLED=0))
+    assert run["status"] == "ok" and math.isfinite(run["val_bpb"])
+    files = tg.find_shards(small_sample["dataset_dir"], "train")
+    loader = tg.PackedLoader(files, 1024 // 8, bos_id=1, vocab_size=1024)
+    for batch, segment_len in seen:
+        assert batch.shape == (8, 129) and segment_len == 64
+        assert torch.equal(batch, loader.next_batch(8, 0, 1))
 
 
 def test_prime_compilation_restores_model_and_optimizer_state(small_sample, tmp_path):

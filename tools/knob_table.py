@@ -25,7 +25,7 @@ def number(value) -> str:
 
 def accepted(meta) -> str:
     if meta["choices"]:
-        return " / ".join(meta["choices"])
+        return " / ".join(c or "(empty)" for c in meta["choices"])
     if meta["lo"] is None:
         return "text"
     return f"{number(meta['lo'])} .. {number(meta['hi'])}"
@@ -37,8 +37,9 @@ def cell(text: str) -> str:
 
 
 def knob_table() -> str:
-    presets = (train_gpt.R1081_PRESET, train_gpt.SAMPLE_PRESET)
-    rows = ["| knob | default | PRESET=r1081 | PRESET=sample | accepted | meaning |", "|---|---|---|---|---|---|"]
+    presets = (train_gpt.R1061_PRESET, train_gpt.R1081_PRESET, train_gpt.SAMPLE_PRESET)
+    rows = ["| knob | default (PRESET=record) | PRESET=r1061 | PRESET=r1081 | PRESET=sample | accepted | meaning |",
+            "|---|---|---|---|---|---|---|"]
     for f in dataclasses.fields(train_gpt.Config):
         swapped = " | ".join(f"`{p[f.name]!r}`" if f.name in p else "" for p in presets)
         rows.append(f"| `{f.name}` | `{f.default!r}` | {swapped} | {accepted(f.metadata)} | {cell(f.metadata['doc'])} |")

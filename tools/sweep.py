@@ -83,9 +83,21 @@ def run_sweep(seeds: list[int], name: str, log_dir: Path, script: Path, nproc: i
             code = run_trainer(command(script, nproc), run_env, console)
         summary = finished(path)
         status = "ok" if summary else f"FAILED (exit {code}: {failure_line(console_path)}; see {path.with_suffix('.txt')})"
+        stopped = stopped_after(path)
+        if stopped:  # STOP_AFTER ended it early on purpose: no score, but no failure either
+            status = f"stopped after {stopped}"
         out(row(seed, summary, status))
         results.append(summary)
     return results
+
+
+def stopped_after(path: Path) -> str | None:
+    """The stage STOP_AFTER ended this seed's run after, if it did."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("stopped_after") if summary.get("status") == "stopped" else None
 
 
 LOCK_POLL_SECONDS = 2.0
