@@ -638,13 +638,18 @@ def find_shards(data_path: Path, split: str) -> list[Path]:
 SHARD_SAMPLE_TOKENS = 1 << 20  # ids checked at start per training shard; the loader checks every batch
 
 
+def foreign_token_error(path: Path, token: int, vocab_size: int) -> ConfigError:
+    """A shard holds an id the model has no embedding for (found late, an index error deep in the model)."""
+    return ConfigError(f"{path}: token id {token} >= VOCAB_SIZE={vocab_size}; the shard was tokenized with another "
+                       "vocabulary")
+
+
 def check_training_shards(files: list[Path], vocab_size: int) -> None:
     """Every shard's header and size, and the ids at the start of each, before any time is spent."""
     for f in files:
         sample = read_shard(f)[:SHARD_SAMPLE_TOKENS]
         if sample.size and int(sample.max()) >= vocab_size:
-            raise ConfigError(f"{f}: token id {int(sample.max())} >= VOCAB_SIZE={vocab_size}; "
-                              "the shard was tokenized with another vocabulary")
+            raise foreign_token_error(f, int(sample.max()), vocab_size)
 
 
 def sidecar_convention(path: Path) -> str:
@@ -741,8 +746,7 @@ class TrainLoader:
         rows = np.stack([self.shards[s][o:o + span] for s, o in zip(shards[mine], starts[mine])])
         if self.vocab_size is not None and rows.max() >= self.vocab_size:  # else an index error deep in the model
             bad = int(np.flatnonzero(rows.max(1) >= self.vocab_size)[0])
-            raise ConfigError(f"{self.files[shards[mine][bad]]}: token id {int(rows[bad].max())} >= VOCAB_SIZE="
-                              f"{self.vocab_size}; the shard was tokenized with another vocabulary")
+            raise foreign_token_error(self.files[shards[mine][bad]], int(rows[bad].max()), self.vocab_size)
         rows = torch.from_numpy(rows.astype(np.int64))
         if split_len is None or split_len == self.seq_len:
             return rows
@@ -785,9 +789,9 @@ class PackedLoader:
         rows = np.asarray(self.tokens[first:first + per_rank * span]).reshape(per_rank, span)
         self.cursor += need
         if self.vocab_size is not None and rows.max() >= self.vocab_size:
-            raise ConfigError(f"{self.files[self.shard]}: token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size}; "
-                              "the shard was tokenized with another vocabulary")
+            raise foreign_token_error(self.files[self.shard], int(rows.max()), self.vocab_size)
         return torch.from_numpy(rows.astype(np.int64))
+
 
 
 def load_tokenizer(path: Path, vocab_size: int):
@@ -4484,9 +4488,10 @@ def stopped_after(stage: str, summary: RunSummary, log) -> str:
 def load_compile_cache(path: str, log) -> None:
     """COMPILE_CACHE: torch.compile's cache artifacts from an earlier run, so this one's compiles are cache hits. A
     file that does not load only costs the warm start: said, and the run goes on cold."""
-    if not path or not Path(path).is_file():
-        if path:
-            log(f"compile_cache: {path} not found; compiling cold")
+    if not path:
+        return
+    if not Path(path).is_file():
+        log(f"compile_cache: {path} not found; compiling cold")
         return
     data = Path(path).read_bytes()
     try:

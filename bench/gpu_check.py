@@ -221,11 +221,9 @@ def lora_ttt_eval(args, env: dict) -> dict:
     if not artifact.is_file() or not getattr(args, "corpus_made", None):
         return dict(status="fail", detail="no artifact from the training run")
     shards, tokenizer, vocab = args.corpus_made
-    knobs = dict(DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab, TTT_ENABLED=1, TTT_MODE="lora",
-                 SLOT_ENABLED=0, EVAL_TIME_BUDGET=0)
-    if args.tiny:  # chunks a whole window wide: a few LoRA steps per document, enough to prove the path
-        tiny = {k: v for k, v in TINY_KNOBS.items() if not k.startswith("SLOT_")}  # SLOT is off in this pass
-        knobs = dict(tiny, TTT_DOC_CHUNK=TINY_KNOBS["EVAL_SEQ_LEN"], **knobs)
+    knobs = dict(TINY_KNOBS if args.tiny else {}, DATA_PATH=shards, TOKENIZER_PATH=tokenizer, VOCAB_SIZE=vocab,
+                 TTT_ENABLED=1, TTT_MODE="lora", SLOT_ENABLED=0, EVAL_TIME_BUDGET=0)
+    knobs = lora_run_knobs(knobs, args.tiny)
     log = args.out / "lora_ttt_eval.log"
     done = run_logged([sys.executable, "tools/eval_artifact.py", str(artifact)], with_knobs(env, knobs), log, 900,
                       args.deadline)
@@ -234,15 +232,26 @@ def lora_ttt_eval(args, env: dict) -> dict:
         return dict(status="fail", detail=f"tools/eval_artifact.py exit {done.returncode}; see {log.name}")
     summary = json.loads(text[text.rindex("\n{\n") + 1:])  # the summary it prints last
     keys = ("ttt_val_bpb", "ttt_seconds", "ttt_doc_batches", "ttt_lora_steps", "quantized_val_bpb", "eval_seconds")
-    figures = {k: summary.get(k) for k in keys}
-    compiled = re.search(r"ttt lora: forward compiled and warmed up in ([0-9.]+)s", text)  # CUDA with COMPILE=1
-    if compiled:
-        figures["lora_compile_seconds"] = float(compiled.group(1))
+    figures = {k: summary.get(k) for k in keys} | lora_compile_seconds(text)
     return dict(status="pass", figures=figures)
 
 
 def with_knobs(env: dict, knobs: dict) -> dict:
     return {**env, **{k: str(v) for k, v in knobs.items()}}
+
+
+def lora_run_knobs(knobs: dict, tiny: bool) -> dict:
+    """The knobs of a run scored by LoRA TTT: no SLOT knob but SLOT_ENABLED (SLOT is off there, and a knob set
+    outside its mode stops the run); at --tiny, chunks a whole window wide, a few LoRA steps per document, enough
+    to prove the path."""
+    knobs = {k: v for k, v in knobs.items() if not k.startswith("SLOT_") or k == "SLOT_ENABLED"}
+    return dict(knobs, TTT_DOC_CHUNK=TINY_KNOBS["EVAL_SEQ_LEN"]) if tiny else knobs
+
+
+def lora_compile_seconds(log_text: str) -> dict:
+    """The seconds LoRA TTT's compiled forward took to compile and warm up, where the log says (CUDA, COMPILE=1)."""
+    compiled = re.search(r"ttt lora: forward compiled and warmed up in ([0-9.]+)s", log_text)
+    return dict(lora_compile_seconds=float(compiled.group(1))) if compiled else {}
 
 
 # ------------------------------------------------------------------------------------------- --plan short
@@ -270,7 +279,7 @@ def run_summary(args, run_id: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def staged(args, cap: float, run) -> tuple[subprocess.CompletedProcess | None, str | None]:
+def staged(cap: float, run) -> tuple[subprocess.CompletedProcess | None, str | None]:
     """run(timeout) inside the stage's cap; (its result, None), or (None, why it was stopped)."""
     try:
         return run(cap), None
@@ -289,7 +298,7 @@ def loop_switch(args, env: dict) -> dict:
                  MAX_WALLCLOCK_SECONDS=0, ENABLE_LOOPING_AT=0.4, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=0,
                  STOP_AFTER="train", STALL_DUMP_SECONDS=60)
     log = args.out / "loop_switch.log"
-    done, stopped = staged(args, args.cap_a, lambda cap: run_logged(
+    done, stopped = staged(args.cap_a, lambda cap: run_logged(
         [sys.executable, "train_gpt.py"], {**with_knobs(env, knobs), "TORCH_LOGS": "recompiles"}, log, cap,
         args.deadline))
     s, text = run_summary(args, "loop_switch"), log.read_text() if log.is_file() else ""
@@ -329,7 +338,7 @@ def step_cost(args, env: dict) -> dict:
             continue
         out = args.out / f"step_cost_{name}.json"
         share = (args.cap_b - (time.perf_counter() - started)) / (len(STEP_COST_CONFIGS) - i)
-        done, stopped = staged(args, share, lambda cap: run_logged(
+        done, stopped = staged(share, lambda cap: run_logged(
             [sys.executable, "bench/throughput.py", "--corpus", str(shards), *steps, "--json", str(out)],
             with_knobs(env, {**base, **knobs}), args.out / f"step_cost_{name}.log", max(cap, 1), args.deadline))
         if stopped or done.returncode or not out.is_file():
@@ -374,19 +383,14 @@ def whole_cycle(args, env: dict) -> dict:
     knobs = dict(shape_knobs(args, (data, tokenizer, vocab)), RUN_ID="cycle", WARMUP_STEPS=1, ITERATIONS=4,
                  MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=0, GPTQ_CALIBRATION_BATCHES=2,
                  TTT_ENABLED=1, TTT_MODE="lora", SLOT_ENABLED=0, STALL_DUMP_SECONDS=60)
-    if args.tiny:
-        knobs = {k: v for k, v in knobs.items() if not k.startswith("SLOT_") or k == "SLOT_ENABLED"}
-        knobs["TTT_DOC_CHUNK"] = TINY_KNOBS["EVAL_SEQ_LEN"]
+    knobs = lora_run_knobs(knobs, args.tiny)
     log = args.out / "cycle.log"
-    done, stopped = staged(args, args.cap_c, lambda cap: run_logged(
+    done, stopped = staged(args.cap_c, lambda cap: run_logged(
         [sys.executable, "train_gpt.py"], with_knobs(env, knobs), log, cap, args.deadline))
     s = run_summary(args, "cycle")
     keys = ("train_seconds", "hessian_seconds", "gptq_seconds", "compress_seconds", "decompress_seconds",
             "quantized_eval_seconds", "ttt_seconds", "eval_seconds", "val_bpb", "artifact_bytes_total")
-    figures = {k: s[k] for k in keys if k in s}
-    compiled = re.search(r"ttt lora: forward compiled and warmed up in ([0-9.]+)s", log.read_text())
-    if compiled:
-        figures["lora_compile_seconds"] = float(compiled.group(1))
+    figures = {k: s[k] for k in keys if k in s} | lora_compile_seconds(log.read_text())
     figures["reached"] = next((stage for stage, key in (("evaluation", "val_bpb"), ("artifact", "model_bytes"),
                                                          ("training", "steps"), ("start", "run_id")) if key in s), "none")
     if stopped or done.returncode or s.get("status") != "ok":
@@ -413,7 +417,7 @@ def ordered_cuda_tests(args, env: dict) -> dict:
     ids.sort(key=lambda node: min((i for name, i in rank.items() if name in node), default=len(rank)))
     report = args.out / "cuda_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", *ids, f"--junitxml={report}", "-p", "no:cacheprovider"]
-    done, stopped = staged(args, left, lambda cap: run_logged(cmd, env, args.out / "cuda_tests.log", cap,
+    done, stopped = staged(left, lambda cap: run_logged(cmd, env, args.out / "cuda_tests.log", cap,
                                                               args.deadline))
     outcomes = junit_outcomes(report)
     failed = [name for name, outcome in outcomes.items() if outcome == "fail"]

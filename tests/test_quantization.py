@@ -445,17 +445,22 @@ def test_the_shipped_code_drops_the_knob_docs_and_keeps_every_knob(monkeypatch):
     assert all(f.metadata["doc"] == "" for f in tg.dataclasses.fields(shipped.Config))
 
 
-def test_every_frontier_switch_survives_the_artifact():
-    """With every gate and both lanes on, each tensor is quantized or passed through, the header's ModelConfig
-    rebuilds the same network, and the decoded model computes what the packed weights compute."""
-    knobs = dict(TINY_MODEL, VOCAB_SIZE=1024, NUM_LAYERS=3, XSA_LAST_N=3, SMEAR_GATE=1, SPARSE_ATTN_GATE=1,
-                 VARLEN_ATTENTION=1, PARALLEL_LANES_START=2, QUANT_ATTN_GATE=1)
-    cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
+def perturbed_model(**knobs) -> tuple:
+    """TINY_MODEL at vocabulary 1024 with these knobs, seeded, every weight moved off its initial value."""
+    cfg = tg.config_from_env({k: str(v) for k, v in dict(TINY_MODEL, VOCAB_SIZE=1024, **knobs).items()})
     torch.manual_seed(0)
     model = tg.GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return cfg, model
+
+
+def test_every_frontier_switch_survives_the_artifact():
+    """With every gate and both lanes on, each tensor is quantized or passed through, the header's ModelConfig
+    rebuilds the same network, and the decoded model computes what the packed weights compute."""
+    cfg, model = perturbed_model(NUM_LAYERS=3, XSA_LAST_N=3, SMEAR_GATE=1, SPARSE_ATTN_GATE=1, VARLEN_ATTENTION=1,
+                                 PARALLEL_LANES_START=2, QUANT_ATTN_GATE=1)
     qm = tg.quantize_model(cfg, model, tg.quantization_plan(model, cfg), None)
     stored = {n for n in qm.quantized if not n.endswith((tg.LQER_A, tg.LQER_B))} | set(qm.passthrough)
     assert stored == set(model.state_dict())
@@ -477,13 +482,7 @@ def test_every_frontier_switch_survives_the_artifact():
 
 
 def test_quant_attn_gate_0_keeps_the_gates_in_fp16_as_2135_does():
-    knobs = dict(TINY_MODEL, VOCAB_SIZE=1024, NUM_LAYERS=2, XSA_LAST_N=2, SPARSE_ATTN_GATE=1, QUANT_ATTN_GATE=0)
-    cfg = tg.config_from_env({k: str(v) for k, v in knobs.items()})
-    torch.manual_seed(0)
-    model = tg.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    cfg, model = perturbed_model(NUM_LAYERS=2, XSA_LAST_N=2, SPARSE_ATTN_GATE=1, QUANT_ATTN_GATE=0)
     qm = tg.decode_artifact(tg.encode_artifact(tg.quantize_model(cfg, model, tg.quantization_plan(model, cfg), None),
                                                "rans")[0])
     for i in range(2):
