@@ -133,7 +133,7 @@ class Config(ModelConfig):
                                  "every TRAIN_SEQ_LEN tokens (needs VARLEN_ATTENTION=1)")
     ITERATIONS: int = knob(20000, 1, 10**9, doc="step cap")
     MAX_WALLCLOCK_SECONDS: float = knob(600.0, 0.0, INF, doc="training time cap; 0 = steps only")
-    GPTQ_RESERVE_SECONDS: float = knob(8.0, 0.0, INF,
+    GPTQ_RESERVE_SECONDS: float = knob(3.0, 0.0, INF,
                                        doc="least seconds cut from the training cap for GPTQ calibration (more if its "
                                            "measured cost projects more)")
     WARMUP_STEPS: int = knob(20, 0, 10**6, doc="compile-priming steps, rolled back afterwards")
@@ -171,7 +171,7 @@ class Config(ModelConfig):
     QUANT_PASSTHROUGH_NUMEL: int = knob(65536, 0, 1 << 40,
                                         doc="tensors with at most this many elements are stored as fp16")
     QUANT_ATTN_GATE: int = knob(0, 0, 1, doc="the sparse attention gates as int8 per row (1.0611); 0 = fp16 (#2135)")
-    GPTQ_CALIBRATION_BATCHES: int = knob(32, 1, 10**6,
+    GPTQ_CALIBRATION_BATCHES: int = knob(8, 1, 10**6,
                                          doc="global training batches whose activations build the Hessians")
     GPTQ_DAMP: float = knob(0.01, 0.0, 10.0, doc="Hessian damping, as a fraction of its mean diagonal")
     GPTQ_DAMP_ATTN: float = knob(0.0, 0.0, 10.0, doc="attention matrices only; 0 = GPTQ_DAMP (PR #2051: 0.01)")
@@ -258,27 +258,25 @@ class Config(ModelConfig):
     PHASED_TTT_EPOCHS: int = knob(1, 1, 1000)
     ASYM_LOGIT_RESCALE: int = knob(0, 0, 1, doc="evaluation: learned softcaps for positive and negative logits, "
                                    "both starting at LOGIT_SOFTCAP; trained by the TTT that trains the base weights")
+    NGRAM_TILT: int = knob(1, 0, 1, doc="tilt every scored distribution towards a causal n-gram hint token (#2135): "
+                                         "p'(a) = exp(BOOST*[a = hint]) p(a) / Z, in the passes after the plain one")
+    NGRAM_ORDER: int = knob(16, 5, 1024, doc="n-gram order: the hint follows the ORDER - 1 tokens before the target")
+    NGRAM_THRESHOLD: float = knob(0.8, 0.0, 1.0,
+                                  doc="a hint needs at least this share of its context's earlier occurrences")
+    NGRAM_BOOST: float = knob(2.625, 0.0, 50.0, doc="beta: the hint's log-probability boost before renormalizing")
     SLOT_ENABLED: int = knob(0, 0, 1, doc="fit a per-window hidden delta (and optional logit bias) before scoring")
     SLOT_STEPS: int = knob(8, 0, 1000, doc="optimizer steps per window batch")
     SLOT_LR: float = knob(0.005, 0.0, 100.0)
-    SLOT_OPTIMIZER: str = knob("adamw", choices=("adamw", "lbfgs"),
-                               doc="AdamW, or L-BFGS with a strong-Wolfe line search per window")
     SLOT_LOGIT_BIAS: int = knob(0, 0, 1, doc="also fit a per-window bias over the vocabulary")
     SLOT_WARM_START: int = knob(0, 0, 1,
                                 doc="start each batch from the mean fitted delta of this rank's previous batch")
-    SLOT_MODE: str = knob("context", choices=("context", "full"),
-                          doc="context = fit on already-scored positions only; full = also on the scored ones "
-                              "(NON-COMPLIANT, research)")
-    SLOT_DELTA_SCOPE: str = knob("window", choices=("window", "batch"),
-                                 doc="window = one delta per window; batch = one shared by the batch (NON-COMPLIANT, "
-                                     "research)")
 
 
 # PRESET=r1061: the 1.0611 record (2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack) as it ran, where
 # #2135's launch command differs from it (the defaults).
 R1061_PRESET = dict(
     MATRIX_LR=0.026, GPTQ_CALIBRATION_BATCHES=16, LQER_GROUP=64, QUANT_ATTN_GATE=1, EVAL_SEQ_LEN=2048,
-    PHASED_TTT_PHASES=3, TTT_LORA_LR=1e-4, TTT_LORA_WD=0.5, TTT_LORA_K=1,
+    PHASED_TTT_PHASES=3, TTT_LORA_LR=1e-4, TTT_LORA_WD=0.5, TTT_LORA_K=1, NGRAM_TILT=0,
 )
 
 # PRESET=r1081: the 1.0810 record (PR #1493) as it ran, before the frontier stack that the defaults are.
@@ -287,7 +285,7 @@ R1081_PRESET = dict(
     PARALLEL_LANES_START=256, WARMDOWN_FRAC=0.72, MIN_LR=0.0, MATRIX_LR=0.022, MUON_MOMENTUM=0.99,
     MUON_NS_COEFFS="quintic", BETA2=0.95, EMBED_BITS=8, ATTN_CLIP_SIGMAS=0.0, MLP_CLIP_SIGMAS=0.0,
     EMBED_CLIP_SIGMAS=20.0, GPTQ_CALIBRATION_BATCHES=64, GPTQ_RESERVE_SECONDS=12.0, VAL_LOSS_EVERY=4000,
-    LQER_RANK=0, COMPRESSOR="brotli", EVAL_SEQ_LEN=2048, TTT_MODE="chunk",
+    LQER_RANK=0, COMPRESSOR="brotli", EVAL_SEQ_LEN=2048, TTT_MODE="chunk", NGRAM_TILT=0,
 )
 
 # Defaults swapped in by PRESET=sample: a small model that exercises every architecture option
@@ -402,9 +400,9 @@ KNOB_MODES = (
      ("TTT_SHORT_DOC_LEN",)),
     ("TTT_MODE=lora with PHASED_TTT_PHASES > 0", phased_ttt,
      ("PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_LR", "PHASED_TTT_EPOCHS")),
+    ("NGRAM_TILT=1", lambda c: bool(c.NGRAM_TILT), ("NGRAM_ORDER", "NGRAM_THRESHOLD", "NGRAM_BOOST")),
     ("SLOT_ENABLED=1", lambda c: bool(c.SLOT_ENABLED),
-     ("SLOT_STEPS", "SLOT_LR", "SLOT_OPTIMIZER", "SLOT_LOGIT_BIAS", "SLOT_WARM_START", "SLOT_MODE",
-      "SLOT_DELTA_SCOPE")),
+     ("SLOT_STEPS", "SLOT_LR", "SLOT_LOGIT_BIAS", "SLOT_WARM_START")),
     ("TTT_ENABLED=1 or SLOT_ENABLED=1 (else the sliding pass is the score already)",
      lambda c: bool(c.TTT_ENABLED or c.SLOT_ENABLED), ("EVAL_SLIDING_ALSO",)),
     ("NUM_LOOPS > 0", lambda c: c.NUM_LOOPS > 0, ("LOOP_START", "LOOP_END", "ENABLE_LOOPING_AT")),
@@ -464,6 +462,8 @@ def validate_config(cfg: Config) -> None:
          f"VAL_BATCH_TOKENS={cfg.VAL_BATCH_TOKENS} must hold at least one TRAIN_SEQ_LEN={cfg.TRAIN_SEQ_LEN} sequence")
     need(cfg.EVAL_STRIDE <= cfg.EVAL_SEQ_LEN,
          f"EVAL_STRIDE={cfg.EVAL_STRIDE} must be at most EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN}")
+    need(not cfg.NGRAM_TILT or cfg.VOCAB_SIZE <= NGRAM_PAD,
+         f"NGRAM_TILT=1 with VOCAB_SIZE={cfg.VOCAB_SIZE}: the hints pad documents with id {NGRAM_PAD}; set NGRAM_TILT=0")
     need(not cfg.ASYM_LOGIT_RESCALE or cfg.LOGIT_SOFTCAP > 0,
          "ASYM_LOGIT_RESCALE=1 splits the logit softcap, and LOGIT_SOFTCAP=0 has none; set LOGIT_SOFTCAP > 0 or "
          "ASYM_LOGIT_RESCALE=0")
@@ -633,6 +633,41 @@ def find_shards(data_path: Path, split: str) -> list[Path]:
     if folders:
         raise ConfigError(f"{folders[0]} is named like a shard but is not a file; move it out of {data_path}")
     return files
+
+
+OVERLAP_RESULT = "overlap_check.json"  # what tools/check_overlap.py saves beside the shards it read
+
+
+def shard_fingerprints(data_path: Path) -> list[list]:
+    """[name, bytes, mtime_ns] of every training and validation shard: the key a saved overlap check must match."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for split in ("train", "val")
+            for f in sorted(Path(data_path).glob(f"fineweb_{split}_[0-9]*.bin"))]
+
+
+def overlap_check(data_path: Path) -> dict | None:
+    """tools/check_overlap.py's answer for these shards, with a status: clean, overlap (validation text found in the
+    training shards), stale (a shard changed since, by name, size or mtime), unreadable; None if never run."""
+    path = Path(data_path) / OVERLAP_RESULT
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        summary, current = dict(saved["summary"]), saved["shards"] == shard_fingerprints(data_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"status": "unreadable", "file": str(path)}
+    return {**summary, "status": "stale" if not current else "overlap" if summary.get("overlap") else "clean"}
+
+
+def describe_overlap_check(result: dict | None, data_path: Path) -> str:
+    if result is None:
+        return f"overlap_check:none (python3 tools/check_overlap.py {data_path} finds validation text in training)"
+    if result["status"] == "unreadable":
+        return f"overlap_check:unreadable {result['file']}: run tools/check_overlap.py again"
+    line = (f"overlap_check:{result['status']} documents:{result.get('overlapping_documents')}/"
+            f"{result.get('val_documents')} tokens:{result.get('overlapping_tokens')}/{result.get('val_tokens')} "
+            f"checked_at:{result.get('checked_at')}")
+    return ("WARNING: the training shards hold validation text; no score of this data is a record. " + line
+            if result["status"] == "overlap" else line)
 
 
 SHARD_SAMPLE_TOKENS = 1 << 20  # ids checked at start per training shard; the loader checks every batch
@@ -3405,13 +3440,9 @@ class EvalClock:
             log(self.note)
 
 
-def slot_compliant(cfg: Config) -> bool:
-    return cfg.SLOT_MODE == "context" and cfg.SLOT_DELTA_SCOPE == "window"
-
-
 def slot_parameters(cfg: Config, hidden: Tensor, vocab: int, warm: Tensor | None) -> list[Tensor]:
-    """Delta (windows or 1, 1, dim), zero or warm-started, and optionally a logit bias."""
-    windows = hidden.size(0) if cfg.SLOT_DELTA_SCOPE == "window" else 1
+    """One delta (1, dim) per window, zero or warm-started, and optionally a logit bias."""
+    windows = hidden.size(0)
     delta = torch.zeros(windows, 1, hidden.size(-1), device=hidden.device)
     if warm is not None:
         delta += warm
@@ -3438,122 +3469,13 @@ def fit_slot(cfg: Config, model: GPT, hidden: Tensor, targets: Tensor, fit_mask:
              warm: Tensor | None) -> list[Tensor]:
     """Optimize the SLOT parameters for a batch of windows; the model's weights stay fixed."""
     params = slot_parameters(cfg, hidden, model.tok_emb.weight.size(0), warm)
-    if cfg.SLOT_STEPS == 0:
-        return [p.detach() for p in params]
-    if cfg.SLOT_OPTIMIZER == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.SLOT_LR, weight_decay=1e-8, eps=1e-5)
-        for _ in range(cfg.SLOT_STEPS):  # autograd.grad, not backward: the model's .grad stays untouched
-            grads = torch.autograd.grad(slot_window_losses(model, hidden, targets, fit_mask, params).sum(), params)
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-        return [p.detach() for p in params]
-    sizes = [p[0].numel() for p in params]
-
-    def objective(flat: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row loss and gradient; a row is one window (or the whole batch when shared)."""
-        flat = flat.detach().requires_grad_()
-        pieces = [x.reshape(p.shape) for x, p in zip(flat.split(sizes, dim=1), params)]
-        losses = slot_window_losses(model, hidden, targets, fit_mask, pieces)
-        losses = losses.sum().reshape(1) if flat.size(0) == 1 else losses
-        (grad,) = torch.autograd.grad(losses.sum(), flat)
-        return losses.detach(), grad
-
-    flat = lbfgs_rows(objective, torch.cat([p.detach().flatten(1) for p in params], 1), cfg.SLOT_STEPS, cfg.SLOT_LR)
-    return [x.reshape(p.shape) for x, p in zip(flat.split(sizes, dim=1), params)]
-
-
-# objective(x) -> (per-row losses, per-row gradients), for a batch of independent problems, one per row.
-RowObjective = Callable[[Tensor], tuple[Tensor, Tensor]]
-
-
-def lbfgs_rows(objective: RowObjective, x: Tensor, steps: int, first_step: float, history: int = 8) -> Tensor:
-    """L-BFGS on every row of x independently: own curvature pairs, own two-loop recursion, own
-    strong-Wolfe line search. `objective` returns per-row losses and gradients."""
-    loss, grad = objective(x)
-    pairs: list[tuple[Tensor, Tensor]] = []
-    for k in range(steps):
-        direction = -two_loop(grad, pairs)
-        descent = (direction * grad).sum(1) < 0
-        direction = torch.where(descent[:, None], direction, -grad)
-        t0 = torch.full_like(loss, first_step) if k == 0 else torch.ones_like(loss)
-        x_new, loss_new, grad_new = strong_wolfe_rows(objective, x, loss, grad, direction, t0)
-        pairs = (pairs + [(x_new - x, grad_new - grad)])[-history:]
-        x, loss, grad = x_new, loss_new, grad_new
-    return x
-
-
-def two_loop(grad: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """H·grad for each row from its own (s, y) pairs; pairs without positive curvature are skipped."""
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).sum(1)
-
-    q, alphas = grad.clone(), []
-    rhos = [torch.where(dot(y, s) > 1e-10, 1 / dot(y, s).clamp_min(1e-10), torch.zeros_like(q[:, 0])) for s, y in pairs]
-    for (s, y), rho in zip(reversed(pairs), reversed(rhos)):
-        alpha = rho * dot(s, q)
-        q -= alpha[:, None] * y
-        alphas.append(alpha)
-    if pairs:
-        s, y = pairs[-1]
-        gamma = torch.where(dot(y, s) > 1e-10, dot(y, s) / dot(y, y).clamp_min(1e-20), torch.ones_like(q[:, 0]))
-        q *= gamma[:, None]
-    for (s, y), rho, alpha in zip(pairs, rhos, reversed(alphas)):
-        q += (alpha - rho * dot(y, q))[:, None] * s
-    return q
-
-
-# Strong-Wolfe constants: sufficient decrease, curvature, and the most objective evaluations per search.
-WOLFE_C1, WOLFE_C2, LINE_SEARCH_EVALS = 1e-4, 0.9, 12
-
-
-def strong_wolfe_rows(objective: RowObjective, x: Tensor, f0: Tensor, g0: Tensor, d: Tensor,
-                      t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row strong-Wolfe line search (bracket by doubling, then bisection zoom). Each row keeps
-    its own step, bracket and acceptance; a row that never satisfies the conditions takes its
-    best sufficient-decrease point, or stays put."""
-    c1, c2 = WOLFE_C1, WOLFE_C2
-    dphi0 = (g0 * d).sum(1)
-    done = torch.zeros_like(f0, dtype=torch.bool)
-    zooming = torch.zeros_like(done)
-    t_prev, f_prev, dphi_prev = torch.zeros_like(t), f0.clone(), dphi0.clone()
-    lo, hi, f_lo, dphi_lo = torch.zeros_like(t), torch.zeros_like(t), f0.clone(), dphi0.clone()
-    x_best, f_best, g_best = x.clone(), f0.clone(), g0.clone()
-    for i in range(LINE_SEARCH_EVALS):
-        x_try = x + t[:, None] * d
-        f, g = objective(x_try)
-        dphi = (g * d).sum(1)
-        armijo = f <= f0 + c1 * t * dphi0
-        curvature = dphi.abs() <= -c2 * dphi0
-        better = ~done & armijo & (f < f_best)
-        accept = ~done & armijo & curvature
-        take = better | accept
-        x_best = torch.where(take[:, None], x_try, x_best)
-        f_best, g_best = torch.where(take, f, f_best), torch.where(take[:, None], g, g_best)
-        # Bracketing rows: find an interval holding a Wolfe point, or keep doubling.
-        rising = ~armijo | ((f >= f_prev) & (i > 0))
-        to_zoom_a = ~done & ~zooming & ~accept & rising
-        to_zoom_b = ~done & ~zooming & ~accept & ~rising & (dphi >= 0)
-        grow = ~done & ~zooming & ~accept & ~rising & (dphi < 0)
-        lo = torch.where(to_zoom_a, t_prev, torch.where(to_zoom_b, t, lo))
-        hi = torch.where(to_zoom_a, t, torch.where(to_zoom_b, t_prev, hi))
-        f_lo = torch.where(to_zoom_a, f_prev, torch.where(to_zoom_b, f, f_lo))
-        dphi_lo = torch.where(to_zoom_a, dphi_prev, torch.where(to_zoom_b, dphi, dphi_lo))
-        # Zooming rows: shrink [lo, hi] around the trial point.
-        in_zoom = ~done & zooming & ~accept
-        high = in_zoom & (~armijo | (f >= f_lo))
-        low = in_zoom & ~high
-        flip = low & (dphi * (hi - lo) >= 0)
-        hi = torch.where(high, t, torch.where(flip, lo, hi))
-        lo, f_lo, dphi_lo = (torch.where(low, t, lo), torch.where(low, f, f_lo), torch.where(low, dphi, dphi_lo))
-        t_prev, f_prev, dphi_prev = (torch.where(grow, t, t_prev), torch.where(grow, f, f_prev), torch.where(grow, dphi,
-                                                                                                             dphi_prev))
-        done |= accept
-        zooming |= to_zoom_a | to_zoom_b
-        t = torch.where(grow, 2 * t, torch.where(zooming, (lo + hi) / 2, t))
-        if bool(done.all()):
-            break
-    return x_best, f_best, g_best
+    opt = torch.optim.AdamW(params, lr=cfg.SLOT_LR, weight_decay=1e-8, eps=1e-5)
+    for _ in range(cfg.SLOT_STEPS):  # autograd.grad, not backward: the model's .grad stays untouched
+        grads = torch.autograd.grad(slot_window_losses(model, hidden, targets, fit_mask, params).sum(), params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    return [p.detach() for p in params]
 
 
 class LoRA(nn.Module):
@@ -3681,19 +3603,207 @@ def chunk_window(chunk: int, size: int, targets: int, seq_len: int) -> tuple[int
     return max(0, end - seq_len), end, chunk * size + 1
 
 
+# The n-gram tilt's hints (the token channel of PR #2135's tilt, with exact contexts, in the order a pass scores).
+# docs = (first token s, target count c) per document in scoring order, its targets x[s+1..s+c]; units, one per
+# document and non-decreasing, group the documents scored together (a LoRA batch; one document each in stream order).
+# Target p of document d in unit u has the context x[p-L..p-1] (L = NGRAM_ORDER - 1; positions before s read as PAD,
+# so a context never reaches into another document) and sees the events (context, x[q]) of every unit before u and
+# of its own document before p, in the order (unit, document, position). As the record counts: a context's total,
+# its top token (replaced only on a strictly larger count, so a tie keeps the first to reach it) and the hint: that
+# token where float32(top) / float32(total) >= float32(NGRAM_THRESHOLD). All of it vectorized: the contexts are
+# hashed, sorted into exact groups in time order, and the counts follow from sorted ranks and running maxima.
+NGRAM_PAD = 0xFFFF  # start-of-document padding, never a token id
+U64 = np.uint64
+
+
+def bit_width(n: int) -> int:
+    return max(int(n - 1).bit_length(), 1)
+
+
+def run_starts(*keys: np.ndarray) -> np.ndarray:
+    """True at 0 and wherever any key differs from the element before."""
+    starts = np.arange(keys[0].size) == 0
+    for k in keys:
+        starts[1:] |= k[1:] != k[:-1]
+    return starts
+
+
+def run_first(starts: np.ndarray) -> np.ndarray:
+    """Index of the first element of each element's run."""
+    return np.maximum.accumulate(np.where(starts, np.arange(starts.size), 0))
+
+
+def running_top(starts: np.ndarray, count: np.ndarray, token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per run: the running maximum of count (inclusive) and the token of the first element that reached it."""
+    top = np.maximum.accumulate((np.cumsum(starts) << 32) | count) & 0xFFFFFFFF
+    new = starts.copy()
+    new[1:] |= count[1:] > top[:-1]
+    return top, token[run_first(new)]
+
+
+def padded_stream(x: np.ndarray, docs: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents in scoring order, each as L-1 PADs then x[s..s+c]: a target at position q then has its padded
+    context at q-L..q-1, and position order is time order. Also each document's offset."""
+    pad = np.full(L - 1, NGRAM_PAD, np.uint16)
+    y = np.concatenate([pad[:0]] + [a for s, c in docs for a in (pad, x[s:s + c + 1])])
+    return y, np.concatenate([[0], np.cumsum(docs[:, 1] + L)])
+
+
+def context_hashes(y: np.ndarray, words: np.ndarray, offsets: list[int], L: int, ranks: int,
+                   rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions q of the real targets whose context this rank owns (by a hash of its last 4 tokens, so every
+    event of a context is on one rank), and a 64-bit hash of each context. One rank hashes with slices (faster than
+    gathers); one of several gathers only its share."""
+    real = (y[L - 1:-1] != NGRAM_PAD) & (y[L:] != NGRAM_PAD)
+    if ranks > 1:
+        real &= (words[L - 4:y.size - 4] * U64(0x9E3779B97F4A7C15) >> U64(40)) % U64(ranks) == rank
+    q = np.flatnonzero(real) + L
+    column = (lambda o: words[L + o:y.size + o]) if ranks == 1 else (lambda o: words[q + o])
+    h = np.zeros(y.size - L if ranks == 1 else q.size, U64)
+    for j, o in enumerate(offsets):
+        h += column(o) * U64(((j + 1) * 0x9E3779B97F4A7C15 % 2**64) | 1)
+    h ^= h >> U64(29)
+    h *= U64(0x94D049BB133111EB)
+    return q, h[q - L] if ranks == 1 else h
+
+
+def hash_runs(h: np.ndarray, keep_bits: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """One sort by (hash top bits, index = time); only runs of two or more are kept (a context seen once is never
+    looked up with anything counted). Returns (order, run starts). keep_bits < 64 forces collisions (tests)."""
+    b = bit_width(h.size)
+    key = h & ~U64((1 << max(b, 64 - keep_bits)) - 1) | np.arange(h.size, dtype=U64)
+    key.sort()
+    order, key = (key & U64((1 << b) - 1)).astype(np.int64), key >> U64(b)
+    same = ~run_starts(key)
+    keep = same.copy()
+    keep[:-1] |= same[1:]
+    return order[keep], ~same[keep]
+
+
+def exact_groups(words: np.ndarray, q: np.ndarray, run_start: np.ndarray,
+                 offsets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Hash runs split into exact contexts: runs that mix contexts (collisions) are re-sorted by (run, context,
+    time). Returns (q, group starts)."""
+    columns = [words[q + o] for o in offsets]
+    mixed = ~run_start & run_starts(*columns)
+    if mixed.any():
+        run = np.cumsum(run_start)
+        i = np.flatnonzero(np.isin(run, run[mixed]))
+        sub = i[np.lexsort([q[i]] + [c[i] for c in columns[::-1]] + [run[i]])]
+        q, columns = q.copy(), [c.copy() for c in columns]
+        for a in [q] + columns:
+            a[i] = a[sub]
+    return q, run_start | run_starts(*columns)
+
+
+def pair_counts(group: np.ndarray, token: np.ndarray, doc: np.ndarray, unit: np.ndarray,
+                key_bits: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Counts from one sort by (group, token, time): each element's (group, token) count up to it, and that count
+    as its own document sees it (the events of earlier units and of its own document)."""
+    j = np.arange(token.size)
+    tb, jb = bit_width(int(token.max()) + 1), bit_width(token.size)
+    if bit_width(int(group[-1]) + 1) + tb + jb <= key_bits:
+        key = group.astype(U64) << U64(tb + jb) | token.astype(U64) << U64(jb) | j.astype(U64)
+        k = (np.sort(key) & U64((1 << jb) - 1)).astype(np.int64)
+    else:  # too wide for one 64-bit key
+        k = np.lexsort((j, token, group))
+    pair = run_starts(group[k], token[k])
+    first, unit_first, doc_first = run_first(pair), run_first(pair | run_starts(unit[k])), run_first(
+        pair | run_starts(doc[k]))
+    counted, own = np.empty_like(j), np.empty_like(j)
+    counted[k], own[k] = j - first + 1, (unit_first - first) + (j - doc_first) + 1
+    return counted, own
+
+
+def state_seen(group_start: np.ndarray, doc: np.ndarray, unit: np.ndarray,
+               token: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(total, top count, top token) each element (sorted by group, then time) sees: its group's state after the
+    earlier units (read at the group's last element of an earlier unit), continued by its own document's earlier
+    events."""
+    j = np.arange(token.size)
+    doc_start = group_start | run_starts(doc)
+    g0, u0, d0 = run_first(group_start), run_first(group_start | run_starts(unit)), run_first(doc_start)
+    counted, own = pair_counts(np.cumsum(group_start), token, doc, unit)
+    top_before, token_before = running_top(group_start, counted, token)
+    top_own, token_own = running_top(doc_start, own, token)
+    before = np.where(u0 > g0, top_before[u0 - 1], 0)
+    mine = np.where(j > d0, top_own[j - 1], 0)
+    beaten = mine > before  # the document's own events replaced the earlier units' top
+    return (u0 - g0) + (j - d0), np.where(beaten, mine, before), np.where(beaten, token_own[j - 1],
+                                                                          token_before[u0 - 1])
+
+
+def ngram_hints(tokens: np.ndarray, docs, units, order: int, threshold: float, ranks: int = 1,
+                rank: int = 0) -> np.ndarray:
+    """hint[p - 1] for target x[p], -1 where none. With ranks > 1 only this rank's contexts are filled; the
+    elementwise maximum over the ranks (all_reduce MAX) is the one-rank result, for any number of ranks."""
+    x, L = np.asarray(tokens), order - 1
+    docs, units = np.asarray(docs, np.int64).reshape(-1, 2), np.asarray(units)
+    hint = np.full(max(x.size - 1, 0), -1, np.int32)
+    y, offsets_of = padded_stream(x.astype(np.uint16), docs, L)
+    if y.size <= L:
+        return hint
+    words = np.ascontiguousarray(np.ndarray((y.size - 3,), U64, y, strides=(2,)))  # words[m] packs y[m..m+3]
+    offsets = list(range(-L, -4, 4)) + [-4]  # 4-token words covering y[q-L..q-1]
+    q, h = context_hashes(y, words, offsets, L, ranks, rank)
+    by_context, run_start = hash_runs(h)
+    if by_context.size == 0:
+        return hint
+    q, group_start = exact_groups(words, q[by_context], run_start, offsets)
+    d = np.searchsorted(offsets_of, q, "right") - 1
+    total, top, token = state_seen(group_start, d, units[d], y[q].astype(np.int64))
+    gated = (total > 0) & (top.astype(np.float32) / np.maximum(total, 1).astype(np.float32) >= np.float32(threshold))
+    p = docs[d, 0] + q - offsets_of[d] - (L - 1)
+    hint[p[gated] - 1] = token[gated]
+    return hint
+
+
+@dataclasses.dataclass
+class NgramTilt:
+    """The n-gram tilt of one scoring order: per target (position - 1) its hint token (-1: none), whether the target
+    is that token, and beta. Scoring target y from p: p'(y) = exp(beta [y = h]) p(y) / Z, Z = 1 + p(h)(e^beta - 1),
+    so -log p'(y) = -log p(y) - beta [y = h] + log Z: renormalized over the whole vocabulary in closed form."""
+    hint: Tensor  # int32
+    hit: Tensor   # bool
+    boost: float
+
+    def log_z(self, index: Tensor, log_probs: Tensor) -> Tensor:
+        """log Z per scored row (0 without a hint)."""
+        hint = self.hint[index].long()
+        hinted = log_probs.gather(1, hint.clamp_min(0)[:, None]).squeeze(1).double()
+        return torch.where(hint >= 0, torch.log1p(hinted.exp() * math.expm1(self.boost)), 0.0)
+
+    def tilted(self, index: Tensor, log_probs: Tensor) -> Tensor:
+        """The tilted log-distributions themselves (the causality check sums them)."""
+        hint = self.hint[index].long()
+        boost = torch.zeros_like(log_probs, dtype=torch.float64).scatter_(
+            1, hint.clamp_min(0)[:, None], (hint >= 0).double()[:, None] * self.boost)
+        return log_probs.double() + boost - self.log_z(index, log_probs)[:, None]
+
+
 @dataclasses.dataclass
 class StreamScores:
     """Per-target results of one evaluation pass, indexed by target position - 1."""
     nll: Tensor    # float64
     count: Tensor  # how many times each target was scored (must be 1)
     mass: Tensor | None = None  # total probability of each scored distribution (causality check)
+    tilt: NgramTilt | None = None
 
     def add(self, index: Tensor, nll: Tensor, log_probs: Tensor | None) -> None:
-        """Scores of the targets at `index` (target position - 1); log_probs (one row each) feed the mass, if kept."""
-        self.nll.index_add_(0, index, nll.double())
+        """Scores of the targets at `index` (target position - 1) from their untilted NLL; log_probs (one row each,
+        given when wants_log_probs) feed the tilt and the mass."""
+        nll = nll.double()
+        if self.tilt is not None:
+            nll = nll - self.tilt.boost * self.tilt.hit[index] + self.tilt.log_z(index, log_probs)
+        self.nll.index_add_(0, index, nll)
         self.count.index_add_(0, index, torch.ones_like(index, dtype=self.count.dtype))
         if self.mass is not None:
-            self.mass.index_add_(0, index, log_probs.double().logsumexp(1).exp())
+            rows = log_probs if self.tilt is None else self.tilt.tilted(index, log_probs)
+            self.mass.index_add_(0, index, rows.double().logsumexp(1).exp())
+
+    @property
+    def wants_log_probs(self) -> bool:
+        return self.mass is not None or self.tilt is not None
 
 
 def rank_slice(n: int, rt: Runtime) -> range:
@@ -3815,7 +3925,6 @@ class EvalResult:
     quantized_val_bpb: float
     quantized_eval_seconds: float
     quant_gap_bpb: float | None
-    compliant: bool
     val_loss: float  # the score: the plain pass's until a later pass replaces it
     val_bpb: float
     score_source: str = "quantized"
@@ -3837,16 +3946,39 @@ class Evaluator:
         self.hidden_fn = hidden_fn or model.forward_hidden
         self.lora_fn = lora_fn or lora_nll_function(model)
         self.clock = EvalClock(cfg.EVAL_TIME_BUDGET)
+        self.tilts: dict[str, tuple[NgramTilt, dict]] = {}  # scoring order -> its tilt and figures
 
     def plain(self, batch_seqs: int) -> dict:
         return evaluate(nll_function(self.model, self.hidden_fn), self.data, self.cfg.TRAIN_SEQ_LEN, batch_seqs,
                         self.rt)
 
-    def new_scores(self, with_mass: bool) -> StreamScores:
+    def new_scores(self, with_mass: bool, scoring: str) -> StreamScores:
         n, device = self.data.n_targets, self.rt.device
         return StreamScores(torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.int32,
                                                                                             device=device),
-                            torch.zeros(n, dtype=torch.float64, device=device) if with_mass else None)
+                            torch.zeros(n, dtype=torch.float64, device=device) if with_mass else None,
+                            self.tilt(scoring)[0] if self.cfg.NGRAM_TILT else None)
+
+    def tilt(self, scoring: str) -> tuple[NgramTilt, dict]:
+        """The n-gram tilt of a pass that scores in stream order ("stream") or in LoRA TTT's document batches
+        ("lora"), with its figures; its hints are computed once per order, on the evaluation clock, each rank
+        taking a share of the contexts."""
+        if scoring not in self.tilts:
+            cfg, rt, tokens = self.cfg, self.rt, self.data.tokens
+            t0 = time.perf_counter()
+            spans = document_spans(tokens, cfg.BOS_ID)
+            queue = lora_batches(spans, cfg.TTT_DOC_BATCH) if scoring == "lora" else [[d] for d in range(len(spans))]
+            docs = [spans[d] for batch in queue for d in batch]
+            units = [k for k, batch in enumerate(queue) for _ in batch]
+            hint = torch.from_numpy(ngram_hints(tokens.numpy(), docs, units, cfg.NGRAM_ORDER, cfg.NGRAM_THRESHOLD,
+                                                rt.world_size, rt.rank)).to(rt.device)
+            hint = all_reduce_(hint, rt, dist.ReduceOp.MAX)  # each target's hint came from exactly one rank
+            count, seconds = int((hint >= 0).sum()), time.perf_counter() - t0
+            figures = dict(ngram_hints=count, ngram_gated_share=count / max(1, hint.numel()), ngram_seconds=seconds)
+            self.log(f"ngram_tilt {scoring} order: {count} hints for {hint.numel()} targets "
+                     f"({100 * figures['ngram_gated_share']:.3f}%) in {seconds:.2f}s")
+            self.tilts[scoring] = NgramTilt(hint, hint == tokens[1:].to(rt.device), cfg.NGRAM_BOOST), figures
+        return self.tilts[scoring]
 
     def score_windows(self, starts: Tensor, first_scored: Tensor, scores: StreamScores, use_slot: bool,
                       slot_state: dict) -> None:
@@ -3863,12 +3995,11 @@ class Evaluator:
         hidden = hidden.float().clone()  # a normal tensor, so SLOT can differentiate through the head
         params = None
         if use_slot:
-            fit_mask = valid if cfg.SLOT_MODE == "full" else valid & ~scored
+            fit_mask = valid & ~scored  # the context: targets earlier windows scored
             with rt.autocast():
                 params = fit_slot(cfg, model, hidden, y, fit_mask.float(), slot_state.get("warm"))
-            if cfg.SLOT_DELTA_SCOPE == "window":  # a window without context keeps delta zero
-                has_fit = fit_mask.any(1)[:, None, None]
-                params = [p * has_fit for p in params]
+            has_fit = fit_mask.any(1)[:, None, None]  # a window without context keeps delta zero
+            params = [p * has_fit for p in params]
             if cfg.SLOT_WARM_START:
                 slot_state["warm"] = params[0].mean(0, keepdim=True)
         rows, cols = scored.nonzero(as_tuple=True)
@@ -3876,8 +4007,8 @@ class Evaluator:
             h = hidden[rows, cols]
             if params is None:
                 logits = model.compute_logits(h)
-            else:  # each scored position takes its window's parameters (a shared one broadcasts)
-                logits = slot_logits(model, h, [p.expand(x.size(0), -1, -1)[rows, 0] for p in params])
+            else:  # each scored position takes its window's parameters
+                logits = slot_logits(model, h, [p[rows, 0] for p in params])
             log_probs = logits.float().log_softmax(-1)
         scores.add(pos[rows, cols] - 1, -log_probs.gather(1, y[rows, cols][:, None]).squeeze(1), log_probs)
 
@@ -3898,7 +4029,7 @@ class Evaluator:
     def sliding_pass(self, use_slot: bool, with_mass: bool = False) -> StreamScores:
         """Sliding-window scoring of the whole stream, optionally with SLOT, no weight updates."""
         starts, first_scored = sliding_windows(self.data.n_targets, self.cfg.EVAL_SEQ_LEN, self.cfg.EVAL_STRIDE)
-        scores = self.new_scores(with_mass)
+        scores = self.new_scores(with_mass, "stream")
         self.score_window_range(starts, first_scored, scores, use_slot, {})
         return gather_scores(scores, self.rt)
 
@@ -3913,7 +4044,7 @@ class Evaluator:
         starts, first_scored = sliding_windows(n_targets, cfg.EVAL_SEQ_LEN, cfg.EVAL_STRIDE)
         chunk_of = (starts + first_scored) // cfg.TTT_CHUNK_TOKENS
         n_chunks = -(-n_targets // cfg.TTT_CHUNK_TOKENS)
-        scores = self.new_scores(with_mass)
+        scores = self.new_scores(with_mass, "stream")
         trainable = self.trainable_weights()
         opt = torch.optim.SGD(trainable, lr=cfg.TTT_LR, momentum=cfg.TTT_MOMENTUM)
         score_s = train_s = 0.0
@@ -4017,7 +4148,7 @@ class Evaluator:
         phases_due = phase_schedule(queue, cfg.PHASED_TTT_PREFIX_DOCS, cfg.PHASED_TTT_PHASES)
         batches = list(enumerate(queue))[rt.rank::rt.world_size]
         rows = max(map(len, queue), default=0)  # TTT_DOC_BATCH, or every document
-        scores = self.new_scores(with_mass)
+        scores = self.new_scores(with_mass, "lora")
         adapters, steps, phases = None, 0, 0
         batch_seconds = phase_seconds = phase_tokens = 0
         for done, (k, batch) in enumerate(batches + [(len(queue), None)]):  # the end runs the phases left
@@ -4083,7 +4214,7 @@ class Evaluator:
             adapting = self.clock.adapting and cfg.TTT_LORA_LR > 0 and bool(train.any())
             nll, logits = self.lora_losses(rows, cols, adapters)
             scores.add(targets[scored] - 1, nll.detach()[scored],
-                       logits.detach()[scored].float().log_softmax(-1) if scores.mass is not None else None)
+                       logits.detach()[scored].float().log_softmax(-1) if scores.wants_log_probs else None)
             if adapting:  # on the losses just scored: each document's mean over its chunk
                 self.lora_step(nll, train, adapters, opt)
             steps += adapting
@@ -4104,12 +4235,17 @@ class Evaluator:
         opt.step()
 
     def run_pass(self, ttt: bool, slot: bool, with_mass: bool = False) -> tuple[StreamScores, dict]:
-        if ttt and self.cfg.TTT_MODE == "lora":
+        lora = ttt and self.cfg.TTT_MODE == "lora"
+        if lora:
             with weights_require_grad(self.model, False):  # the adapters alone take gradients, but in phases
-                return self.lora_pass(with_mass)
-        if ttt:
-            return self.ttt_pass(slot, with_mass)
-        return self.sliding_pass(slot, with_mass), {}
+                scores, info = self.lora_pass(with_mass)
+        elif ttt:
+            scores, info = self.ttt_pass(slot, with_mass)
+        else:
+            scores, info = self.sliding_pass(slot, with_mass), {}
+        if self.cfg.NGRAM_TILT:
+            info.update(self.tilt("lora" if lora else "stream")[1])
+        return scores, info
 
     def score(self, batch_seqs: int, pre_quant_bpb: float | None = None) -> EvalResult:
         """The plain pass, then the passes eval_passes names (sliding window, or the adapted one the knobs
@@ -4117,14 +4253,11 @@ class Evaluator:
         cfg, rt, log, clock = self.cfg, self.rt, self.log, self.clock
         plain = self.plain(batch_seqs)
         gap = None if pre_quant_bpb is None else plain["val_bpb"] - pre_quant_bpb
-        result = EvalResult(plain["val_loss"], plain["val_bpb"], clock.elapsed(), gap, compliant=not cfg.SLOT_ENABLED
-                            or slot_compliant(cfg), val_loss=plain["val_loss"], val_bpb=plain["val_bpb"])
+        result = EvalResult(plain["val_loss"], plain["val_bpb"], clock.elapsed(), gap, val_loss=plain["val_loss"],
+                            val_bpb=plain["val_bpb"])
         log(f"quantized val_loss:{plain['val_loss']:.6f} val_bpb:{plain['val_bpb']:.6f}"
             + ("" if gap is None else f" gap:{gap:+.6f}") + f" eval_time:{1000 * result.quantized_eval_seconds:.0f}ms")
         byte_counts = self.data.byte_counts(rt.device)
-        if not result.compliant:
-            log(f"WARNING: SLOT_MODE={cfg.SLOT_MODE} SLOT_DELTA_SCOPE={cfg.SLOT_DELTA_SCOPE} is NON-COMPLIANT: "
-                "its scores see the tokens they score; research only, never a record")
         for name, ttt, slot in eval_passes(cfg):
             t0 = time.perf_counter()
             scores, info = self.run_pass(ttt, slot)
@@ -4133,16 +4266,16 @@ class Evaluator:
             scored = summarize_scores(scores, byte_counts)
             seconds = time.perf_counter() - t0
             source = name + ("+slot" if ttt and slot else "")
-            source += " (non-compliant)" if slot and not result.compliant else ""
             result.passes.update({f"{name}_val_loss": scored["val_loss"], f"{name}_val_bpb": scored["val_bpb"],
                                   f"{name}_seconds": seconds, **info})
             result.val_loss, result.val_bpb, result.score_source = scored["val_loss"], scored["val_bpb"], source
             log(f"{source} val_loss:{scored['val_loss']:.6f} val_bpb:{scored['val_bpb']:.6f} "
                 f"eval_time:{1000 * seconds:.0f}ms"
-                + "".join(f" {k}:{v:.1f}" if isinstance(v, float) else f" {k}:{v}" for k, v in info.items()))
+                + "".join(f" {k}:{v:.1f}" if isinstance(v, float) and (v == 0 or abs(v) >= 1) else
+                          f" {k}:{v:.3g}" if isinstance(v, float) else f" {k}:{v}" for k, v in info.items()))
         result.eval_seconds, result.eval_adaptation_stopped = clock.elapsed(), clock.note or None
         log(f"eval_seconds:{result.eval_seconds:.1f} of EVAL_TIME_BUDGET={cfg.EVAL_TIME_BUDGET:g}")
-        result.ruling_pending = "slot" in result.score_source and result.compliant
+        result.ruling_pending = "slot" in result.score_source
         if result.ruling_pending:
             log(SLOT_RULING_PENDING)
         return result
@@ -4437,7 +4570,9 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummar
     log(" ".join(f"{k}:{v}" for k, v in summary["versions"].items()))
     log("config:\n" + format_config(cfg))
     train_files, val = load_inputs(cfg, log)
-    summary.record(dict(byte_source=val.byte_source, byte_convention=val.byte_convention))
+    provenance = overlap_check(train_files[0].parent)
+    log(describe_overlap_check(provenance, train_files[0].parent))
+    summary.record(dict(byte_source=val.byte_source, byte_convention=val.byte_convention, overlap_check=provenance))
     model, model_fn, optimizers = build_model(cfg, backend, rt, log)
     summary.record(dict(params=sum(p.numel() for p in model.parameters())))
     val_batch_seqs = max(1, cfg.VAL_BATCH_TOKENS // (cfg.TRAIN_SEQ_LEN * rt.world_size))
@@ -4474,7 +4609,7 @@ def train_and_evaluate(cfg: Config, rt: Runtime, log: RunLog, summary: RunSummar
         cost = autofit_bpb_cost(cfg, artifact.unfitted, val, scored, val_batch_seqs, backend, rt.device, log)
         summary.record(dict(autofit_bpb_cost=cost))
     log(f"final_score val_loss:{scored.val_loss:.6f} val_bpb:{scored.val_bpb:.6f} source:{scored.score_source}"
-        + ("" if scored.compliant else " NON-COMPLIANT") + (" ruling_pending" if scored.ruling_pending else ""))
+        + (" ruling_pending" if scored.ruling_pending else ""))
     return "ok"
 
 

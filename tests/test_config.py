@@ -21,7 +21,7 @@ def test_defaults_are_the_record_configuration():
     assert (cfg.LOOP_START, cfg.LOOP_END, cfg.NUM_LOOPS, cfg.ENABLE_LOOPING_AT) == (3, 5, 2, 0.35)
     assert (cfg.QK_GAIN_INIT, cfg.MATRIX_LR, cfg.MUON_WD, cfg.EMA_DECAY, cfg.WARMDOWN_FRAC) == (5.0, 0.028, 0.095,
                                                                                                 0.9965, 0.85)
-    assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 8.0, 16_000_000)
+    assert (cfg.MAX_WALLCLOCK_SECONDS, cfg.GPTQ_RESERVE_SECONDS, cfg.ARTIFACT_TARGET_BYTES) == (600.0, 3.0, 16_000_000)
 
 
 def test_environment_overrides_preset_and_defaults():
@@ -93,6 +93,7 @@ MODE_SWITCHES = {
     "TTT_ENABLED=1 with TTT_MODE=lora": ({"TTT_MODE": "chunk"}, {}),
     "TTT_MODE=lora with TTT_SHORT_DOC_CHUNK": ({}, {"TTT_SHORT_DOC_CHUNK": "24"}),
     "TTT_MODE=lora with PHASED_TTT_PHASES": ({"PHASED_TTT_PHASES": "0"}, {}),
+    "NGRAM_TILT=1": ({"NGRAM_TILT": "0"}, {}),
     "SLOT_ENABLED=1": ({}, {"SLOT_ENABLED": "1", "TTT_MODE": "chunk"}),
     "TTT_ENABLED=1 or SLOT_ENABLED=1": ({"TTT_ENABLED": "0"}, {}),
     "NUM_LOOPS > 0": ({"NUM_LOOPS": "0"}, {}),
@@ -353,6 +354,6 @@ def test_the_evaluation_table_gives_each_row_the_common_settings_its_modes_read(
     assert "TTT_DOC_BATCH" not in rows["TTT"] and rows["LoRA TTT"]["TTT_DOC_BATCH"] == "4"
     assert "PHASED_TTT_PREFIX_DOCS" not in rows["LoRA TTT"]
     assert rows["LoRA TTT + phases"]["PHASED_TTT_PREFIX_DOCS"] == "12"
-    assert rows["SLOT AdamW"]["SLOT_STEPS"] == "3" and "SLOT_STEPS" not in rows["sliding"]
+    assert rows["SLOT"]["SLOT_STEPS"] == "3" and "SLOT_STEPS" not in rows["sliding"]
     for env in rows.values():  # every row's knobs resolve: none is left where it would do nothing
         config_from_env(env)

@@ -67,7 +67,8 @@ def test_record_is_2135s_launch_command_and_r1061_the_1_0611_records():
         0.028, 0.1, 0.85, 0.99, 0.9965)
     assert (record.LQER_RANK, record.LQER_TOP_K, record.LQER_GROUP, record.LQER_A_BITS, record.LQER_B_BITS) == (
         4, 3, 32, 2, 4)
-    assert (record.GPTQ_CALIBRATION_BATCHES, record.QUANT_ATTN_GATE, record.SPARSE_ATTN_GATE_SCALE) == (32, 0, 0.5)
+    assert (record.GPTQ_CALIBRATION_BATCHES, record.QUANT_ATTN_GATE, record.SPARSE_ATTN_GATE_SCALE) == (8, 0, 0.5)  # #2135: 32
+    assert (record.NGRAM_TILT, record.NGRAM_ORDER, record.NGRAM_THRESHOLD, record.NGRAM_BOOST) == (1, 16, 0.8, 2.625)
     assert record.MLP_LEAKY_SLOPE == 0.5 and record.SMEAR_BOS_MASK == 1  # #2135 runs 0: docs/how_a_run_works.md
     assert (r1061.EVAL_SEQ_LEN, r1061.PHASED_TTT_PHASES, r1061.TTT_LORA_LR, r1061.TTT_LORA_WD, r1061.TTT_LORA_K,
             r1061.MATRIX_LR, r1061.GPTQ_CALIBRATION_BATCHES, r1061.LQER_GROUP, r1061.QUANT_ATTN_GATE) == (

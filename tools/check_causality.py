@@ -7,8 +7,8 @@ of every target before j to be bit-identical. It also checks that every scored d
 to one over the whole vocabulary and that every target is scored exactly once.
 
     python3 tools/check_causality.py                                   # the defaults
-    SLOT_ENABLED=1 SLOT_OPTIMIZER=lbfgs python3 tools/check_causality.py
-    SLOT_ENABLED=1 SLOT_MODE=full python3 tools/check_causality.py     # exits 1: it leaks
+    SLOT_ENABLED=1 SLOT_LOGIT_BIAS=1 python3 tools/check_causality.py
+    python3 tools/check_causality.py --plant slot-full                 # exits 1: a planted leak
     TTT_MODE=lora python3 tools/check_causality.py                     # per-document LoRA TTT
     TTT_MODE=lora PHASED_TTT_PHASES=2 PHASED_TTT_PREFIX_DOCS=4 python3 tools/check_causality.py
 
@@ -19,8 +19,19 @@ token is scored exactly once. Prints a verdict per condition and exits 1 on any 
 Per-document LoRA TTT scores documents batch by batch, out of stream order, so for it "before" means
 scored before the changed token was seen: earlier batches, the other documents of its batch, and the
 earlier targets of its own document (the stream keeps its BOS tokens, so the batches stay the same).
-A phase trains the base weights on whole scored batches only, so the same sets apply with phases.
+A phase trains the base weights on whole scored batches only, so the same sets apply with phases. The n-gram
+tilt (on by default, NGRAM_TILT=0 turns it off) rides in every pass; its hints count what the pass scored before,
+so the same sets apply to it, and C2 sums the tilted distributions. The random stream repeats stretches of earlier
+documents, so hints fire.
+
+`--plant NAME` first plants one of the classic leaks in the trainer's functions (in this process only) and
+shows the check failing on it: `slot-full` fits SLOT on the positions it scores too, `slot-batch` shares one
+SLOT delta across a batch of windows (as the leaky seed submissions did), `ttt-trains-first` lets chunk TTT
+train on a chunk before scoring it, `ngram-later-docs` lets the n-gram tilt count the documents after a
+target's own. The trainer itself has no such mode.
 """
+import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -41,7 +52,8 @@ CHECK_DEFAULTS = dict(VOCAB_SIZE=128, NUM_LAYERS=3, MODEL_DIM=32, NUM_HEADS=2, N
                       EVAL_BATCH_WINDOWS=6, TTT_CHUNK_TOKENS=64, TTT_EPOCHS=2, TTT_LR=0.05, SLOT_STEPS=3,
                       SLOT_LR=0.05, EVAL_TIME_BUDGET=0, EVAL_SLIDING_ALSO=1, TTT_DOC_BATCH=3, TTT_DOC_CHUNK=8,
                       TTT_SHORT_DOC_CHUNK=4, TTT_SHORT_DOC_LEN=20, TTT_LORA_RANK=4, TTT_LORA_LR=0.05,
-                      TTT_MODE="chunk", PHASED_TTT_PHASES=0)  # TTT_MODE=lora (with PHASED_TTT_PHASES) checks the rest
+                      TTT_MODE="chunk", PHASED_TTT_PHASES=0,  # TTT_MODE=lora (with PHASED_TTT_PHASES) checks the rest
+                      NGRAM_ORDER=5, NGRAM_THRESHOLD=0.5)  # short contexts: the stream's repeats give many hints
 STREAM_TOKENS = 300
 
 
@@ -69,15 +81,25 @@ def random_model(cfg: tg.Config, seed: int) -> tg.GPT:
 
 
 def random_stream(cfg: tg.Config, generator: torch.Generator, n_tokens: int = STREAM_TOKENS) -> torch.Tensor:
-    """Random tokens cut into documents of 8 to 60 tokens, each starting with BOS_ID (no BOS elsewhere), so
-    per-document TTT sees several batches, documents and chunks."""
-    tokens = torch.randint(0, cfg.VOCAB_SIZE, (n_tokens,), generator=generator, dtype=torch.int32)
-    tokens[tokens == cfg.BOS_ID] = (cfg.BOS_ID + 1) % cfg.VOCAB_SIZE
-    start = 0
-    while start < n_tokens:
-        tokens[start] = cfg.BOS_ID
-        start += int(torch.randint(8, 61, (1,), generator=generator))
-    return tokens
+    """Documents of 8 to 60 tokens, each starting with BOS_ID (no BOS elsewhere), so per-document TTT sees several
+    batches, documents and chunks. About half open with a stretch of an earlier document, so the n-gram tilt meets
+    contexts it has seen (with hints that are right, and after a flip, wrong); their own lengths put them in other
+    LoRA batches than their sources, whose hints they may then use."""
+    def draw(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=generator))
+
+    documents: list[torch.Tensor] = []
+    while sum(map(len, documents)) < n_tokens:
+        length = 8 + draw(53)
+        document = torch.randint(0, cfg.VOCAB_SIZE, (length,), generator=generator, dtype=torch.int32)
+        if documents and draw(2):
+            source = documents[draw(len(documents))]
+            copied = min(length, len(source)) - draw(4)
+            document[:copied] = source[:copied]
+        document[document == cfg.BOS_ID] = (cfg.BOS_ID + 1) % cfg.VOCAB_SIZE
+        document[0] = cfg.BOS_ID
+        documents.append(document)
+    return torch.cat(documents)[:n_tokens]
 
 
 def one_byte_per_token(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,7 +113,8 @@ def run_passes(cfg: tg.Config, model: tg.GPT, tokens: torch.Tensor, rt: tg.Runti
     read the byte tables (only the final score does), so one byte per token stands in for a tokenizer."""
     rt = rt or tg.Runtime(0, 1, torch.device("cpu"))
     data = tg.ValidationData(tokens, one_byte_per_token(cfg.VOCAB_SIZE))
-    return {name: tg.Evaluator(cfg, copy.deepcopy(model), data, rt).run_pass(ttt, slot, with_mass=True)[0]
+    return {name: tg.Evaluator(cfg, copy.deepcopy(model), data, rt, log=lambda _: None).run_pass(ttt, slot,
+                                                                                                 with_mass=True)[0]
             for name, ttt, slot in tg.eval_passes(cfg)}
 
 
@@ -148,27 +171,86 @@ def check(env=None, probes: int = 10, seed: int = 0, n_tokens: int = STREAM_TOKE
     return verdicts
 
 
+def slot_fitted_on_scored_positions():
+    real = tg.fit_slot
+    return "fit_slot", lambda cfg, model, hidden, targets, fit_mask, warm: real(
+        cfg, model, hidden, targets, torch.ones_like(fit_mask), warm)
+
+
+def slot_delta_shared_by_the_batch():
+    real = tg.slot_parameters
+    return "slot_parameters", lambda cfg, hidden, vocab, warm: real(cfg, hidden[:1], vocab, warm)
+
+
+def ttt_trained_before_scoring():
+    real = tg.Evaluator.score_window_range
+
+    def train_then_score(self, starts, first_scored, scores, *args, own_budget=True):
+        if not own_budget:  # inside chunk TTT: train on the chunk about to be scored first (the bug)
+            chunk = int(starts[0] + first_scored[0]) // self.cfg.TTT_CHUNK_TOKENS
+            params = list(self.model.parameters())
+            self.train_on_chunk(chunk, params, torch.optim.SGD(params, lr=self.cfg.TTT_LR), self.cfg.TTT_LR)
+        real(self, starts, first_scored, scores, *args, own_budget=own_budget)
+    return "Evaluator.score_window_range", train_then_score
+
+
+def ngram_counts_from_later_documents():
+    real = tg.ngram_hints
+    return "ngram_hints", lambda tokens, docs, units, *rest: real(tokens, docs[::-1], range(len(docs)), *rest)
+
+
+# name -> (the knobs that turn the leaking pass on, the patch: (attribute of train_gpt, replacement)).
+PLANTS = {"slot-full": (dict(TTT_ENABLED="0", SLOT_ENABLED="1"), slot_fitted_on_scored_positions),
+          "slot-batch": (dict(TTT_ENABLED="0", SLOT_ENABLED="1"), slot_delta_shared_by_the_batch),
+          "ttt-trains-first": (dict(TTT_ENABLED="1", TTT_MODE="chunk", SLOT_ENABLED="0"), ttt_trained_before_scoring),
+          "ngram-later-docs": (dict(TTT_ENABLED="0", NGRAM_TILT="1"), ngram_counts_from_later_documents)}
+
+
+@contextlib.contextmanager
+def planted(name: str):
+    """The trainer with leak `name` planted, inside the block only; yields the knobs its pass needs."""
+    knobs, make_patch = PLANTS[name]
+    attribute, replacement = make_patch()
+    owner_name, _, leaf = attribute.rpartition(".")
+    owner = getattr(tg, owner_name) if owner_name else tg
+    real = getattr(owner, leaf)
+    setattr(owner, leaf, replacement)
+    try:
+        yield knobs
+    finally:
+        setattr(owner, leaf, real)
+
+
 def describe(cfg_env) -> str:
     cfg = check_config(cfg_env)
-    slot = (f"SLOT {cfg.SLOT_OPTIMIZER} mode={cfg.SLOT_MODE} scope={cfg.SLOT_DELTA_SCOPE} bias={cfg.SLOT_LOGIT_BIAS} "
-            f"warm={cfg.SLOT_WARM_START}" if cfg.SLOT_ENABLED else "no SLOT")
+    slot = (f"SLOT bias={cfg.SLOT_LOGIT_BIAS} warm={cfg.SLOT_WARM_START}" if cfg.SLOT_ENABLED else "no SLOT")
     switches = [name for name in ("SMEAR_GATE", "SPARSE_ATTN_GATE", "VARLEN_ATTENTION") if getattr(cfg, name)]
     switches += ["two lanes"] if cfg.PARALLEL_LANES_START < cfg.NUM_LAYERS else []
     model = f"model with {', '.join(switches)}" if switches else "model without frontier switches"
     phases = f" with {cfg.PHASED_TTT_PHASES} phases" if cfg.TTT_MODE == "lora" and cfg.PHASED_TTT_PHASES else ""
     ttt = f"TTT {cfg.TTT_MODE}{phases}" if cfg.TTT_ENABLED else "no TTT"
-    return (f"{ttt}, {slot}, EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN} "
+    tilt = f"n-gram tilt (order {cfg.NGRAM_ORDER})" if cfg.NGRAM_TILT else "no n-gram tilt"
+    return (f"{ttt}, {slot}, {tilt}, EVAL_SEQ_LEN={cfg.EVAL_SEQ_LEN} "
             f"EVAL_STRIDE={cfg.EVAL_STRIDE}, {model}")
 
 
-def main() -> int:
-    print(f"causality check: {describe(os.environ)}; {STREAM_TOKENS}-token random stream, random model")
-    verdicts = check()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plant", choices=sorted(PLANTS), help="plant this leak first (the check must fail)")
+    args = parser.parse_args(argv)
+    with planted(args.plant) if args.plant else contextlib.nullcontext({}) as knobs:
+        env = {**os.environ, **knobs}
+        print(f"causality check: {describe(env)}; {STREAM_TOKENS}-token random stream, random model"
+              + (f"; planted leak: {args.plant}" if args.plant else ""))
+        verdicts = check(env)
+    return report(verdicts, check_config(env))
+
+
+def report(verdicts: dict, cfg: tg.Config) -> int:
     ok = True
     for name, v in verdicts.items():
         before = ("every loss scored before the changed token was seen is bit-identical"
-                  if name == "ttt" and check_config(os.environ).TTT_MODE == "lora"
-                  else "losses before a changed token are bit-identical")
+                  if name == "ttt" and cfg.TTT_MODE == "lora" else "losses before a changed token are bit-identical")
         for cond, what in (("C1/C3", before),
                            ("C2", "every scored distribution sums to 1 over the vocabulary"),
                            ("C4", "every target scored exactly once")):

@@ -1,7 +1,7 @@
 """Evaluate a saved artifact with the evaluation knobs in the environment, without training.
 
     DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=1024 python3 tools/eval_artifact.py logs/RUN.ptz
-    SLOT_ENABLED=1 SLOT_OPTIMIZER=lbfgs TTT_ENABLED=0 python3 tools/eval_artifact.py logs/RUN.ptz --max-tokens 50000
+    SLOT_ENABLED=1 SLOT_LOGIT_BIAS=1 TTT_ENABLED=0 python3 tools/eval_artifact.py logs/RUN.ptz --max-tokens 50000
 
 The model is rebuilt from the artifact alone (its own ModelConfig: shape knobs in the environment that
 disagree are ignored, with a warning); the run's evaluation passes

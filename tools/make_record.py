@@ -1,14 +1,17 @@
 """Write a record folder from a sweep's summaries and logs, or refuse and say why.
 
     python3 tools/make_record.py --name MyTry --author "A. Person" --github-id aperson \\
-        --reference 1.0810 logs/mytry_s42.json logs/mytry_s1337.json logs/mytry_s2025.json
+        --reference path/to/2026-05-01_SP8192_PR2130Base_Calib32 logs/mytry_s42.json logs/mytry_s1337.json \\
+        logs/mytry_s2025.json
 
 Writes records/track_<track>/<date>_<name>/ with train_gpt.py (the exact script text the runs
 logged: the packed wrapper if they ran it, else the raw source), README.md with a per-seed table,
 submission.json, requirements.txt and one log per seed. Refuses, naming the seed and the reason,
 if any seed did not finish, is over 16,000,000 bytes counting the shipped script's real size,
 read training data (steps plus GPTQ calibration) for over 600 s, evaluated over 600 s, ran a non-compliant mode on
-the record track, or if the seeds' configurations (besides SEED and RUN_ID) or scripts differ.
+the record track, trained on data that tools/check_overlap.py found to hold validation text, or if the seeds'
+configurations (besides SEED and RUN_ID) or scripts differ. Warns (and the README says) when a seed's data was
+never checked for overlap, or its check no longer matches the shards.
 """
 import argparse
 import datetime
@@ -94,7 +97,7 @@ def check(runs: list[dict], track: str) -> None:
             raise Refused(f"seed {seed}: {violation}")
         if run.get("eval_seconds", 0.0) > LIMIT_SECONDS:
             raise Refused(f"seed {seed}: evaluation took {run['eval_seconds']:.1f}s > {LIMIT_SECONDS:g}s")
-        if TRACKS[track] and not run.get("compliant", True):
+        if TRACKS[track] and not run.get("compliant", True):  # summaries of versions that had research modes
             raise Refused(f"seed {seed}: ran a non-compliant mode ({run.get('score_source')}); it cannot go on the record track")
         slot_scored = "slot" in str(run.get("score_source", "")) and run.get("compliant", True)  # older summaries too
         if TRACKS[track] and (run.get("ruling_pending") or slot_scored):
@@ -107,9 +110,59 @@ def check(runs: list[dict], track: str) -> None:
             raise Refused(f"seed {seed}: its configuration differs from seed {first.get('seed')} in {', '.join(diff)}")
         if run["_script"] != first["_script"]:
             raise Refused(f"seed {seed}: it ran a different train_gpt.py than seed {first.get('seed')}")
+        overlap = overlap_check(run)
+        if overlap.get("status") == "overlap":
+            raise Refused(f"seed {seed}: its training data holds validation text ({overlap_figures(overlap)}, found by "
+                          "tools/check_overlap.py); rebuild the training shards without the validation documents "
+                          "and rerun")
     seeds = [r.get("seed") for r in runs]
     if len(set(seeds)) != len(seeds):
         raise Refused(f"seeds {seeds}: each seed may appear once")
+
+
+OVERLAP_STATUSES = ("clean", "overlap", "stale", "unreadable")  # tools/check_overlap.py's read_overlap_result
+
+
+def overlap_check(run: dict) -> dict:
+    """The train/validation overlap check the trainer found beside its data ({} when there was none)."""
+    found = run.get("overlap_check")
+    return found if isinstance(found, dict) and found.get("status") in OVERLAP_STATUSES else {}
+
+
+def overlap_figures(check: dict) -> str:
+    try:
+        return (f"{check['overlapping_documents']:,} of {check['val_documents']:,} validation documents, "
+                f"{check['overlapping_tokens']:,} of {check['val_tokens']:,} tokens, in {check['window']}-token spans "
+                "or whole")
+    except (KeyError, TypeError, ValueError):
+        return "figures unreadable"
+
+
+def overlap_warnings(runs: list[dict]) -> list[str]:
+    """One line per kind of missing evidence, naming the seeds: never checked, stale, unreadable."""
+    why = {None: "their training data was never checked for validation text: run `python3 tools/check_overlap.py "
+                 "DATA_PATH` where they trained, then rerun (the trainer records the check)",
+           "stale": "the overlap check beside their data no longer matches the shards (changed since it ran): rerun "
+                    "`python3 tools/check_overlap.py DATA_PATH`, then the seeds",
+           "unreadable": "the overlap check beside their data is unreadable: rerun `python3 tools/check_overlap.py "
+                         "DATA_PATH`, then the seeds"}
+    lines = []
+    for status, reason in why.items():
+        seeds = [str(r.get("seed")) for r in runs if overlap_check(r).get("status") == status]
+        if seeds:
+            lines.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}: {reason}")
+    return lines
+
+
+def overlap_line(runs: list[dict]) -> str:
+    """The README's sentence on data provenance."""
+    checks = [overlap_check(r) for r in runs]
+    if all(c.get("status") == "clean" for c in checks):
+        c = checks[0]
+        return (f"Train/validation overlap: none. `tools/check_overlap.py` (version {c.get('version')}, checked "
+                f"{c.get('checked_at')}) found none of the {c.get('val_documents', 0):,} validation documents, whole "
+                f"or in {c.get('window')}-token spans, in the {c.get('train_shards')} training shards.")
+    return "Train/validation overlap: **not shown** (" + "; ".join(overlap_warnings(runs)) + ")."
 
 
 def data_seconds(run: dict) -> float:
@@ -147,6 +200,7 @@ def readme(name: str, track: str, runs: list[dict], sub: dict, sig_text: str | N
             "Artifact seconds add quantization and compression, which read no data.", "",
             f"Run on {hardware(versions)}, torch {versions.get('torch', '?')}, "
             f"CUDA {versions.get('cuda', '?')}, attention {versions.get('attention_backend', '?')}.", "",
+            overlap_line(runs), "",
             "## Reproduce", "", "From this folder, with the data downloaded (see the trainer's README):", "", "```bash"]
     knobs = {k: v for k, v in first["config"].items() if k not in PER_SEED_KEYS}
     text.append(" ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(knobs.items()))
@@ -157,7 +211,8 @@ def readme(name: str, track: str, runs: list[dict], sub: dict, sig_text: str | N
     return "\n".join(text)
 
 
-def submission(name: str, track: str, runs: list[dict], author: str, github_id: str, date: str, reference) -> dict:
+def submission(name: str, track: str, runs: list[dict], author: str, github_id: str, date: str, reference,
+               rule: str = "frontier") -> dict:
     bpb, loss = [r["val_bpb"] for r in runs], [r["val_loss"] for r in runs]
     totals = {r["seed"]: len(r["_script"].encode()) + r["model_bytes"] for r in runs}
     versions = runs[0].get("versions", {})
@@ -177,11 +232,13 @@ def submission(name: str, track: str, runs: list[dict], author: str, github_id: 
                hardware=hardware(versions),
                pytorch_version=versions.get("torch"), cuda_version=versions.get("cuda"),
                attention_backend=versions.get("attention_backend"), score_source=runs[0]["score_source"],
-               compliant=all(r.get("compliant", True) for r in runs))
+               compliant=all(r.get("compliant", True) for r in runs),
+               data_overlap_check=overlap_check(runs[0]) or None)
     if reference is not None:
-        result = significance.compare(runs, reference)
+        result = significance.compare(runs, reference, rule=rule)
         sub.update(comparison_baseline_bpb=result["reference_val_bpb"][0], delta_vs_leaderboard_bpb=-result["gain_bpb"],
-                   delta_vs_leaderboard_nats=-result["gain_nats_per_token"], p_value=result["p_threshold"])
+                   delta_vs_leaderboard_nats=-result["gain_nats_per_token"], p_value=result["p_value"],
+                   p_value_rule=rule)
     return sub
 
 
@@ -195,8 +252,14 @@ def check_folder_name(name: str, date: str) -> None:
         raise Refused(f"--date {date!r} is not a date in the form YYYY-MM-DD") from None
 
 
+def print_warning(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
 def make_record(summaries: list[Path], name: str, track: str = "10min_16mb", author: str = "", github_id: str = "",
-                date: str | None = None, reference=None, out: Path = REPO_ROOT / "records") -> Path:
+                date: str | None = None, reference=None, out: Path = REPO_ROOT / "records", rule: str = "frontier",
+                warn=print_warning) -> Path:
+    """`reference`: a val_bpb, or run-like dicts (significance.load_reference); `warn` gets each warning line."""
     date = date or datetime.date.today().isoformat()
     check_folder_name(name, date)
     runs = [load_run(Path(p)) for p in summaries]
@@ -205,8 +268,10 @@ def make_record(summaries: list[Path], name: str, track: str = "10min_16mb", aut
     folder = out / f"track_{track}" / f"{date}_{name}"
     if folder.exists():
         raise Refused(f"{folder} already exists; pick another --name or remove it")
-    sub = submission(name, track, runs, author, github_id, date, reference)
-    sig_text = significance.report(significance.compare(runs, reference)) if reference is not None else None
+    for line in overlap_warnings(runs):
+        warn(line)
+    sub = submission(name, track, runs, author, github_id, date, reference, rule)
+    sig_text = significance.report(significance.compare(runs, reference, rule=rule)) if reference is not None else None
     folder.mkdir(parents=True)
     (folder / "train_gpt.py").write_text(runs[0]["_script"], encoding="utf-8")
     (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
@@ -218,17 +283,8 @@ def make_record(summaries: list[Path], name: str, track: str = "10min_16mb", aut
 
 
 def parse_reference(text: str):
-    """Summaries from an existing file or folder, else a finite val_bpb."""
-    if Path(text).exists():
-        return significance.load_summaries([text])
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise SystemExit(f"error: --reference {text!r} is neither a finite val_bpb nor an existing file or folder of "
-                         "run summaries")
-    return value
+    """A record folder's seeds, run summaries from a file or folder, else a finite val_bpb."""
+    return significance.load_reference([text])
 
 
 def main(argv=None) -> None:
@@ -240,13 +296,16 @@ def main(argv=None) -> None:
     parser.add_argument("--author", default="")
     parser.add_argument("--github-id", default="")
     parser.add_argument("--date", help="YYYY-MM-DD (default: today)")
-    parser.add_argument("--reference", help="val_bpb of the record to beat, or a folder of its summaries")
+    parser.add_argument("--reference", help="the row to beat: its record folder (its seeds' scores), a folder of its "
+                                            "run summaries, or its val_bpb")
+    parser.add_argument("--rule", choices=significance.RULES, default="frontier",
+                        help="which verdict's p-value submission.json carries (see tools/significance.py)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "records")
     args = parser.parse_args(argv)
     reference = parse_reference(args.reference) if args.reference else None
     try:
         folder = make_record(args.summaries, args.name, args.track, args.author, args.github_id, args.date, reference,
-                             args.out)
+                             args.out, args.rule)
     except Refused as e:
         raise SystemExit(f"refused: {e}") from None
     print(f"wrote {folder}")
