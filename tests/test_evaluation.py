@@ -214,6 +214,10 @@ def test_two_ranks_give_the_same_scores_as_one(knobs, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     two = torch.load(tmp_path / "two.pt")
     cfg, model, tokens = setup(**knobs)
+    alone = evaluator(cfg, model, tokens, log=lambda _: None)
+    for order in ("stream", "lora"):  # the n-gram tilt's hints: each rank computed a share
+        hints = two.pop(f"{order} hints")
+        assert torch.equal(hints, alone.tilt(order)[0].hint) and int((hints >= 0).sum()) > 0, order
     one = check_causality.run_passes(cfg, model, tokens)
     assert set(two) == set(one)
     for name in one:
