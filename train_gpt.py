@@ -621,10 +621,14 @@ def read_shard(path, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
 
-def find_shards(data_path: Path, split: str) -> list[Path]:
+def shard_files(data_path: Path, split: str) -> list[Path]:
     # Path.glob matches the pattern inside the folder only, so '[', '*' or '?' in DATA_PATH stay literal.
     # The digit keeps the byte sidecar (fineweb_val_bytes_*) out of the validation tokens.
-    files = sorted(Path(data_path).glob(f"fineweb_{split}_[0-9]*.bin"))
+    return sorted(Path(data_path).glob(f"fineweb_{split}_[0-9]*.bin"))
+
+
+def find_shards(data_path: Path, split: str) -> list[Path]:
+    files = shard_files(data_path, split)
     if not files:
         raise ConfigError(f"no fineweb_{split}_*.bin shards in {data_path}: download FineWeb with "
                           "`python3 data/cached_challenge_fineweb.py --variant sp8192`, build the sample with "
@@ -641,7 +645,7 @@ OVERLAP_RESULT = "overlap_check.json"  # what tools/check_overlap.py saves besid
 def shard_fingerprints(data_path: Path) -> list[list]:
     """[name, bytes, mtime_ns] of every training and validation shard: the key a saved overlap check must match."""
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for split in ("train", "val")
-            for f in sorted(Path(data_path).glob(f"fineweb_{split}_[0-9]*.bin"))]
+            for f in shard_files(data_path, split)]
 
 
 def overlap_check(data_path: Path) -> dict | None:
@@ -3758,6 +3762,13 @@ def ngram_hints(tokens: np.ndarray, docs, units, order: int, threshold: float, r
     return hint
 
 
+def scoring_order(spans: list[tuple[int, int]], scoring: str, doc_batch: int) -> tuple[list, list[int]]:
+    """(documents in the order a pass scores them, their units) for ngram_hints: "stream" scores one document after
+    another, "lora" in LoRA TTT's queue of batches (lora_batches), a batch being scored together."""
+    queue = lora_batches(spans, doc_batch) if scoring == "lora" else [[d] for d in range(len(spans))]
+    return [spans[d] for batch in queue for d in batch], [k for k, batch in enumerate(queue) for _ in batch]
+
+
 @dataclasses.dataclass
 class NgramTilt:
     """The n-gram tilt of one scoring order: per target (position - 1) its hint token (-1: none), whether the target
@@ -3966,10 +3977,7 @@ class Evaluator:
         if scoring not in self.tilts:
             cfg, rt, tokens = self.cfg, self.rt, self.data.tokens
             t0 = time.perf_counter()
-            spans = document_spans(tokens, cfg.BOS_ID)
-            queue = lora_batches(spans, cfg.TTT_DOC_BATCH) if scoring == "lora" else [[d] for d in range(len(spans))]
-            docs = [spans[d] for batch in queue for d in batch]
-            units = [k for k, batch in enumerate(queue) for _ in batch]
+            docs, units = scoring_order(document_spans(tokens, cfg.BOS_ID), scoring, cfg.TTT_DOC_BATCH)
             hint = torch.from_numpy(ngram_hints(tokens.numpy(), docs, units, cfg.NGRAM_ORDER, cfg.NGRAM_THRESHOLD,
                                                 rt.world_size, rt.rank)).to(rt.device)
             hint = all_reduce_(hint, rt, dist.ReduceOp.MAX)  # each target's hint came from exactly one rank

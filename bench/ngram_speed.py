@@ -47,9 +47,7 @@ def stand_in_stream(data_path: Path, targets: int, bos_id: int) -> np.ndarray:
 def scoring_orders(tokens: np.ndarray, bos_id: int, doc_batch: int) -> dict:
     """(documents in scoring order, units) of the stream order and of LoRA TTT's batches, as the evaluator plans them."""
     spans = tg.document_spans(torch.from_numpy(tokens.astype(np.int64)), bos_id)
-    orders = {"stream": [[d] for d in range(len(spans))], "lora": tg.lora_batches(spans, doc_batch)}
-    return {name: ([spans[d] for batch in queue for d in batch], [k for k, batch in enumerate(queue) for _ in batch])
-            for name, queue in orders.items()}
+    return {name: tg.scoring_order(spans, name, doc_batch) for name in ("stream", "lora")}
 
 
 def timed(fn, *args):

@@ -40,8 +40,6 @@ VERSION = 1
 RESULT_NAME = train_gpt.OVERLAP_RESULT
 DEFAULT_WINDOW = 64
 DEFAULT_BOS_ID = train_gpt.knob_fields()["BOS_ID"].default  # the challenge tokenizers start documents with <s>
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = (train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION,
-                                                  train_gpt.SHARD_HEADER_BYTES)  # the challenge shard format
 CHUNK_TOKENS = 1 << 22  # tokens hashed at once: ~200 MB of temporaries, and few enough Python steps
 PREFILTER_BITS_PER_WINDOW = 16  # Bloom filter bits per window, at least: 128 MB for the challenge's 47.85M
 VERIFY_BATCH = 1 << 15  # rows of tokens compared at once when confirming hash hits
@@ -73,37 +71,12 @@ class CheckError(Exception):
     """A problem with the inputs: the message names the file or option and the fix."""
 
 
-def open_shard(path: Path) -> np.ndarray:
-    """Memory-map a challenge shard's tokens after checking its header and size."""
-    if not path.is_file():
-        raise CheckError(f"{path}: named like a shard but not a file; move it out of the data folder")
-    size = path.stat().st_size
-    if size < SHARD_HEADER_BYTES:
-        raise CheckError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
-    magic, version, count = np.fromfile(path, dtype="<i4", count=3)
-    if magic != SHARD_MAGIC or version != SHARD_VERSION:
-        raise CheckError(f"{path}: magic {magic} version {version}, not a challenge shard "
-                         f"(expected {SHARD_MAGIC} version {SHARD_VERSION})")
-    if size != SHARD_HEADER_BYTES + 2 * int(count):
-        raise CheckError(f"{path}: {size} bytes but its header promises {count} tokens; re-download or rebuild it")
-    if count == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(int(count),))
-
-
-def find_shards(data_path: Path, split: str) -> list[Path]:
-    files = sorted(Path(data_path).glob(f"fineweb_{split}_[0-9]*.bin"))  # the digit leaves out fineweb_val_bytes_*
-    if not files:
-        raise CheckError(f"no fineweb_{split}_*.bin shards in {data_path}: point DATA_PATH at a shard folder")
-    return files
-
-
 class TrainingStream:
     """The training shards as the trainer reads them: one stream, documents running on across shard boundaries."""
 
     def __init__(self, files: list[Path]):
         self.names = [f.name for f in files]
-        self.shards = [open_shard(f) for f in files]
+        self.shards = [train_gpt.read_shard(f) for f in files]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # stream position of each shard's start
 
     def read(self, start: int, count: int) -> np.ndarray:
@@ -688,9 +661,9 @@ def check_overlap(data_path, window: int = DEFAULT_WINDOW, bos_id: int = DEFAULT
     if not data_path.is_dir():
         raise CheckError(f"{data_path}: no such folder; give the DATA_PATH that holds the fineweb_*.bin shards")
     fingerprints = shard_fingerprints(data_path)
-    train_files, val_files = find_shards(data_path, "train"), find_shards(data_path, "val")
+    train_files, val_files = train_gpt.find_shards(data_path, "train"), train_gpt.find_shards(data_path, "val")
     started = time.perf_counter()
-    index = build_index(np.concatenate([np.asarray(open_shard(f)) for f in val_files]), window, bos_id)
+    index = build_index(np.concatenate([np.asarray(train_gpt.read_shard(f)) for f in val_files]), window, bos_id)
     index_seconds = time.perf_counter() - started
     context = ScanContext(index, TrainingStream(train_files), window, bos_id)
     started = time.perf_counter()
@@ -740,7 +713,7 @@ def main(argv=None) -> int:
             tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer))
         result = check_overlap(args.data_path, args.window, args.bos_id, args.workers, args.examples, tokenizer,
                                None if args.quiet else print_progress)
-    except (CheckError, OSError) as e:
+    except (CheckError, train_gpt.ConfigError, OSError) as e:  # the trainer's shard checks raise ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(result, args.data_path))
